@@ -1,0 +1,74 @@
+"""The ``mergesweep`` command: one entry point, one subcommand per stage.
+
+Each subcommand lives in the module of its stage, which exposes ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``mergesweep
+methods`` does not pay for importing lm-eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, help)
+SUBCOMMANDS = {
+    "fetch": ("mergesweep.checkpoints.cli", "fetch a checkpoint source into an HF-layout directory"),
+    "make-data": ("mergesweep.zoo.cli_data", "generate the embedded skill data and lm-eval task YAMLs"),
+    "pretrain": ("mergesweep.zoo.cli_pretrain", "build and pretrain a tiny Llama base (tests, tiny preset)"),
+    "finetune": ("mergesweep.zoo.cli_finetune", "fine-tune an expert from a base on one skill"),
+    "merge": ("mergesweep.merge.cli", "merge checkpoints once, from a YAML (outside any workflow)"),
+    "methods": ("mergesweep.merge.cli_methods", "list merge methods, parameters, defaults and papers"),
+    "align": ("mergesweep.align.cli", "permutation-align a model onto a reference"),
+    "lmc": ("mergesweep.align.cli_lmc", "linear mode connectivity: loss along the path between two models"),
+    "evaluate": ("mergesweep.evaluate.cli", "evaluate one model on one suite with lm-eval"),
+    "aggregate": ("mergesweep.aggregate.cli", "collect evaluation JSONs into results/tables/scores.parquet"),
+    "leaderboard": ("mergesweep.aggregate.cli_leaderboard", "regenerate tables, leaderboard and report from scores.parquet"),
+    "slurm-submit": ("mergesweep.executor.cli", "submit Snakemake jobs via submitit (used by profiles/slurm)"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergesweep", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if a in SUBCOMMANDS), None)
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if name == wanted:
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name == module:
+                    parser.error(f"subcommand '{name}' is not available in this build ({module} missing)")
+                raise
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from mergesweep.errors import MergesweepError
+
+    try:
+        return int(args._run(args) or 0)
+    except MergesweepError as e:
+        logging.getLogger("mergesweep").error("%s", e)
+        print(f"mergesweep {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Errors users fix without reading code: every message names the config key, file or tensor."""
+
+
+class MergesweepError(Exception):
+    """Base class; the CLI prints the message and exits with status 1 (no traceback)."""
+
+
+class ConfigError(MergesweepError, ValueError):
+    """A configuration value is missing or invalid. The message starts with the key path."""
+
+
+class MergeError(MergesweepError, ValueError):
+    """A merge cannot proceed (shape mismatch, missing tensor, NaN, bad parameter)."""
