@@ -1,0 +1,241 @@
+"""From the long scores table to the derived tables: leaderboard, selection, Pareto fronts.
+
+:func:`compute_tables` is the single entry point; it reads nothing and writes nothing. Column
+naming of the wide tables: ``<quantity>_<split>_<suite>`` with ``split`` one of ``val``
+(validation) or ``test``; ``<quantity>`` is ``norm`` (normalised by the domain's expert),
+``abs`` (raw score on the suite's primary metric) or ``delta`` (held-out change against the
+base). ``norm_<split>_mean`` is the mean over the model's domains. Each has a ``_stderr`` twin.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from mergesweep.aggregate import analysis as A
+
+SPLIT_TAG = {"validation": "val", "test": "test"}
+
+
+@dataclass
+class Tables:
+    """Everything the markdown leaderboard, the figures and the report are drawn from."""
+
+    scores: pd.DataFrame
+    metrics: dict[str, str]
+    skills: list[str]
+    heldout: list[str]
+    models: pd.DataFrame  # index model_id
+    suites: pd.DataFrame  # long: model_id, suite, split, score, stderr, n
+    norm: pd.DataFrame  # long normalised scores
+    deltas: pd.DataFrame  # long held-out deltas
+    wide: pd.DataFrame  # one row per model (all roles), wide columns
+    leaderboard: pd.DataFrame  # one row per merged model
+    selection: pd.DataFrame  # one row per sweep
+    pareto: pd.DataFrame  # one row per (domain pair, split, merged model)
+    failures: pd.DataFrame  # failed / missing (model, suite)
+    hp_columns: list[str] = field(default_factory=list)
+
+    @property
+    def references(self) -> pd.DataFrame:
+        """Base and expert rows of :attr:`wide` (base first, experts by domain)."""
+        ref = self.wide[self.wide["role"].isin(["base", "expert"])]
+        order = ref["role"].map({"base": 0, "expert": 1})
+        return ref.assign(_o=order).sort_values(["_o", "domain", "model_id"]).drop(columns="_o")
+
+
+def col(quantity: str, split: str, suite: str | None = None, stderr: bool = False) -> str:
+    """Column name ``<quantity>_<val|test>_<suite>[_stderr]``."""
+    name = f"{quantity}_{SPLIT_TAG.get(split, split)}" + (f"_{suite}" if suite else "")
+    return name + ("_stderr" if stderr else "")
+
+
+def hyperparameter_columns(params: pd.Series) -> pd.DataFrame:
+    """``hp_<name>`` columns from the params JSON: float where every value of the parameter is a
+    number, else the value's JSON text (per-expert lists, mappings, strings)."""
+    parsed = [json.loads(p) if isinstance(p, str) and p else {} for p in params]
+    names = sorted({k for p in parsed for k in p})
+    out = {}
+    for name in names:
+        vals = [p.get(name) for p in parsed]
+        present = [v for v in vals if v is not None]
+        numeric = present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
+        if numeric:
+            out[f"hp_{name}"] = pd.Series([float(v) if v is not None else math.nan for v in vals],
+                                          index=params.index, dtype="float64")
+        else:
+            out[f"hp_{name}"] = pd.Series(
+                [None if v is None else (v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+                 for v in vals], index=params.index, dtype="object")
+    return pd.DataFrame(out, index=params.index)
+
+
+def params_label(params: str | None, skip: tuple[str, ...] = ()) -> str:
+    """``density=0.2, lambda=1`` from a params JSON (empty string for no parameters)."""
+    if not isinstance(params, str) or not params:
+        return ""
+    p = json.loads(params)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:g}"
+        if isinstance(v, (list, dict)):
+            return json.dumps(v, separators=(",", ":"))
+        return str(v)
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in sorted(p.items()) if k not in skip)
+
+
+def _wide(tables_long: list[tuple[str, pd.DataFrame, str, str]], models: pd.DataFrame) -> pd.DataFrame:
+    wide = models.copy()
+    for quantity, df, value, se in tables_long:
+        if df.empty:
+            continue
+        for (suite, split), g in df.groupby(["suite", "split"], sort=True):
+            g = g.set_index("model_id")
+            wide[col(quantity, split, suite)] = g[value].reindex(wide.index).astype(float)
+            wide[col(quantity, split, suite, stderr=True)] = g[se].reindex(wide.index).astype(float)
+    return wide
+
+
+def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | None = None) -> Tables:
+    """All derived tables from the long scores table (see the module docstring for columns)."""
+    metrics = A.primary_metrics(scores, metric_overrides)
+    suite_role = scores.drop_duplicates("suite").set_index("suite")["suite_role"]
+    skills = sorted(s for s, r in suite_role.items() if r == "skill")
+    heldout = sorted(s for s, r in suite_role.items() if r != "skill")
+    models = A.models_table(scores)
+    suites = A.suite_scores(scores, metrics)
+    norm = A.normalised_scores(suites, models)
+    deltas = A.heldout_deltas(suites, models, heldout)
+    means = A.mean_normalised(norm, models)
+    fails = A.failures(scores)
+
+    wide = _wide(
+        [("abs", suites, "score", "stderr"), ("norm", norm, "norm", "norm_stderr"),
+         ("delta", deltas, "delta", "delta_stderr")],
+        models,
+    )
+    for split in A.SPLITS:
+        m = means[means["split"] == split].set_index("model_id")
+        wide[col("norm", split, "mean")] = m["norm_mean"].reindex(wide.index).astype(float)
+        wide[col("norm", split, "mean", stderr=True)] = m["norm_mean_stderr"].reindex(wide.index).astype(float)
+    failed = fails.groupby("model_id")["suite"].apply(lambda s: ",".join(sorted(s)))
+    wide["failed_suites"] = failed.reindex(wide.index)
+    wide["status"] = np.where(wide["failed_suites"].notna(), "error", "ok")
+    wide["method_label"] = [A.method_label(m, a) for m, a in zip(wide["method"], wide["align"])]
+    wide["domains"] = [json.dumps(d) for d in wide["domains"]]
+    wide.index.name = "model_id"
+    wide = wide.reset_index()
+
+    # ---- leaderboard (merged models) and selection
+    merged = wide[wide["role"] == "merged"].copy()
+    hp = hyperparameter_columns(merged["params"])
+    merged = pd.concat([merged, hp], axis=1)
+    sel = A.select_points(merged.rename(columns={col("norm", "validation", "mean"): "_score"}),
+                          score="_score")
+    merged["selected"] = merged["model_id"].isin(sel["selected_model_id"].dropna())
+    group_key = merged[A.GROUP_COLUMNS].astype(object).where(merged[A.GROUP_COLUMNS].notna(), "")
+    merged["n_points"] = group_key.groupby(list(group_key.columns)).transform("size") if len(merged) else []
+    merged["task_key"] = [f"{b or ''}|{','.join(sorted(json.loads(e or '[]')))}"
+                          for b, e in zip(merged["base"], merged["experts"])]
+    test_mean = col("norm", "test", "mean")
+    merged["rank"] = pd.array([pd.NA] * len(merged), dtype="Int64")
+    for _, g in merged[merged["selected"]].groupby("task_key"):
+        merged.loc[g.index, "rank"] = A.competition_rank(g[test_mean])
+    merged = merged.sort_values(
+        ["rank", "selected", "method_label", col("norm", "validation", "mean"), "model_id"],
+        ascending=[True, False, True, False, True], na_position="last", kind="stable",
+    ).reset_index(drop=True)
+
+    lead_cols = ["model_id", "rank", "selected", "method", "method_label", "params", *hp.columns,
+                 "base", "experts", "align", "domains", "n_points", "status", "failed_suites"]
+    score_cols = [c for c in wide.columns if c.startswith(("norm_", "abs_", "delta_"))]
+    score_cols = sorted(score_cols, key=_score_col_order(skills, heldout))
+    cost_cols = ["merge_runtime_s", "merge_peak_rss_mb", "eval_runtime_s", "eval_peak_rss_mb"]
+    leaderboard = merged[lead_cols + score_cols + cost_cols]
+
+    selection = _selection_table(sel, merged)
+    pareto = _pareto_table(merged, skills)
+    return Tables(
+        scores=scores, metrics=metrics, skills=skills, heldout=heldout, models=models,
+        suites=suites, norm=norm, deltas=deltas, wide=wide, leaderboard=leaderboard,
+        selection=selection, pareto=pareto, failures=fails, hp_columns=list(hp.columns),
+    )
+
+
+def _score_col_order(skills: list[str], heldout: list[str]):
+    qorder = {"norm": 0, "abs": 1, "delta": 2}
+    sorder = {s: i for i, s in enumerate(["mean", *skills, *heldout])}
+
+    def key(c: str):
+        parts = c.split("_")
+        q, split = parts[0], parts[1]
+        stderr = c.endswith("_stderr")
+        suite = "_".join(parts[2:-1] if stderr else parts[2:])
+        return (0 if split == "test" else 1, qorder.get(q, 9), sorder.get(suite, 99), suite, stderr)
+
+    return key
+
+
+def _selection_table(sel: pd.DataFrame, merged: pd.DataFrame) -> pd.DataFrame:
+    by_id = merged.set_index("model_id")
+    rows = []
+    for _, s in sel.iterrows():
+        mid = s["selected_model_id"]
+        r = by_id.loc[mid] if isinstance(mid, str) else None
+        in_group = (merged[A.GROUP_COLUMNS].astype(object).fillna("") ==
+                    pd.Series({c: ("" if pd.isna(s[c]) else s[c]) for c in A.GROUP_COLUMNS})).all(axis=1)
+        rows.append({
+            "method": s["method"],
+            "method_label": A.method_label(s["method"], s["align"]),
+            "align": s["align"],
+            "base": s["base"],
+            "experts": s["experts"],
+            "n_points": int(s["n_points"]),
+            "n_eligible": int(s["n_eligible"]),
+            "n_failed": int((merged.loc[in_group, "status"] == "error").sum()),
+            "selected_model_id": mid if isinstance(mid, str) else None,
+            "params": r["params"] if r is not None else None,
+            "val_norm_mean": float(r[col("norm", "validation", "mean")]) if r is not None else math.nan,
+            "test_norm_mean": float(r[col("norm", "test", "mean")]) if r is not None else math.nan,
+            "test_norm_mean_stderr": float(r[col("norm", "test", "mean", True)]) if r is not None else math.nan,
+            "rank": r["rank"] if r is not None else pd.NA,
+            "note": None if r is not None else "no point has complete validation scores",
+        })
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return pd.DataFrame(columns=["method", "method_label", "align", "base", "experts", "n_points",
+                                     "n_eligible", "n_failed", "selected_model_id", "params",
+                                     "val_norm_mean", "test_norm_mean", "test_norm_mean_stderr",
+                                     "rank", "note"])
+    out["rank"] = out["rank"].astype("Int64")
+    return out.sort_values(["rank", "method_label"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _pareto_table(merged: pd.DataFrame, skills: list[str]) -> pd.DataFrame:
+    """Per pair of domains (x < y alphabetically) and split, every merged model with both
+    normalised scores, flagged ``on_front`` by :func:`analysis.pareto_front`."""
+    cols = ["domain_x", "domain_y", "split", "model_id", "method", "method_label", "params",
+            "x", "y", "x_stderr", "y_stderr", "on_front", "selected"]
+    rows = []
+    for dx, dy in itertools.combinations(skills, 2):
+        for split in A.SPLITS:
+            cx, cy = col("norm", split, dx), col("norm", split, dy)
+            if cx not in merged or cy not in merged:
+                continue
+            pts = merged[merged[cx].notna() & merged[cy].notna()]
+            if pts.empty:
+                continue
+            front = A.pareto_front(pts[cx], pts[cy])
+            for (_, p), f in zip(pts.iterrows(), front):
+                rows.append([dx, dy, split, p["model_id"], p["method"], p["method_label"], p["params"],
+                             p[cx], p[cy], p[col("norm", split, dx, True)], p[col("norm", split, dy, True)],
+                             bool(f), bool(p["selected"])])
+    return pd.DataFrame(rows, columns=cols)

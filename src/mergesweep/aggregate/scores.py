@@ -1,0 +1,388 @@
+"""The long scores table: one row per (model, suite, task, metric, split).
+
+``results/tables/scores.parquet`` is built from the per-(model, suite) evaluation JSONs written by
+``mergesweep evaluate`` (format in docs/ARCHITECTURE.md). It is the single input of everything
+downstream: ``mergesweep leaderboard`` regenerates every other table, the markdown leaderboard and
+the report from it alone. The provenance of the run (config hash, checkpoints, versions) travels
+inside the parquet file as schema metadata, so the file is self-describing.
+
+A failed evaluation (``"status": "error"``) is not dropped: it becomes one row per
+(model, suite) with ``status="error"``, the ``error`` message, ``task = suite``,
+``metric = split = None`` and ``value = NaN``, so the failure shows up in every table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mergesweep.atomic import atomic_file
+from mergesweep.errors import MergesweepError
+
+log = logging.getLogger(__name__)
+
+#: Parquet schema-metadata key holding the run's provenance JSON.
+PROVENANCE_KEY = b"mergesweep.provenance"
+#: Parquet schema-metadata key holding the table's format version.
+FORMAT_KEY = b"mergesweep.scores_format"
+FORMAT_VERSION = "1"
+
+#: Column -> Arrow type of ``scores.parquet``, in order. Model-level columns come from the
+#: model's ``mergesweep.json`` (the ``model`` object of the evaluation JSON); ``merge_*`` are the
+#: merge's own cost (merged models only); ``runtime_s``/``peak_rss_mb``/``device`` are the cost of
+#: the (model, suite) evaluation and repeat on each of its rows.
+SCORE_SCHEMA = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("role", pa.string()),  # base | expert | merged
+        ("method", pa.string()),  # merge method (merged models), else null
+        ("params", pa.string()),  # canonical JSON object of the merge hyperparameters ("{}" if none)
+        ("base", pa.string()),  # model id of the merge's base (merged models)
+        ("experts", pa.string()),  # JSON list of input expert model ids, in merge order
+        ("domain", pa.string()),  # experts: the skill (= suite) the expert was trained for
+        ("align", pa.string()),  # JSON of the alignment used by a merge, else null
+        ("source", pa.string()),  # base/experts: where the checkpoint came from
+        ("fingerprint", pa.string()),  # content fingerprint of the checkpoint
+        ("suite", pa.string()),
+        ("suite_role", pa.string()),  # skill (a domain with an expert) | heldout
+        ("task", pa.string()),
+        ("metric", pa.string()),
+        ("split", pa.string()),  # validation | test
+        ("value", pa.float64()),
+        ("stderr", pa.float64()),
+        ("n", pa.int64()),
+        ("status", pa.string()),  # ok | error
+        ("error", pa.string()),
+        ("runtime_s", pa.float64()),  # evaluation of (model, suite)
+        ("peak_rss_mb", pa.float64()),  # evaluation of (model, suite)
+        ("device", pa.string()),
+        ("merge_runtime_s", pa.float64()),  # the merge that produced the model
+        ("merge_peak_rss_mb", pa.float64()),
+        ("num_fewshot", pa.int64()),
+        ("chat_template", pa.bool_()),
+        ("task_version", pa.string()),
+        ("versions", pa.string()),  # JSON of the evaluation's package versions
+        ("model_versions", pa.string()),  # JSON of the versions that built the model
+        ("eval_file", pa.string()),  # the evaluation JSON the row came from
+    ]
+)
+SCORE_COLUMNS = list(SCORE_SCHEMA.names)
+
+MODEL_COLUMNS = [
+    "role",
+    "method",
+    "params",
+    "base",
+    "experts",
+    "domain",
+    "align",
+    "source",
+    "fingerprint",
+    "merge_runtime_s",
+    "merge_peak_rss_mb",
+    "model_versions",
+]
+ROLES = ("base", "expert", "merged")
+
+
+class EvalFileError(MergesweepError, ValueError):
+    """An evaluation JSON is unreadable or violates the format; the message names the file."""
+
+
+class ScoresError(MergesweepError, ValueError):
+    """scores.parquet is missing, unreadable or lacks a column; the message names file/column."""
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _float(x: Any) -> float:
+    """A float, NaN for null / "N/A" / non-numbers (lm-eval writes "N/A" for missing stderr)."""
+    if x is None or isinstance(x, bool):
+        return math.nan
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _int(x: Any) -> int | None:
+    f = _float(x)
+    return None if math.isnan(f) else int(f)
+
+
+def _str(x: Any) -> str | None:
+    if x is None:
+        return None
+    return x if isinstance(x, str) else _json(x)
+
+
+def _per_task(mapping: Any, task: str) -> Any:
+    if isinstance(mapping, Mapping):
+        return mapping.get(task)
+    return mapping
+
+
+def _load(path_or_dict: str | Path | Mapping) -> tuple[dict, str]:
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict), "<dict>"
+    path = Path(path_or_dict)
+    try:
+        return json.loads(path.read_text()), str(path)
+    except FileNotFoundError as e:
+        raise EvalFileError(f"{path}: evaluation file not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalFileError(f"{path}: not valid JSON ({e})") from e
+
+
+def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
+    """Rows of the scores table from one evaluation JSON (a path or the parsed dict).
+
+    An ``ok`` file gives one row per entry of ``results``; an ``error`` file (or an ``ok`` file
+    with no results) gives a single row with ``status="error"``, ``task = suite`` and
+    ``metric = split = None``, ``value = NaN``. ``suite_role`` is taken from the file's optional
+    ``suite_role`` key and otherwise left null for :func:`build_scores` to infer.
+    """
+    doc, where = _load(path_or_dict)
+    if not isinstance(doc, Mapping):
+        raise EvalFileError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    for key in ("model_id", "suite"):
+        if not doc.get(key):
+            raise EvalFileError(f"{where}: missing required key '{key}'")
+    model = doc.get("model") or {}
+    if not isinstance(model, Mapping):
+        raise EvalFileError(f"{where}: key 'model' must be an object (the model's mergesweep.json)")
+    model_id, suite = str(doc["model_id"]), str(doc["suite"])
+    if model.get("model_id") not in (None, model_id):
+        raise EvalFileError(
+            f"{where}: 'model_id' is {model_id!r} but 'model.model_id' is {model.get('model_id')!r}"
+        )
+    role = model.get("role")
+    if role is not None and role not in ROLES:
+        raise EvalFileError(f"{where}: 'model.role' is {role!r}, expected one of {', '.join(ROLES)}")
+    status = doc.get("status", "ok")
+    if status not in ("ok", "error"):
+        raise EvalFileError(f"{where}: 'status' is {status!r}, expected 'ok' or 'error'")
+
+    merged = role == "merged"
+    params = model.get("params")
+    common = {
+        "model_id": model_id,
+        "role": role,
+        "method": model.get("method"),
+        "params": _json(params if params is not None else {}) if role is not None else None,
+        "base": _str(model.get("base")),
+        "experts": _json(list(model.get("experts") or [])) if role is not None else None,
+        "domain": model.get("domain"),
+        "align": _json(model["align"]) if model.get("align") else None,
+        "source": _str(model.get("source")),
+        "fingerprint": _str(model.get("fingerprint")),
+        "suite": suite,
+        "suite_role": doc.get("suite_role"),
+        "runtime_s": _float(doc.get("runtime_s")),
+        "peak_rss_mb": _float(doc.get("peak_rss_mb")),
+        "device": _str(doc.get("device")),
+        "merge_runtime_s": _float(model.get("runtime_s")) if merged else math.nan,
+        "merge_peak_rss_mb": _float(model.get("peak_rss_mb")) if merged else math.nan,
+        "chat_template": doc.get("chat_template") if isinstance(doc.get("chat_template"), bool) else None,
+        "versions": _json(doc["versions"]) if doc.get("versions") else None,
+        "model_versions": _json(model["versions"]) if model.get("versions") else None,
+        "eval_file": where,
+    }
+    results = doc.get("results") or []
+    if not isinstance(results, list):
+        raise EvalFileError(f"{where}: 'results' must be a list")
+    if status == "error" or not results:
+        message = doc.get("error") if status == "error" else None
+        message = message or ("evaluation reported status 'error' without a message"
+                              if status == "error" else "evaluation file has no results")
+        return [
+            {
+                **common,
+                "task": suite,
+                "metric": None,
+                "split": None,
+                "value": math.nan,
+                "stderr": math.nan,
+                "n": None,
+                "status": "error",
+                "error": str(message),
+                "num_fewshot": None,
+                "task_version": None,
+            }
+        ]
+    rows = []
+    for i, r in enumerate(results):
+        if not isinstance(r, Mapping):
+            raise EvalFileError(f"{where}: results[{i}] must be an object")
+        for key in ("task", "metric", "split"):
+            if not r.get(key):
+                raise EvalFileError(f"{where}: results[{i}] lacks '{key}'")
+        if "value" not in r:
+            raise EvalFileError(f"{where}: results[{i}] lacks 'value'")
+        task = str(r["task"])
+        rows.append(
+            {
+                **common,
+                "task": task,
+                "metric": str(r["metric"]),
+                "split": str(r["split"]),
+                "value": _float(r["value"]),
+                "stderr": _float(r.get("stderr")),
+                "n": _int(r.get("n")),
+                "status": "ok",
+                "error": None,
+                "num_fewshot": _int(_per_task(doc.get("num_fewshot"), task)),
+                "task_version": _str(_per_task(doc.get("task_versions"), task)),
+            }
+        )
+    return rows
+
+
+def find_eval_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand the inputs: files are kept, directories are searched for ``**/*.json``."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*.json") if not q.name.startswith("."))
+            if not found:
+                log.warning("%s: directory holds no evaluation JSON", p)
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise EvalFileError(f"{p}: evaluation file or directory not found")
+    return files
+
+
+def _fill_model_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy model-level columns across a model's rows (an error file may lack the ``model`` block)."""
+    for col in MODEL_COLUMNS:
+        df[col] = df.groupby("model_id", sort=False)[col].transform(
+            lambda s: s.ffill().bfill() if s.notna().any() else s
+        )
+    return df
+
+
+def infer_suite_roles(df: pd.DataFrame) -> pd.Series:
+    """``skill`` for a suite that is some expert's ``domain``, ``heldout`` otherwise.
+
+    An explicit ``suite_role`` carried by the evaluation file wins.
+    """
+    domains = set(df.loc[df["role"] == "expert", "domain"].dropna())
+    inferred = df["suite"].map(lambda s: "skill" if s in domains else "heldout")
+    explicit = df.groupby("suite")["suite_role"].transform(
+        lambda s: s.dropna().iloc[0] if s.notna().any() else None
+    )
+    return explicit.where(explicit.notna(), inferred)
+
+
+_PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    """Nullable integers/booleans stay integers/booleans (not float/object)."""
+    return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+
+def scores_frame(rows: list[dict]) -> pd.DataFrame:
+    """A DataFrame with exactly the columns and dtypes of :data:`SCORE_SCHEMA`."""
+    return _to_pandas(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA))
+
+
+def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
+    """The long scores table from evaluation JSONs (paths, directories or parsed dicts).
+
+    Rows are sorted by (role, model_id, suite, task, metric, split). Two files for the same
+    (model, suite) are an error naming both.
+    """
+    items: list = []
+    for p in paths:
+        items.extend([p] if isinstance(p, Mapping) else find_eval_files([p]))
+    rows: list[dict] = []
+    seen: dict[tuple[str, str], str] = {}
+    for item in items:
+        new = rows_from_eval_json(item)
+        key = (new[0]["model_id"], new[0]["suite"])
+        if key in seen:
+            raise EvalFileError(
+                f"{new[0]['eval_file']}: (model {key[0]!r}, suite {key[1]!r}) already read from {seen[key]}"
+            )
+        seen[key] = new[0]["eval_file"]
+        rows.extend(new)
+    df = scores_frame(rows)
+    if df.empty:
+        return df
+    df = _fill_model_columns(df)
+    missing_role = df.loc[df["role"].isna(), "model_id"].unique()
+    if len(missing_role):
+        raise EvalFileError(
+            f"{seen[(missing_role[0], df.loc[df['model_id'] == missing_role[0], 'suite'].iloc[0])]}: "
+            f"no evaluation of model {missing_role[0]!r} carries its 'model' metadata (role)"
+        )
+    df["suite_role"] = infer_suite_roles(df)
+    role_order = {r: i for i, r in enumerate(ROLES)}
+    df = df.assign(_r=df["role"].map(role_order)).sort_values(
+        ["_r", "model_id", "suite", "task", "metric", "split"], na_position="first", kind="stable"
+    )
+    df = df.drop(columns="_r").reset_index(drop=True)
+    n_err = int((df["status"] == "error").sum())
+    log.info(
+        "scores: %d rows, %d models, %d suites, %d failed evaluations",
+        len(df), df["model_id"].nunique(), df["suite"].nunique(), n_err,
+    )
+    return df
+
+
+def write_scores(df: pd.DataFrame, path: str | Path, provenance: Mapping | None = None) -> None:
+    """Write the scores table atomically, with the provenance as parquet schema metadata."""
+    missing = [c for c in SCORE_COLUMNS if c not in df.columns]
+    if missing:
+        raise ScoresError(f"{path}: scores table lacks column(s) {', '.join(missing)}")
+    table = pa.Table.from_pandas(df[SCORE_COLUMNS], schema=SCORE_SCHEMA, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[FORMAT_KEY] = FORMAT_VERSION.encode()
+    if provenance:
+        meta[PROVENANCE_KEY] = _json(provenance).encode()
+    table = table.replace_schema_metadata(meta)
+    with atomic_file(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict | None]:
+    """Read scores.parquet; return the table and the embedded provenance (or None).
+
+    Raises :class:`ScoresError` naming the file and the missing columns if it is not a scores
+    table.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScoresError(f"{path}: scores table not found (run 'mergesweep aggregate' first)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ScoresError(f"{path}: not a readable parquet file ({e})") from e
+    required = ["model_id", "role", "method", "params", "base", "experts", "suite", "task",
+                "metric", "value", "stderr", "n", "split", "status"]
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ScoresError(f"{path}: missing column(s) {', '.join(missing)}")
+    df = _to_pandas(table)
+    for col, typ in zip(SCORE_SCHEMA.names, SCORE_SCHEMA.types):
+        if col not in df.columns:  # tolerate tables from older/other writers
+            df[col] = pd.Series([None] * len(df), dtype="float64" if pa.types.is_floating(typ) else "object")
+    if df["suite_role"].isna().any():
+        df["suite_role"] = infer_suite_roles(df)
+    meta = table.schema.metadata or {}
+    provenance = json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else None
+    return df, provenance
