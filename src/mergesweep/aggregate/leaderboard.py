@@ -83,6 +83,8 @@ def params_label(params: str | None, skip: tuple[str, ...] = ()) -> str:
     p = json.loads(params)
 
     def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
         if isinstance(v, float):
             return f"{v:g}"
         if isinstance(v, (list, dict)):

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mergesweep.aggregate.files import publish
 from mergesweep.atomic import atomic_file
 from mergesweep.errors import MergesweepError
 
@@ -357,6 +358,7 @@ def write_scores(df: pd.DataFrame, path: str | Path, provenance: Mapping | None 
     table = table.replace_schema_metadata(meta)
     with atomic_file(path, "wb") as f:
         pq.write_table(table, f)
+    publish(Path(path))
 
 
 def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict | None]:

@@ -1,0 +1,379 @@
+"""The report's figures, drawn with matplotlib's object API (no pyplot state, no display).
+
+Each ``*_figure(tables)`` returns a :class:`matplotlib.figure.Figure`; :func:`render_figures`
+renders all of them to PNG bytes. Every figure exists even when there is nothing to plot (it then
+says so), so a workflow can declare the PNGs as outputs unconditionally.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from mergesweep.aggregate.leaderboard import Tables, col
+
+#: Okabe-Ito, colour-blind safe; methods get colours in sorted order so every figure agrees.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
+DOMAIN_PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
+MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">", "h"]
+DPI = 200
+STYLE = {
+    "font.size": 8.5,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8.5,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 7.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e6e6e6",
+    "grid.linewidth": 0.6,
+    "axes.axisbelow": True,
+    "axes.edgecolor": "#444444",
+    "savefig.facecolor": "white",
+}
+
+FIGURES = {
+    "bars": "Per-method normalised scores (test) with standard errors",
+    "heatmap": "Method x domain normalised scores (test)",
+    "sensitivity": "Hyperparameter sensitivity (mean normalised score)",
+    "pareto": "Pareto fronts per pair of domains (test)",
+}
+
+
+def method_colors(tables: Tables) -> dict[str, str]:
+    labels = sorted(set(tables.leaderboard["method_label"].dropna()))
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(labels)}
+
+
+def _empty(fig: Figure, message: str) -> Figure:
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", color="#666666", fontsize=10)
+    return fig
+
+
+def _selected(tables: Tables) -> pd.DataFrame:
+    lb = tables.leaderboard
+    sel = lb[lb["selected"]].copy()
+    return sel.sort_values(["rank", "method_label"], na_position="last", kind="stable")
+
+
+def _base_row(tables: Tables) -> pd.Series | None:
+    ref = tables.wide[tables.wide["role"] == "base"]
+    return ref.iloc[0] if len(ref) == 1 else None
+
+
+def _num(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def bars_figure(tables: Tables) -> Figure:
+    """Grouped bars: for each method's selected point, the normalised test score per domain and
+    their mean, with standard-error bars; a second panel shows held-out test scores against the
+    base."""
+    sel = _selected(tables)
+    doms = tables.skills
+    with_heldout = bool(tables.heldout)
+    n = len(sel)
+    width_main = max(3.6, 0.75 * n * (len(doms) + 1) / 3 + 1.6)
+    fig = Figure(figsize=(width_main + (2.4 if with_heldout else 0), 3.1), dpi=DPI, layout="constrained")
+    if sel.empty or not doms:
+        return _empty(fig, "no merged model has a selected point")
+    if with_heldout:
+        gs = fig.add_gridspec(1, 2, width_ratios=[width_main, 2.4])
+        ax, axh = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
+    else:
+        ax, axh = fig.add_subplot(1, 1, 1), None
+    series = [(d, col("norm", "test", d)) for d in doms] + [("mean", col("norm", "test", "mean"))]
+    k = len(series)
+    bw = 0.8 / k
+    x = np.arange(n)
+    for j, (name, c) in enumerate(series):
+        vals = sel[c].astype(float).to_numpy()
+        errs = sel[c + "_stderr"].astype(float).to_numpy()
+        color = "#333333" if name == "mean" else DOMAIN_PALETTE[j % len(DOMAIN_PALETTE)]
+        pos = x - 0.4 + bw * (j + 0.5)
+        ax.bar(pos, np.nan_to_num(vals), bw * 0.92, yerr=np.where(np.isfinite(errs), errs, 0),
+               color=color, label=name, error_kw={"elinewidth": 0.8, "capsize": 1.8, "ecolor": "#222222"},
+               hatch="//" if name == "mean" else None, edgecolor="white" if name != "mean" else "#333333",
+               linewidth=0.0 if name != "mean" else 0.0, alpha=1.0 if name != "mean" else 0.85)
+        for p, v in zip(pos, vals):
+            if not np.isfinite(v):
+                ax.text(p, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6.5, color="#B00020")
+    ax.axhline(1.0, color="#222222", lw=0.9, ls="--", zorder=0, label="expert (= 1)")
+    base = _base_row(tables)
+    if base is not None and np.isfinite(_num(base.get(col("norm", "test", "mean")))):
+        ax.axhline(_num(base[col("norm", "test", "mean")]), color="#777777", lw=0.9, ls=":", zorder=0,
+                   label="base (mean)")
+    ax.set_xticks(x, [_tick(r) for _, r in sel.iterrows()])
+    ax.set_xlim(-0.6, n - 0.4)
+    top = np.nanmax([sel[c].astype(float).max() + sel[c + "_stderr"].astype(float).fillna(0).max()
+                     for _, c in series] + [1.0])
+    ax.set_ylim(0, max(1.12, top * 1.08))
+    ax.set_ylabel("normalised score (merged / expert)")
+    ax.set_title("Selected point of each method, test split", loc="left")
+    ax.legend(ncols=k + 2, loc="upper left", bbox_to_anchor=(0, -0.14), frameon=False, handlelength=1.6,
+              columnspacing=1.0)
+    ax.grid(axis="x", visible=False)
+
+    if axh is not None:
+        hs = tables.heldout
+        colors = method_colors(tables)
+        hb = 0.8 / len(hs)
+        for j, h in enumerate(hs):
+            c = col("abs", "test", h)
+            vals = sel[c].astype(float).to_numpy()
+            errs = sel[c + "_stderr"].astype(float).fillna(0).to_numpy()
+            pos = x - 0.4 + hb * (j + 0.5)
+            ax_colors = [colors.get(m, "#777777") for m in sel["method_label"]]
+            axh.bar(pos, np.nan_to_num(vals), hb * 0.9, yerr=errs, color=ax_colors,
+                    error_kw={"elinewidth": 0.8, "capsize": 1.8}, alpha=1.0 - 0.35 * j)
+            if base is not None and np.isfinite(_num(base.get(c))):
+                axh.axhline(_num(base[c]), color="#777777", lw=0.9, ls=":", zorder=0,
+                            label="base" if j == 0 else None)
+        axh.set_xticks(x, [str(m) for m in sel["method_label"]], rotation=35, ha="right")
+        axh.set_xlim(-0.6, n - 0.4)
+        axh.set_ylim(0, 1.0)
+        axh.set_ylabel(f"{', '.join(hs)} ({', '.join(tables.metrics.get(h, '?') for h in hs)})")
+        axh.set_title("Held-out, test", loc="left")
+        if axh.get_legend_handles_labels()[0]:
+            axh.legend(loc="upper right", frameon=False)
+        axh.grid(axis="x", visible=False)
+    return fig
+
+
+def _tick(r: pd.Series) -> str:
+    return f"{r['method_label']}"
+
+
+def heatmap_figure(tables: Tables) -> Figure:
+    """Rows: each method's selected point (ranked) and the base; columns: domains and the mean;
+    cells: normalised test score, annotated."""
+    sel = _selected(tables)
+    doms = tables.skills
+    cols = [col("norm", "test", d) for d in doms] + [col("norm", "test", "mean")]
+    rows = [(str(r["method_label"]), r) for _, r in sel.iterrows()]
+    base = _base_row(tables)
+    if base is not None:
+        rows.append(("base", base))
+    fig = Figure(figsize=(1.2 + 0.95 * len(cols), 0.9 + 0.36 * max(len(rows), 1)), dpi=DPI,
+                 layout="constrained")
+    if sel.empty or not doms:
+        return _empty(fig, "no merged model has a selected point")
+    data = np.array([[_num(r.get(c)) for c in cols] for _, r in rows], dtype=float)
+    ax = fig.add_subplot(1, 1, 1)
+    vmax = max(1.0, float(np.nanmax(data)) if np.isfinite(data).any() else 1.0)
+    from matplotlib import colormaps
+
+    cmap = colormaps["YlGnBu"].copy()
+    cmap.set_bad("#eeeeee")
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+    for i, (_, r) in enumerate(rows):
+        failed = set((r.get("failed_suites") or "").split(",")) if isinstance(r.get("failed_suites"), str) else set()
+        for j, c in enumerate(cols):
+            v = data[i, j]
+            if np.isfinite(v):
+                txt, color = f"{v:.2f}", "white" if v > 0.62 * vmax else "#111111"
+            else:
+                txt, color = ("error" if (j < len(doms) and doms[j] in failed) or failed else "n/a"), "#B00020"
+            ax.text(j, i, txt, ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(cols)), doms + ["mean"])
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.tick_params(length=0)
+    ax.grid(False)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    if base is not None:
+        ax.axhline(len(rows) - 1.5, color="white", lw=3)
+    ax.axvline(len(doms) - 0.5, color="white", lw=3)
+    cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
+    cb.set_label("normalised score", fontsize=7.5)
+    cb.outline.set_visible(False)
+    ax.set_title("Normalised test score (selected point per method)", loc="left")
+    return fig
+
+
+def _sweeps(tables: Tables) -> list[tuple[str, pd.DataFrame, list[str]]]:
+    """Sweeps with more than one point, with the hyperparameters that vary in them."""
+    lb = tables.leaderboard
+    out = []
+    keys = lb[["method", "align", "base", "experts"]].astype(object).fillna("")
+    for _, g in lb.groupby([keys[c] for c in keys.columns], sort=True):
+        if len(g) < 2:
+            continue
+        vary = [h for h in tables.hp_columns if g[h].astype(str).nunique(dropna=False) > 1]
+        if not vary:
+            continue
+        out.append((str(g["method_label"].iloc[0]), g, vary))
+    return out
+
+
+def sensitivity_figure(tables: Tables) -> Figure:
+    """One panel per sweep: mean normalised score against the first varying hyperparameter, one
+    line per combination of the others; validation solid (the selection criterion), test dashed;
+    the selected point starred."""
+    sweeps = _sweeps(tables)
+    ncols = min(3, max(len(sweeps), 1))
+    nrows = max(1, math.ceil(len(sweeps) / ncols))
+    fig = Figure(figsize=(2.9 * ncols + 0.3, 2.5 * nrows + 0.5), dpi=DPI, layout="constrained")
+    if not sweeps:
+        return _empty(fig, "no method was run with more than one hyperparameter point")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    val, test = col("norm", "validation", "mean"), col("norm", "test", "mean")
+    for ax, (label, g, vary) in zip(axes.flat, sweeps):
+        xh, others = _pick_x(g, vary)
+        numeric = pd.api.types.is_float_dtype(g[xh])
+        if numeric:
+            xs_all = sorted(g[xh].dropna().unique())
+            xpos = {v: v for v in xs_all}
+        else:
+            xs_all = sorted(g[xh].dropna().astype(str).unique())
+            xpos = {v: i for i, v in enumerate(xs_all)}
+        combos = g.groupby([g[o].astype(str) for o in others], sort=True) if others else [((), g)]
+        for i, (key, gg) in enumerate(combos):
+            colr = PALETTE[i % len(PALETTE)]
+            gg = gg.assign(_x=[xpos.get(v if numeric else str(v), np.nan) for v in gg[xh]]).sort_values("_x")
+            key = key if isinstance(key, tuple) else (key,)
+            name = ", ".join(f"{o[3:]}={k}" for o, k in zip(others, key)) if others else "validation"
+            ax.plot(gg["_x"], gg[val], "-", marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.4, color=colr,
+                    label=name)
+            ax.plot(gg["_x"], gg[test], "--", marker=MARKERS[i % len(MARKERS)], ms=3, lw=1.0, color=colr,
+                    alpha=0.55, mfc="white")
+            bad = gg[gg[val].isna()]
+            for xv in bad["_x"]:
+                ax.plot([xv], [0.02], marker="x", color="#B00020", ms=6, mew=1.5, transform=ax.get_xaxis_transform())
+        s = g[g["selected"]]
+        if len(s):
+            sx = xpos.get(s[xh].iloc[0] if numeric else str(s[xh].iloc[0]), np.nan)
+            ax.plot([sx], [s[val].iloc[0]], marker="*", ms=13, color="#FFD700", mec="#222222", mew=0.8,
+                    zorder=5, ls="none")
+        if not numeric:
+            ax.set_xticks(range(len(xs_all)), xs_all, rotation=20)
+        ax.set_xlabel(xh[3:])
+        ax.set_ylabel("mean normalised score")
+        n_fail = int((g["status"] == "error").sum())
+        ax.set_title(f"{label}  ({len(g)} points" + (f", {n_fail} failed" if n_fail else "") + ")", loc="left")
+        ax.axhline(1.0, color="#999999", lw=0.7, ls=":", zorder=0)
+        if others:
+            ax.legend(loc="best", frameon=False, title=None)
+    for ax in list(axes.flat)[len(sweeps):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color="#444444", ls="-", marker="o", ms=4, label="validation (selects)"),
+               Line2D([], [], color="#444444", ls="--", marker="o", ms=3, mfc="white", alpha=0.6,
+                      label="test (reported)"),
+               Line2D([], [], color="#FFD700", mec="#222222", marker="*", ms=11, ls="none", label="selected"),
+               Line2D([], [], color="#B00020", marker="x", ms=6, ls="none", label="failed evaluation")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
+    return fig
+
+
+def _pick_x(g: pd.DataFrame, vary: list[str]) -> tuple[str, list[str]]:
+    """x axis: the numeric varying hyperparameter with the most values (then by name)."""
+    numeric = [h for h in vary if pd.api.types.is_float_dtype(g[h])]
+    pool = numeric or vary
+    xh = sorted(pool, key=lambda h: (-g[h].nunique(), h))[0]
+    return xh, [h for h in vary if h != xh]
+
+
+def pareto_figure(tables: Tables) -> Figure:
+    """One panel per pair of domains: every merged model's normalised test scores, the Pareto
+    front as a staircase, selected points outlined, experts and the base as references."""
+    pts = tables.pareto[tables.pareto["split"] == "test"] if not tables.pareto.empty else tables.pareto
+    pairs = list(dict.fromkeys(zip(pts["domain_x"], pts["domain_y"]))) if len(pts) else []
+    ncols = min(3, max(len(pairs), 1))
+    nrows = max(1, math.ceil(len(pairs) / ncols))
+    fig = Figure(figsize=(2.9 * ncols + 0.3, 2.75 * nrows + 0.45), dpi=DPI, layout="constrained")
+    if not pairs:
+        return _empty(fig, "fewer than two domains with complete scores: no Pareto front")
+    colors = method_colors(tables)
+    markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(colors)}
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    refs = tables.references
+    for ax, (dx, dy) in zip(axes.flat, pairs):
+        p = pts[(pts["domain_x"] == dx) & (pts["domain_y"] == dy)]
+        for m, g in p.groupby("method_label", sort=True):
+            ax.scatter(g["x"], g["y"], s=22, color=colors.get(m, "#777"), marker=markers.get(m, "o"),
+                       alpha=0.85, linewidths=0, zorder=3)
+            s = g[g["selected"]]
+            ax.scatter(s["x"], s["y"], s=60, facecolors="none", edgecolors="#111111", linewidths=1.1,
+                       marker=markers.get(m, "o"), zorder=4)
+        f = p[p["on_front"]].sort_values(["x", "y"], ascending=[False, True])
+        if len(f):
+            fx, fy = f["x"].to_numpy(), f["y"].to_numpy()
+            sx, sy = [fx[0]], [0.0]
+            for xi, yi in zip(fx, fy):
+                sx += [xi, xi]
+                sy += [sy[-1], yi]
+            sx.append(0.0)
+            sy.append(sy[-1])
+            ax.plot(sx[1:], sy[1:], color="#222222", lw=1.0, ls="-", drawstyle="default", zorder=2, alpha=0.8)
+        labels: dict[tuple[float, float], list[str]] = {}
+        for _, r in refs.iterrows():
+            x, y = _num(r.get(col("norm", "test", dx))), _num(r.get(col("norm", "test", dy)))
+            if not (np.isfinite(x) and np.isfinite(y)):
+                continue
+            is_base = r["role"] == "base"
+            ax.scatter([x], [y], marker="o" if is_base else "X", s=40 if is_base else 34,
+                       color="#9a9a9a" if is_base else "#222222", zorder=4 if is_base else 5, linewidths=0)
+            labels.setdefault((round(x, 6), round(y, 6)), []).append(
+                "base" if is_base else f"{r['domain']} expert")
+        for (x, y), names in labels.items():
+            ax.annotate(" / ".join(names), (x, y), xytext=(4, 3), textcoords="offset points",
+                        fontsize=6.5, color="#444444")
+        lim = max(1.1, float(np.nanmax([p["x"].max(), p["y"].max(), 1.0])) * 1.05)
+        ax.set_xlim(0, lim)
+        ax.set_ylim(0, lim)
+        ax.set_aspect("equal", adjustable="box")
+        ax.axvline(1.0, color="#bbbbbb", lw=0.6, ls=":")
+        ax.axhline(1.0, color="#bbbbbb", lw=0.6, ls=":")
+        ax.set_xlabel(f"normalised {dx} (test)")
+        ax.set_ylabel(f"normalised {dy} (test)")
+        ax.set_title(f"{dx} vs {dy}", loc="left")
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color=c, marker=markers[m], ls="none", ms=5, label=m) for m, c in colors.items()]
+    handles += [Line2D([], [], color="#111111", marker="o", mfc="none", ls="none", ms=7, label="selected"),
+                Line2D([], [], color="#222222", lw=1.0, label="Pareto front"),
+                Line2D([], [], color="#222222", marker="X", ls="none", ms=6, label="expert"),
+                Line2D([], [], color="#9a9a9a", marker="o", ls="none", ms=5, label="base")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
+    return fig
+
+
+BUILDERS: dict[str, Callable[[Tables], Figure]] = {
+    "bars": bars_figure,
+    "heatmap": heatmap_figure,
+    "sensitivity": sensitivity_figure,
+    "pareto": pareto_figure,
+}
+
+
+def render_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def render_figures(tables: Tables) -> dict[str, bytes]:
+    """PNG bytes of every figure in :data:`FIGURES`, rendered under the house style."""
+    from matplotlib import rc_context
+
+    out = {}
+    with rc_context(STYLE):
+        for name in FIGURES:
+            out[name] = render_png(BUILDERS[name](tables))
+    return out

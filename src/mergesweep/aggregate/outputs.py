@@ -1,0 +1,63 @@
+"""Writing every derived output from scores.parquet, atomically: what ``mergesweep leaderboard``
+does. Nothing is recomputed but the tables, figures and report themselves."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from mergesweep.aggregate.files import write_bytes, write_parquet, write_text
+from mergesweep.aggregate.figures import FIGURES, render_figures
+from mergesweep.aggregate.leaderboard import Tables, compute_tables
+from mergesweep.aggregate.markdown import render_markdown
+from mergesweep.aggregate.report import render_report
+from mergesweep.aggregate.scores import read_scores
+
+log = logging.getLogger(__name__)
+
+TABLES = ("leaderboard", "selection", "pareto")
+
+
+def output_paths(out_dir: str | Path) -> dict[str, Path]:
+    """Every file ``mergesweep leaderboard --out-dir OUT_DIR`` writes (the workflow's outputs)."""
+    out = Path(out_dir)
+    paths = {name: out / "tables" / f"{name}.parquet" for name in TABLES}
+    paths["markdown"] = out / "leaderboard.md"
+    paths["report"] = out / "report" / "report.html"
+    paths.update({f"fig_{name}": out / "report" / f"{name}.png" for name in FIGURES})
+    return paths
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def regenerate(scores_path: str | Path, out_dir: str | Path, provenance: Mapping | None = None,
+               metrics: Mapping[str, str] | None = None) -> tuple[Tables, dict[str, Path]]:
+    """Read scores.parquet and write the tables, ``leaderboard.md``, the figures and the report.
+
+    ``provenance`` overrides the provenance embedded in scores.parquet (if any).
+    """
+    scores_path = Path(scores_path)
+    scores, embedded = read_scores(scores_path)
+    prov = dict(provenance) if provenance else embedded
+    tables = compute_tables(scores, metrics)
+    paths = output_paths(out_dir)
+    write_parquet(tables.leaderboard, paths["leaderboard"])
+    write_parquet(tables.selection, paths["selection"])
+    write_parquet(tables.pareto, paths["pareto"])
+    figures = render_figures(tables)
+    for name, png in figures.items():
+        write_bytes(paths[f"fig_{name}"], png)
+    write_text(paths["markdown"], render_markdown(tables, prov, report_href="report/report.html"))
+    html = render_report(tables, figures, prov, scores_path=str(scores_path), scores_sha256=_sha256(scores_path))
+    write_text(paths["report"], html)
+    log.info("leaderboard: %d merged models, %d methods -> %s", len(tables.leaderboard),
+             len(tables.selection), Path(out_dir))
+    return tables, paths

@@ -1,0 +1,130 @@
+"""The static HTML report: one self-contained file (inline CSS, figures as base64 PNG data URIs,
+no scripts, no network), so it opens offline and can be mailed or archived as is."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from importlib import resources
+
+import jinja2
+import pandas as pd
+
+from mergesweep.aggregate import views as V
+from mergesweep.aggregate.figures import FIGURES
+from mergesweep.aggregate.leaderboard import Tables
+
+FIGURE_CAPTIONS = {
+    "bars": "Normalised test score (merged ÷ the domain's expert) of each method's selected "
+            "hyperparameter point, per domain and averaged; error bars are one standard error "
+            "(delta method). Dashed line: expert level; dotted: the base model's mean. Right: absolute "
+            "test score on the held-out suite(s), against the base (dotted).",
+    "heatmap": "Normalised test score of each method's selected point (rows, ranked) on each domain "
+               "(columns) and their mean; the base model as a reference row. Grey cells: missing "
+               "(failed evaluation).",
+    "sensitivity": "Mean normalised score against each swept hyperparameter, one line per value of the "
+                   "other hyperparameters. Solid: validation (the selection criterion); dashed: test "
+                   "(reported only). Star: the selected point; red cross: a point with a failed "
+                   "evaluation (not selectable).",
+    "pareto": "Every merge of the run (all methods and hyperparameter points) in the plane of two "
+              "domains' normalised test scores. Staircase: the Pareto front; outlined: each method's "
+              "selected point; crosses: the experts; grey dot: the base.",
+}
+
+
+#: Figures are rendered at 200 dpi and shown at 60 % of their pixel width (crisp on HiDPI screens).
+DISPLAY_SCALE = 0.6
+
+
+def png_width(png: bytes) -> int:
+    """Pixel width from a PNG's IHDR chunk."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    return int.from_bytes(png[16:20], "big")
+
+
+def _env() -> jinja2.Environment:
+    loader = jinja2.PackageLoader("mergesweep.aggregate", "templates")
+    env = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env
+
+
+def provenance_context(t: Tables, provenance: dict | None, scores_path: str | None,
+                       scores_sha256: str | None) -> dict:
+    """Config hash, checkpoints (ids, sources, revisions, hashes), versions and evaluation settings,
+    from the provenance JSON where given and from the scores table in any case."""
+    prov = provenance or {}
+    checkpoints: dict[str, dict] = {}
+    for name, c in (prov.get("checkpoints") or {}).items():
+        c = c if isinstance(c, dict) else {"source": str(c)}
+        checkpoints[name] = {
+            "name": name, "role": "", "source": c.get("source") or "",
+            "revision": c.get("revision") or "",
+            "hash": c.get("sha256") or c.get("fingerprint") or "",
+        }
+    for _, r in t.references.iterrows():
+        entry = checkpoints.setdefault(r["model_id"], {"name": r["model_id"], "role": "", "source": "",
+                                                       "revision": "", "hash": ""})
+        entry["role"] = r["role"] + (f" ({r['domain']})" if isinstance(r["domain"], str) else "")
+        entry["source"] = entry["source"] or (r["source"] if isinstance(r["source"], str) else "")
+        entry["hash"] = entry["hash"] or (r["fingerprint"] if isinstance(r["fingerprint"], str) else "")
+
+    def distinct(column: str) -> list[tuple[str, int]]:
+        per_eval = t.scores.drop_duplicates(["model_id", "suite"])[column].dropna()
+        return sorted(Counter(map(str, per_eval)).items())
+
+    eval_versions = distinct("versions")
+    settings = []
+    for column, label in (("device", "device"), ("num_fewshot", "few-shot examples"),
+                          ("chat_template", "chat template")):
+        vals = t.scores.loc[t.scores["status"] == "ok", column].dropna().astype(str)
+        settings.append((label, ", ".join(sorted(set(vals))) or "–"))
+    return {
+        "config_hash": prov.get("config_hash") or "",
+        "config_json": json.dumps(prov["config"], indent=2, sort_keys=True) if prov.get("config") else "",
+        "checkpoints": list(checkpoints.values()),
+        "versions": sorted((str(k), str(v)) for k, v in (prov.get("versions") or {}).items()),
+        "eval_versions": [(", ".join(f"{k} {v}" for k, v in sorted(json.loads(s).items())), n)
+                          for s, n in eval_versions],
+        "model_versions": [(", ".join(f"{k} {v}" for k, v in sorted(json.loads(s).items())), n)
+                           for s, n in distinct("model_versions")],
+        "settings": settings,
+        "metrics": sorted(t.metrics.items()),
+        "scores_path": scores_path or "",
+        "scores_sha256": scores_sha256 or "",
+        "extra": {k: v for k, v in prov.items() if k not in ("config_hash", "config", "checkpoints", "versions")},
+    }
+
+
+def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None = None,
+                  scores_path: str | None = None, scores_sha256: str | None = None) -> str:
+    """The report as one HTML string; ``figures`` maps figure names (see ``FIGURES``) to PNG bytes."""
+    figs = [
+        {"name": name, "title": FIGURES[name], "caption": FIGURE_CAPTIONS[name],
+         "src": "data:image/png;base64," + base64.b64encode(figures[name]).decode("ascii"),
+         "width": round(png_width(figures[name]) * DISPLAY_SCALE)}
+        for name in FIGURES if name in figures
+    ]
+    ctx = {
+        "summary": V.summary(t),
+        "leaderboards": V.leaderboard_views(t),
+        "selection": V.selection_view(t),
+        "all_models": V.all_models_view(t),
+        "references": V.references_view(t),
+        "pareto": V.pareto_view(t),
+        "failures": V.failures_view(t),
+        "cost": V.cost_view(t),
+        "definitions": V.DEFINITIONS,
+        "selection_rule": V.SELECTION_RULE,
+        "figures": figs,
+        "prov": provenance_context(t, provenance, scores_path, scores_sha256),
+        "failed_models": sorted(set(t.failures["model_id"])),
+    }
+    return _env().get_template("report.html.j2").render(**ctx)
+
+
+def models_in(tables: Tables) -> list[str]:
+    """Every model id of the run (what the report must mention)."""
+    return sorted(pd.unique(tables.scores["model_id"]))

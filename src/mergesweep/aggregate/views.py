@@ -1,0 +1,260 @@
+"""Presentation-ready views of the tables, shared by the markdown leaderboard and the HTML report:
+column headers and formatted cells, computed once so both say the same thing."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from mergesweep.aggregate.analysis import SELECTION_RULE
+from mergesweep.aggregate.leaderboard import Tables, col, params_label
+
+DEFINITIONS = [
+    ("Suite score",
+     "s(m, q) = mean over the suite's tasks of the primary metric (macro average); "
+     "se = sqrt(sum se_t²) / T."),
+    ("Normalised score",
+     "norm(m, d) = s(m, d) / s(E_d, d), where E_d is the expert trained for domain d, on the same "
+     "split; se by the delta method: sqrt((se_m / s_E)² + (s_m · se_E / s_E²)²)."),
+    ("Mean normalised score",
+     "mean over the domains of the merge's experts; missing if any of them is missing "
+     "(never averaged over fewer domains); se = sqrt(sum se_d²) / D."),
+    ("Held-out change",
+     "Δ(m, h) = s(m, h) − s(base, h) on a held-out suite h, in absolute score points; negative = "
+     "forgetting, positive = generalisation; se = sqrt(se_m² + se_base²)."),
+    ("Selection", SELECTION_RULE),
+    ("Pareto front",
+     "for a pair of domains, the merges that no other merge dominates (is at least as good on both "
+     "domains' normalised scores and strictly better on one); taken over every merge of the run, "
+     "all methods and hyperparameter points; descriptive only, never used for selection."),
+]
+
+
+def fmt(x, digits: int = 3, signed: bool = False) -> str:
+    """A number for a table; an en dash for missing."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)) or x is pd.NA:
+        return "–"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(v):
+        return "–"
+    s = f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+    return s.replace("-", "−")
+
+
+def fmt_se(x, se, digits: int = 3, signed: bool = False) -> str:
+    v = fmt(x, digits, signed)
+    if v == "–" or se is None or not np.isfinite(float(se)):
+        return v
+    return f"{v} ± {float(se):.{digits}f}"
+
+
+def fmt_seconds(x) -> str:
+    if x is None or not np.isfinite(float(x)):
+        return "–"
+    x = float(x)
+    return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min"
+
+
+def fmt_mb(x) -> str:
+    if x is None or not np.isfinite(float(x)):
+        return "–"
+    x = float(x)
+    return f"{x:.0f} MB" if x < 10240 else f"{x / 1024:.1f} GB"
+
+
+@dataclass
+class Cell:
+    """One table cell: ``text`` and, for estimates, its standard error ``se`` (shown as ± se)."""
+
+    text: str
+    best: bool = False
+    error: bool = False
+    numeric: bool = True
+    se: str = ""
+
+    @property
+    def full(self) -> str:
+        return f"{self.text} ± {self.se}" if self.se else self.text
+
+
+@dataclass
+class View:
+    """A table: headers, rows of :class:`Cell`, and per-row model ids for anchors."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    note: str = ""
+
+
+def _failed(r) -> set[str]:
+    f = r.get("failed_suites")
+    return set(f.split(",")) if isinstance(f, str) and f else set()
+
+
+def _score_cell(r, c: str, suite: str | None, best: float | None, signed=False, with_se=True) -> Cell:
+    v = r.get(c)
+    text = fmt(v, signed=signed)
+    se = fmt(r.get(c + "_stderr")) if with_se and text != "–" else ""
+    failed = _failed(r)
+    if text == "–" and (suite in failed or (suite == "mean" and failed)):
+        return Cell("error", error=True)
+    is_best = best is not None and v is not None and np.isfinite(float(v)) and math.isclose(float(v), best, abs_tol=1e-12)
+    return Cell(text, best=is_best, se="" if se == "–" else se)
+
+
+def leaderboard_views(t: Tables) -> list[View]:
+    """The ranked table(s): one row per method (its selected point), test split, by rank; one
+    table per merge task (base + expert set)."""
+    lb = t.leaderboard
+    sel = lb[lb["selected"]]
+    views = []
+    by_selected = t.selection.dropna(subset=["selected_model_id"]).set_index("selected_model_id")
+    tasks = list(dict.fromkeys(lb["experts"].fillna("[]"))) if len(lb) else []
+    for experts in tasks or ["[]"]:
+        s = sel[sel["experts"].fillna("[]") == experts]
+        names = json.loads(experts)
+        title = "Leaderboard" if len(tasks) <= 1 else f"Leaderboard: merges of {', '.join(names)}"
+        doms = [d for d in t.skills if any(d in json.loads(x) for x in s["domains"])] or t.skills
+        headers = ["#", "Method", "Selected hyperparameters"] + [f"{d} (norm.)" for d in doms] + ["Mean (norm.)"]
+        headers += [f"{h} ({t.metrics.get(h, '?')})" for h in t.heldout] + [f"Δ {h} vs base" for h in t.heldout]
+        headers += ["Val. mean (norm.)", "Points", "Model id"]
+        v = View(title, headers)
+        bests = {c: s[c].max() for c in s.columns if c.startswith(("norm_", "abs_", "delta_")) and not c.endswith("_stderr")}
+        for _, r in s.iterrows():
+            row = [Cell(str(r["rank"]) if pd.notna(r["rank"]) else "–"), Cell(str(r["method_label"]), numeric=False),
+                   Cell(params_label(r["params"]) or "(defaults)", numeric=False)]
+            row += [_score_cell(r, col("norm", "test", d), d, bests.get(col("norm", "test", d))) for d in doms]
+            row.append(_score_cell(r, col("norm", "test", "mean"), "mean", bests.get(col("norm", "test", "mean"))))
+            row += [_score_cell(r, col("abs", "test", h), h, bests.get(col("abs", "test", h))) for h in t.heldout]
+            row += [_score_cell(r, col("delta", "test", h), h, bests.get(col("delta", "test", h)), signed=True)
+                    for h in t.heldout]
+            row.append(_score_cell(r, col("norm", "validation", "mean"), "mean", None, with_se=False))
+            n_failed = int(by_selected.at[r["model_id"], "n_failed"]) if r["model_id"] in by_selected.index else 0
+            row.append(Cell(f"{int(r['n_points'])}" + (f" ({n_failed} failed)" if n_failed else ""), error=bool(n_failed)))
+            row.append(Cell(str(r["model_id"]), numeric=False))
+            v.rows.append(row)
+        unselected = t.selection[t.selection["selected_model_id"].isna()]
+        if len(unselected):
+            v.note = "No point could be selected for: " + ", ".join(
+                f"{m} ({n})" for m, n in zip(unselected["method_label"], unselected["note"]))
+        views.append(v)
+    return views
+
+
+def all_models_view(t: Tables) -> View:
+    """Every merged model, every domain, both splits: the full sweep."""
+    lb = t.leaderboard.sort_values(["method_label", "params", "model_id"], kind="stable")
+    headers = ["Model id", "Method", "Hyperparameters", "Selected"]
+    headers += [f"{d} val / test" for d in t.skills] + ["Mean val / test"]
+    headers += [f"Δ {h} test" for h in t.heldout] + ["Status"]
+    v = View(f"All merged models ({len(lb)})", headers)
+    for _, r in lb.iterrows():
+        row = [Cell(str(r["model_id"]), numeric=False), Cell(str(r["method_label"]), numeric=False),
+               Cell(params_label(r["params"]) or "(defaults)", numeric=False),
+               Cell("✓" if r["selected"] else "", numeric=False)]
+        failed = _failed(r)
+        for d in [*t.skills, "mean"]:
+            a, b = fmt(r.get(col("norm", "validation", d))), fmt(r.get(col("norm", "test", d)))
+            err = (d in failed) or (d == "mean" and bool(failed) and a == "–")
+            row.append(Cell("error" if err and a == "–" and b == "–" else f"{a} / {b}", error=err))
+        row += [Cell(fmt(r.get(col("delta", "test", h)), signed=True)) for h in t.heldout]
+        status = "ok" if r["status"] == "ok" else f"failed: {r['failed_suites']}"
+        row.append(Cell(status, error=r["status"] != "ok", numeric=False))
+        v.rows.append(row)
+    return v
+
+
+def references_view(t: Tables) -> View:
+    """Base and experts: absolute test scores on every suite (primary metric)."""
+    suites = [*t.skills, *t.heldout]
+    headers = ["Model id", "Role", "Domain"] + [f"{q} ({t.metrics.get(q, '?')})" for q in suites]
+    v = View("Reference models (absolute test scores)", headers)
+    for _, r in t.references.iterrows():
+        row = [Cell(str(r["model_id"]), numeric=False), Cell(str(r["role"]), numeric=False),
+               Cell(str(r["domain"]) if isinstance(r["domain"], str) else "–", numeric=False)]
+        row += [_score_cell(r, col("abs", "test", q), q, None) for q in suites]
+        v.rows.append(row)
+    return v
+
+
+def selection_view(t: Tables) -> View:
+    headers = ["Method", "Points", "Eligible", "Failed", "Selected hyperparameters", "Val. mean (norm.)",
+               "Test mean (norm.)", "Rank"]
+    v = View("Selection per method", headers, note=SELECTION_RULE)
+    for _, s in t.selection.iterrows():
+        v.rows.append([
+            Cell(str(s["method_label"]), numeric=False), Cell(str(s["n_points"])), Cell(str(s["n_eligible"])),
+            Cell(str(s["n_failed"]), error=bool(s["n_failed"])),
+            Cell(params_label(s["params"]) or ("(defaults)" if isinstance(s["params"], str) else str(s["note"])),
+                 numeric=False, error=not isinstance(s["params"], str)),
+            Cell(fmt(s["val_norm_mean"])),
+            Cell(fmt(s["test_norm_mean"]), se=fmt(s["test_norm_mean_stderr"]) if np.isfinite(s["test_norm_mean"]) else ""),
+            Cell(str(s["rank"]) if pd.notna(s["rank"]) else "–"),
+        ])
+    return v
+
+
+def pareto_view(t: Tables) -> View:
+    p = t.pareto
+    v = View("Pareto fronts (test split)", ["Domains", "Model id", "Method", "Hyperparameters", "x (norm.)", "y (norm.)"],
+             note="Non-dominated merges for each pair of domains, over every merge of the run.")
+    if p.empty:
+        return v
+    f = p[(p["split"] == "test") & p["on_front"]].sort_values(["domain_x", "domain_y", "x"], ascending=[True, True, False])
+    for _, r in f.iterrows():
+        v.rows.append([Cell(f"{r['domain_x']} × {r['domain_y']}", numeric=False), Cell(str(r["model_id"]), numeric=False),
+                       Cell(str(r["method_label"]), numeric=False), Cell(params_label(r["params"]) or "(defaults)", numeric=False),
+                       Cell(fmt(r["x"])), Cell(fmt(r["y"]))])
+    return v
+
+
+def failures_view(t: Tables) -> View:
+    v = View(f"Failed evaluations ({len(t.failures)})", ["Model id", "Role", "Method", "Hyperparameters", "Suite",
+                                                         "Status", "Error"])
+    for _, r in t.failures.iterrows():
+        v.rows.append([Cell(str(r["model_id"]), numeric=False), Cell(str(r["role"]), numeric=False),
+                       Cell(str(r["method"]) if isinstance(r["method"], str) else "–", numeric=False),
+                       Cell(params_label(r["params"]) or "–", numeric=False), Cell(str(r["suite"]), numeric=False),
+                       Cell(str(r["status"]), error=True, numeric=False), Cell(str(r["error"]), numeric=False)])
+    return v
+
+
+def cost_view(t: Tables) -> View:
+    headers = ["Model id", "Role", "Method", "Hyperparameters", "Merge time", "Merge peak RSS",
+               "Evaluation time (all suites)", "Evaluation peak RSS"]
+    v = View("Runtime and peak memory", headers)
+    w = t.wide.copy()
+    w["_o"] = w["role"].map({"base": 0, "expert": 1, "merged": 2})
+    for _, r in w.sort_values(["_o", "method_label", "model_id"]).iterrows():
+        v.rows.append([Cell(str(r["model_id"]), numeric=False), Cell(str(r["role"]), numeric=False),
+                       Cell(str(r["method_label"]) or "–", numeric=False),
+                       Cell(params_label(r["params"]) if r["role"] == "merged" else "–", numeric=False),
+                       Cell(fmt_seconds(r["merge_runtime_s"])), Cell(fmt_mb(r["merge_peak_rss_mb"])),
+                       Cell(fmt_seconds(r["eval_runtime_s"])), Cell(fmt_mb(r["eval_peak_rss_mb"]))])
+    return v
+
+
+def summary(t: Tables) -> dict:
+    roles = t.wide["role"].value_counts()
+    n_eval = t.scores.drop_duplicates(["model_id", "suite"]).shape[0]
+    return {
+        "n_models": int(len(t.wide)),
+        "n_base": int(roles.get("base", 0)),
+        "n_experts": int(roles.get("expert", 0)),
+        "n_merged": int(roles.get("merged", 0)),
+        "n_methods": int(t.leaderboard["method_label"].nunique()),
+        "n_evaluations": int(n_eval),
+        "n_failed": int((t.failures["status"] == "error").sum()),
+        "n_missing": int((t.failures["status"] == "missing").sum()),
+        "skills": t.skills,
+        "heldout": t.heldout,
+        "metrics": t.metrics,
+    }
