@@ -1,0 +1,96 @@
+"""The YAML of ``mergesweep merge --config FILE``: one merge, validated with errors naming keys.
+
+.. code-block:: yaml
+
+    method: ties
+    base: resources/checkpoints/base
+    experts: [resources/checkpoints/math, resources/checkpoints/code]
+    params: {density: 0.2, weight: {per_expert: [1.0, 0.5]}}
+    dtype: bfloat16          # optional, default: the base's
+    device: cpu              # optional
+    shard_size: 2GB          # optional
+    vocab_policy: error      # optional: error | base | truncate
+    align: {1: results/align/abc/perm.safetensors}   # optional
+    expert_names: [math, code]                        # optional, default: directory names
+
+Relative paths are taken relative to the current directory (as for mergekit).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from mergesweep.errors import ConfigError, MergesweepError
+from mergesweep.merge.engine import VOCAB_POLICIES, parse_dtype
+from mergesweep.merge.io import parse_size
+from mergesweep.merge.methods import get_method
+from mergesweep.merge.spec import resolve_params
+
+KEYS = ("method", "base", "experts", "params", "dtype", "device", "shard_size", "vocab_policy", "align",
+        "expert_names")
+DEFAULTS = {"base": None, "params": {}, "dtype": None, "device": "cpu", "shard_size": "2GB",
+            "vocab_policy": "error", "align": None, "expert_names": None}
+
+
+def validate_merge_config(doc: Any, source: str = "config") -> dict:
+    """Validate a merge mapping (as loaded from YAML); return it with defaults filled in."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{source}: expected a mapping with keys method, base, experts, params")
+    unknown = [k for k in doc if k not in KEYS]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key in {source} (allowed: {', '.join(KEYS)})")
+    if "method" not in doc:
+        raise ConfigError(f"method: missing in {source}")
+    cfg = {**DEFAULTS, **dict(doc)}
+    if not isinstance(cfg["method"], str):
+        raise ConfigError(f"method: expected a method name, got {cfg['method']!r}")
+    spec = get_method(cfg["method"])
+    if cfg["base"] is not None and not isinstance(cfg["base"], (str, os.PathLike)):
+        raise ConfigError(f"base: expected a checkpoint directory, got {cfg['base']!r}")
+    experts = cfg.get("experts")
+    if not isinstance(experts, list) or not experts:
+        raise ConfigError("experts: expected a non-empty list of checkpoint directories")
+    for i, e in enumerate(experts):
+        if not isinstance(e, (str, os.PathLike)):
+            raise ConfigError(f"experts[{i}]: expected a checkpoint directory, got {e!r}")
+    for key, path in [("base", cfg["base"])] + [(f"experts[{i}]", e) for i, e in enumerate(experts)]:
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"{key}: checkpoint directory {path} not found")
+    names = cfg["expert_names"]
+    if names is not None and (not isinstance(names, list) or len(names) != len(experts)
+                              or not all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"expert_names: expected a list of {len(experts)} strings")
+    if names is None:
+        names = [Path(e).name for e in experts]
+    if not isinstance(cfg["params"], Mapping):
+        raise ConfigError(f"params: expected a mapping of parameter -> value, got {cfg['params']!r}")
+    spec.check_inputs(len(experts), cfg["base"] is not None)
+    resolve_params(spec, cfg["params"], len(experts), names, has_base=cfg["base"] is not None)
+    parse_dtype(cfg["dtype"])
+    if not isinstance(cfg["device"], str):
+        raise ConfigError(f"device: expected 'cpu' or 'cuda', got {cfg['device']!r}")
+    parse_size(cfg["shard_size"])
+    if cfg["vocab_policy"] not in VOCAB_POLICIES:
+        raise ConfigError(f"vocab_policy: {cfg['vocab_policy']!r} is not one of {', '.join(VOCAB_POLICIES)}")
+    if cfg["align"] is not None and not isinstance(cfg["align"], Mapping):
+        raise ConfigError("align: expected a mapping {expert index or name: permutation map file}")
+    return cfg
+
+
+def load_merge_yaml(path: str | os.PathLike) -> dict:
+    """Load and validate a merge YAML; returns a dict with every key of ``KEYS`` (defaults filled)."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    try:
+        return validate_merge_config(doc, str(path))
+    except MergesweepError as e:
+        raise ConfigError(f"{path}: {e}") from e

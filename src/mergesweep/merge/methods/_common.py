@@ -1,0 +1,133 @@
+"""Building blocks shared by the task-vector methods (all float32 tensor ops, no I/O)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mergesweep.errors import ConfigError
+from mergesweep.merge.spec import Param, StatRequest
+from mergesweep.merge.select import count_for_fraction, topk_mask
+
+# -- parameters shared by many methods, named as in mergekit ---------------------------------
+def weight_param(default: float = 1.0) -> Param:
+    return Param("weight", "float", default, "per-expert weight of the task vector", per_expert=True)
+
+
+def density_param(default: float, help: str = "fraction of task-vector entries kept") -> Param:
+    return Param("density", "float", default, help, per_expert=True, low=0.0, high=1.0)
+
+
+def lambda_param(default: float = 1.0) -> Param:
+    return Param("lambda", "float", default, "scaling of the merged task vector")
+
+
+def normalize_param(default: bool) -> Param:
+    return Param("normalize", "bool", default, "divide the merged task vector by the sum of (kept) weights")
+
+
+def seed_param() -> Param:
+    return Param("seed", "int", 0, "seed of the random masks (combined with tensor name and expert index)", low=0)
+
+
+def rescale_param() -> Param:
+    return Param("rescale", "bool", True, "rescale kept entries by 1/keep-probability")
+
+
+def scope_param(default: str = "tensor") -> Param:
+    return Param(
+        "scope", "str", default,
+        "where magnitudes are ranked: per tensor (as mergekit) or over the whole model (as the paper)",
+        choices=("tensor", "model"),
+    )
+
+
+# -- kernels -----------------------------------------------------------------------------------
+def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """tau_i = theta_i - theta_base."""
+    return [e - base for e in experts]
+
+
+def check_weight_sum(params: dict, n_experts: int, has_base: bool) -> None:
+    if params.get("normalize") and abs(sum(params["weight"])) < 1e-12:
+        raise ConfigError("params.weight: the weights sum to 0, so normalize: true cannot divide by them")
+
+
+def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """sum_i w_i * d_i, divided by sum_i w_i when ``normalize``."""
+    out = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights):
+        out.add_(d, alpha=float(w))
+    if normalize:
+        total = float(sum(weights))
+        if abs(total) >= 1e-12:
+            out.div_(total)
+    return out
+
+
+def elect_and_merge(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool
+) -> torch.Tensor:
+    """TIES "elect sign" + "disjoint merge".
+
+    With ``s_i = w_i * d_i``: the elected sign is ``gamma = +1 where sum_i s_i >= 0 else -1``;
+    entry ``i`` takes part where ``sign(s_i) == gamma`` (zeros never take part). The result is
+    ``sum_i [agree_i] s_i`` divided, when ``normalize``, by ``sum_i [agree_i] w_i`` (1 where no
+    expert agrees) - the weighted disjoint mean of the TIES paper.
+    """
+    total = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights):
+        total.add_(d, alpha=float(w))
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    del total
+    out = torch.zeros_like(deltas[0])
+    den = torch.zeros_like(deltas[0]) if normalize else None
+    for d, w in zip(deltas, weights):
+        w = float(w)
+        if w == 0.0:
+            continue
+        # sign(w * d) == gamma  <=>  w * d * gamma > 0
+        prod = d * sign
+        agree = (prod > 0 if w > 0 else prod < 0).to(d.dtype)
+        del prod
+        out.addcmul_(d, agree, value=w)
+        if den is not None:
+            den.add_(agree, alpha=w)
+    if den is not None:
+        den.masked_fill_(den == 0, 1.0)
+        out.div_(den)
+    return out
+
+
+def magnitude_trim(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """Keep the ``density`` fraction of largest-magnitude entries of ``delta`` (in place).
+
+    With ``threshold`` (a whole-model k-th largest magnitude) keep ``|d| >= threshold`` instead.
+    """
+    mag = delta.abs()
+    if threshold is not None:
+        if threshold == float("inf"):
+            return delta.zero_()
+        keep = mag >= threshold
+    else:
+        keep = topk_mask(mag, count_for_fraction(density, delta.numel()))
+        if keep is None:
+            return delta
+    del mag
+    return delta.mul_(keep)
+
+
+def global_topk_requests(key: str, densities: Sequence[float]) -> list[StatRequest]:
+    """A whole-model "k-th largest magnitude" per expert, k = floor(density * n)."""
+
+    def rank(n: int, i: int) -> int:
+        return n - count_for_fraction(densities[i], n)  # ascending rank of the k-th largest
+
+    return [StatRequest(key, "kth", 0, rank)]
+
+
+def random_keep_mask(shape, keep_prob: float, generator: torch.Generator, device) -> torch.Tensor:
+    """Bernoulli(keep_prob) mask drawn on the CPU from ``generator`` (reproducible), on ``device``."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float32)
+    return (u < keep_prob).to(device)

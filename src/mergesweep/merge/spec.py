@@ -1,0 +1,291 @@
+"""Declarative method specs: parameters (type, default, valid range), inputs, statistics.
+
+A merge method is a pure tensor kernel plus a :class:`MethodSpec`. The engine never looks
+inside a kernel: it reads the spec to validate parameters, check the inputs (base required?
+how many experts?), and decide whether extra streaming passes are needed for whole-model
+statistics (a global top-k threshold, a global quantile), and then calls
+``spec.merge(base, experts, params, ctx)`` once per parameter name.
+
+Parameter values given by users are resolved by :func:`resolve_params`:
+
+* a scalar applies to every expert;
+* a per-expert value (only for parameters declared ``per_expert``) is a list in expert order,
+  ``{per_expert: [...]}``, or a mapping by expert name (experts not named get the default);
+* unknown names, wrong types and out-of-range values raise :class:`ConfigError` naming
+  ``params.<name>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from mergesweep.errors import ConfigError
+
+PER_EXPERT_KEY = "per_expert"
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Param:
+    """One method parameter.
+
+    ``kind`` is ``"float"``, ``"int"``, ``"bool"`` or ``"str"``. ``low``/``high`` bound numeric
+    values (``*_open`` makes a bound exclusive); ``choices`` restricts strings. A
+    ``per_expert`` parameter may take a different value for each expert.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    per_expert: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+
+    def range_text(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.kind == "bool":
+            return "true/false"
+        if self.low is None and self.high is None:
+            return "any"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        lb = "(" if (self.low_open or self.low is None) else "["
+        hb = ")" if (self.high_open or self.high is None) else "]"
+        return f"{lb}{lo}, {hi}{hb}"
+
+    def check(self, value: Any, where: str) -> Any:
+        """Type-check and range-check one scalar value; return it normalised."""
+        if value is None and self.default is None:
+            return None  # "automatic" (the method documents what that means)
+        k = self.kind
+        if k == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            return value
+        if k == "str":
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: expected a string, got {value!r}")
+            if self.choices and value not in self.choices:
+                raise ConfigError(f"{where}: {value!r} is not {self.range_text()}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if k == "int":
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+                value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: {value!r} is not a finite number")
+        bad = (
+            (self.low is not None and (value < self.low or (self.low_open and value == self.low)))
+            or (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+        )
+        if bad:
+            raise ConfigError(f"{where}: {value!r} is out of range {self.range_text()}")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# whole-model statistics
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StatRequest:
+    """A whole-model quantity a method needs before it can merge any tensor.
+
+    ``kind``:
+      * ``"kth"``  - per expert, the value of ascending rank ``rank(n, i)`` (0-based) among all
+        ``n`` elements the method's ``stat_values`` produced for expert ``i`` over the model;
+      * ``"max"`` / ``"min"`` - per expert, the maximum / minimum of those values.
+
+    Requests of a later ``stage`` may use the results of earlier stages (``ctx.stats``). The
+    engine computes ``kth`` exactly with a two-pass radix select over the float bit patterns
+    (memory: one 65536-bin histogram per request and expert, never the values themselves).
+    """
+
+    key: str
+    kind: str = "kth"
+    stage: int = 0
+    rank: Callable[[int, int], int] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# per-tensor context handed to kernels
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TensorContext:
+    """What a kernel may know beyond the tensors: name, layer, global statistics, randomness."""
+
+    name: str
+    n_experts: int
+    layer: int | None = None
+    num_layers: int | None = None
+    seed: int = 0
+    stats: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def generator(self, expert: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, tensor name, expert index).
+
+        Random masks are always drawn on the CPU from this generator (then moved to the compute
+        device), so a merge is bit-identical across runs, thread counts and devices.
+        """
+        return seeded_generator(self.seed, self.name, expert)
+
+
+def seeded_generator(seed: int, name: str, expert: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{int(seed)}\x00{name}\x00{int(expert)}".encode()).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+# --------------------------------------------------------------------------------------------
+# the spec
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the engine and the CLI need to know about a method.
+
+    ``base``: ``"required"``, ``"optional"`` or ``"unused"``. ``merge(base, experts, params, ctx)``
+    is the kernel adapter: float32 tensors in, one float32 tensor out. ``statistics(params, n)``
+    lists the whole-model quantities needed (may be empty for some parameter values) and
+    ``stat_values(key, base, experts, params, ctx)`` returns, per expert, the tensor whose
+    elements enter statistic ``key`` for one parameter name. ``validate(params, n_experts,
+    has_base)`` performs cross-parameter checks and raises :class:`ConfigError`;
+    ``check_layout(params, num_layers)`` checks parameters against the model (layer indices).
+    ``inputs_for(name, params, n_experts)``, when given, lists the experts whose tensor ``name``
+    the kernel reads (the others are not read and arrive as ``None``).
+    """
+
+    name: str
+    summary: str
+    paper: str
+    params: tuple[Param, ...]
+    merge: Callable
+    base: str = "required"
+    min_experts: int = 1
+    max_experts: int | None = None
+    statistics: Callable[[dict, int], list[StatRequest]] | None = None
+    stat_values: Callable | None = None
+    validate: Callable[[dict, int, bool], None] | None = None
+    check_layout: Callable[[dict, int | None], None] | None = None
+    inputs_for: Callable[[str, dict, int], Sequence[int]] | None = None
+    deviations: str = ""
+    doc: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def experts_text(self) -> str:
+        if self.max_experts is None:
+            return f">= {self.min_experts}"
+        if self.max_experts == self.min_experts:
+            return str(self.min_experts)
+        return f"{self.min_experts}-{self.max_experts}"
+
+    def check_inputs(self, n_experts: int, has_base: bool) -> None:
+        """Raise ConfigError if the number of experts or the presence of a base is wrong."""
+        if self.base == "required" and not has_base:
+            raise ConfigError(f"base: method '{self.name}' needs a base model")
+        if n_experts < self.min_experts or (self.max_experts is not None and n_experts > self.max_experts):
+            raise ConfigError(
+                f"experts: method '{self.name}' takes {self.experts_text()} experts, got {n_experts}"
+            )
+
+    def requests(self, params: dict, n_experts: int) -> list[StatRequest]:
+        return list(self.statistics(params, n_experts)) if self.statistics else []
+
+
+# --------------------------------------------------------------------------------------------
+# parameter resolution
+# --------------------------------------------------------------------------------------------
+def is_per_expert_value(value: Any) -> bool:
+    """``{per_expert: [...]}`` or a mapping by expert name: never a grid axis."""
+    return isinstance(value, Mapping)
+
+
+def resolve_params(
+    spec: MethodSpec,
+    params: Mapping[str, Any] | None,
+    n_experts: int,
+    expert_names: Sequence[str] | None = None,
+    *,
+    has_base: bool = True,
+) -> tuple[dict, dict]:
+    """Validate ``params`` against ``spec``.
+
+    Returns ``(kernel_params, record_params)``: the first has every parameter, per-expert ones
+    as lists of length ``n_experts``; the second is the canonical form recorded in metadata and
+    hashed into model ids (defaults filled in, per-expert values as lists in expert order, a
+    scalar kept scalar).
+    """
+    params = dict(params or {})
+    names = list(expert_names) if expert_names is not None else [str(i) for i in range(n_experts)]
+    known = {p.name for p in spec.params}
+    for key in params:
+        if key not in known:
+            raise ConfigError(
+                f"params.{key}: unknown parameter for method '{spec.name}' "
+                f"(known: {', '.join(sorted(known)) or 'none'})"
+            )
+    kernel: dict = {}
+    record: dict = {}
+    for p in spec.params:
+        where = f"params.{p.name}"
+        value = params.get(p.name, p.default)
+        if p.per_expert:
+            if isinstance(value, Mapping):
+                if set(value) == {PER_EXPERT_KEY}:
+                    value = value[PER_EXPERT_KEY]
+                    if not isinstance(value, (list, tuple)):
+                        raise ConfigError(f"{where}.{PER_EXPERT_KEY}: expected a list in expert order")
+                else:
+                    unknown = [k for k in value if str(k) not in names]
+                    if unknown:
+                        raise ConfigError(
+                            f"{where}: {unknown[0]!r} is not an expert name (experts: {', '.join(names)})"
+                        )
+                    by_name = {str(k): v for k, v in value.items()}
+                    value = [by_name.get(n, p.default) for n in names]
+            if isinstance(value, (list, tuple)):
+                if len(value) != n_experts:
+                    raise ConfigError(
+                        f"{where}: {len(value)} per-expert values for {n_experts} experts"
+                    )
+                vals = [p.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
+                kernel[p.name] = vals
+                record[p.name] = vals
+            else:
+                v = p.check(value, where)
+                kernel[p.name] = [v] * n_experts
+                record[p.name] = v
+        else:
+            if isinstance(value, (list, tuple, Mapping)):
+                raise ConfigError(
+                    f"{where}: expected a single value ({p.range_text()}); '{p.name}' cannot vary "
+                    f"per expert in method '{spec.name}' (a list is a grid axis only in a sweep config)"
+                )
+            v = p.check(value, where)
+            kernel[p.name] = v
+            record[p.name] = v
+    if spec.validate:
+        spec.validate(kernel, n_experts, has_base)
+    return kernel, record
