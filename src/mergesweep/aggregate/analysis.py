@@ -66,32 +66,48 @@ def primary_metrics(scores: pd.DataFrame, overrides: Mapping[str, str] | None = 
     return out
 
 
-def suite_scores(scores: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFrame:
-    """One row per (model_id, suite, split) on the suite's primary metric.
+def primary_filter(filters: pd.Series) -> str | None:
+    """lm-eval filter a metric is read under: ``none`` where reported, else the first by name."""
+    present = sorted(set(filters.dropna()))
+    if not present:
+        return None
+    return "none" if "none" in present else present[0]
 
-    ``score = mean_t value_t`` over the suite's tasks ``t`` (macro average; NaN if any task is
-    NaN), ``stderr = sqrt(sum_t se_t^2) / T`` (tasks independent), ``n = sum_t n_t``.
+
+def suite_scores(scores: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFrame:
+    """One row per (model_id, suite, split) on the suite's primary metric (and filter).
+
+    ``score = mean_t value_t`` over the suite's task rows ``t`` for that split (macro average;
+    NaN if any is NaN), ``stderr = sqrt(sum_t se_t^2) / T`` (tasks independent),
+    ``n = sum_t n_t``.
     """
     ok = scores[(scores["status"] == "ok") & scores["split"].notna()]
     ok = ok[ok["metric"] == ok["suite"].map(metrics)]
     cols = ["model_id", "suite", "split", "score", "stderr", "n", "n_tasks"]
     if ok.empty:
         return pd.DataFrame(columns=cols)
+    wanted = ok.groupby("suite")["filter"].apply(primary_filter)
+    want = ok["suite"].map(wanted)
+    ok = ok[(ok["filter"] == want) | (ok["filter"].isna() & want.isna())]
 
-    def agg(g: pd.DataFrame) -> pd.Series:
-        k = len(g)
-        return pd.Series(
-            {
-                "score": g["value"].mean(skipna=False),
-                "stderr": math.sqrt((g["stderr"].astype(float) ** 2).sum(min_count=k)) / k
-                if g["stderr"].notna().all()
-                else math.nan,
-                "n": g["n"].sum(min_count=1),
-                "n_tasks": k,
-            }
-        )
-
-    out = ok.groupby(["model_id", "suite", "split"], sort=True)[["value", "stderr", "n"]].apply(agg)
+    ok = ok.assign(
+        _v=ok["value"].astype(float).fillna(0.0),
+        _vnan=ok["value"].isna().astype(int),
+        _se2=ok["stderr"].astype(float).fillna(0.0) ** 2,
+        _senan=ok["stderr"].isna().astype(int),
+        _n=ok["n"].astype("Float64"),
+        _one=1,
+    )
+    g = ok.groupby(["model_id", "suite", "split"], sort=True)
+    agg = g[["_v", "_vnan", "_se2", "_senan", "_one"]].sum()
+    agg["n"] = g["_n"].sum(min_count=1)
+    k = agg["_one"].astype(float)
+    out = pd.DataFrame({
+        "score": np.where(agg["_vnan"] > 0, np.nan, agg["_v"] / k),
+        "stderr": np.where(agg["_senan"] > 0, np.nan, np.sqrt(agg["_se2"]) / k),
+        "n": agg["n"].astype("Int64"),
+        "n_tasks": agg["_one"].astype(int),
+    }, index=agg.index)
     return out.reset_index()[cols]
 
 
@@ -166,20 +182,30 @@ def method_label(method, align) -> str:
     return method
 
 
-def expert_for(model_row: pd.Series, domain: str, models: pd.DataFrame) -> str | None:
+def expert_for(model_row: pd.Series, domain: str, models: pd.DataFrame,
+               by_domain: dict[str, list[str]] | None = None) -> str | None:
     """``E_d`` for a model: the expert of domain ``d`` among the model's own experts, else the
     only expert of ``d`` in the run (None when there is none, or several and none is the
     model's)."""
-    experts = models[(models["role"] == "expert") & (models["domain"] == domain)]
     if model_row["role"] == "expert" and model_row["domain"] == domain:
         return model_row.name
+    experts = (by_domain if by_domain is not None else _experts_by_domain(models)).get(domain, [])
     own = json.loads(model_row["experts"] or "[]") if isinstance(model_row["experts"], str) else []
-    mine = [e for e in own if e in experts.index]
+    mine = [e for e in own if e in experts]
     if mine:
         return mine[0]
     if len(experts) == 1:
-        return experts.index[0]
+        return experts[0]
     return None
+
+
+def _experts_by_domain(models: pd.DataFrame) -> dict[str, list[str]]:
+    ex = models[models["role"] == "expert"]
+    out: dict[str, list[str]] = {}
+    for mid, d in zip(ex.index, ex["domain"]):
+        if isinstance(d, str):
+            out.setdefault(d, []).append(mid)
+    return out
 
 
 def base_for(model_row: pd.Series, models: pd.DataFrame) -> str | None:
@@ -207,11 +233,12 @@ def normalised_scores(suites: pd.DataFrame, models: pd.DataFrame) -> pd.DataFram
             "ref_stderr", "norm", "norm_stderr"]
     skills = sorted(set(d for ds in models["domains"] for d in ds) | set(
         models.loc[models["role"] == "expert", "domain"].dropna()))
-    idx = suites.set_index(["model_id", "suite", "split"]) if not suites.empty else None
+    idx = _index(suites)
+    by_domain = _experts_by_domain(models)
     rows = []
     for mid, row in models.iterrows():
         for d in skills:
-            ref = expert_for(row, d, models)
+            ref = expert_for(row, d, models, by_domain)
             for split in SPLITS:
                 s, se = _lookup(idx, mid, d, split)
                 rs, rse = _lookup(idx, ref, d, split) if ref else (math.nan, math.nan)
@@ -235,7 +262,7 @@ def heldout_deltas(suites: pd.DataFrame, models: pd.DataFrame, heldout: list[str
     ``se = sqrt(se_m^2 + se_B^2)``. The base itself is left out."""
     cols = ["model_id", "suite", "split", "score", "stderr", "base_model_id", "base_score",
             "base_stderr", "delta", "delta_stderr"]
-    idx = suites.set_index(["model_id", "suite", "split"]) if not suites.empty else None
+    idx = _index(suites)
     rows = []
     for mid, row in models.iterrows():
         if row["role"] == "base":
@@ -251,14 +278,17 @@ def heldout_deltas(suites: pd.DataFrame, models: pd.DataFrame, heldout: list[str
     return pd.DataFrame(rows, columns=cols)
 
 
-def _lookup(idx: pd.DataFrame | None, model_id, suite, split) -> tuple[float, float]:
-    if idx is None or model_id is None:
-        return math.nan, math.nan
-    try:
-        r = idx.loc[(model_id, suite, split)]
-    except KeyError:
-        return math.nan, math.nan
-    return float(r["score"]), float(r["stderr"]) if pd.notna(r["stderr"]) else math.nan
+def _index(suites: pd.DataFrame) -> dict[tuple, tuple[float, float]]:
+    """(model_id, suite, split) -> (score, stderr)."""
+    return {
+        (m, q, sp): (float(v), float(se) if pd.notna(se) else math.nan)
+        for m, q, sp, v, se in zip(suites["model_id"], suites["suite"], suites["split"],
+                                   suites["score"], suites["stderr"])
+    }
+
+
+def _lookup(idx: dict, model_id, suite, split) -> tuple[float, float]:
+    return idx.get((model_id, suite, split), (math.nan, math.nan))
 
 
 def mean_normalised(norm: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
@@ -266,21 +296,15 @@ def mean_normalised(norm: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     ``D``, with ``se = sqrt(sum_d se_d^2) / D``. NaN if any of its domains is NaN: a model is
     never averaged over fewer domains than it covers."""
     rows = []
-    idx = norm.set_index(["model_id", "suite", "split"]) if not norm.empty else None
+    idx = {(m, q, sp): (v, se) for m, q, sp, v, se in
+           zip(norm["model_id"], norm["suite"], norm["split"], norm["norm"], norm["norm_stderr"])}
     for mid, row in models.iterrows():
         ds = row["domains"]
         for split in SPLITS:
-            vals = []
-            for d in ds:
-                try:
-                    r = idx.loc[(mid, d, split)] if idx is not None else None
-                except KeyError:
-                    r = None
-                vals.append((math.nan, math.nan) if r is None else (r["norm"], r["norm_stderr"]))
             if not ds:
                 m = se = math.nan
             else:
-                v = np.array(vals, dtype=float)
+                v = np.array([idx.get((mid, d, split), (math.nan, math.nan)) for d in ds], dtype=float)
                 m = float(v[:, 0].mean())
                 se = float(math.sqrt((v[:, 1] ** 2).sum()) / len(ds))
             rows.append([mid, split, m, se, len(ds)])

@@ -54,8 +54,10 @@ SCORE_SCHEMA = pa.schema(
         ("fingerprint", pa.string()),  # content fingerprint of the checkpoint
         ("suite", pa.string()),
         ("suite_role", pa.string()),  # skill (a domain with an expert) | heldout
-        ("task", pa.string()),
+        ("task", pa.string()),  # as the evaluation file names it (the suite, for embedded suites)
+        ("lm_eval_task", pa.string()),  # the lm-eval task behind the row (e.g. ms_arithmetic_test)
         ("metric", pa.string()),
+        ("filter", pa.string()),  # lm-eval filter of the metric ("none" unless the task filters)
         ("split", pa.string()),  # validation | test
         ("value", pa.float64()),
         ("stderr", pa.float64()),
@@ -128,6 +130,7 @@ def _str(x: Any) -> str | None:
 
 
 def _per_task(mapping: Any, task: str) -> Any:
+    """``num_fewshot``/``task_versions`` are keyed by lm-eval task, or a single value."""
     if isinstance(mapping, Mapping):
         return mapping.get(task)
     return mapping
@@ -210,7 +213,9 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
             {
                 **common,
                 "task": suite,
+                "lm_eval_task": None,
                 "metric": None,
+                "filter": None,
                 "split": None,
                 "value": math.nan,
                 "stderr": math.nan,
@@ -231,19 +236,22 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
         if "value" not in r:
             raise EvalFileError(f"{where}: results[{i}] lacks 'value'")
         task = str(r["task"])
+        lm_task = str(r["lm_eval_task"]) if r.get("lm_eval_task") else None
         rows.append(
             {
                 **common,
                 "task": task,
+                "lm_eval_task": lm_task,
                 "metric": str(r["metric"]),
+                "filter": str(r["filter"]) if r.get("filter") is not None else None,
                 "split": str(r["split"]),
                 "value": _float(r["value"]),
                 "stderr": _float(r.get("stderr")),
                 "n": _int(r.get("n")),
                 "status": "ok",
                 "error": None,
-                "num_fewshot": _int(_per_task(doc.get("num_fewshot"), task)),
-                "task_version": _str(_per_task(doc.get("task_versions"), task)),
+                "num_fewshot": _int(_per_task(doc.get("num_fewshot"), lm_task or task)),
+                "task_version": _str(_per_task(doc.get("task_versions"), lm_task or task)),
             }
         )
     return rows
@@ -304,8 +312,8 @@ def scores_frame(rows: list[dict]) -> pd.DataFrame:
 def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
     """The long scores table from evaluation JSONs (paths, directories or parsed dicts).
 
-    Rows are sorted by (role, model_id, suite, task, metric, split). Two files for the same
-    (model, suite) are an error naming both.
+    Rows are sorted by (role, model_id, suite, task, lm_eval_task, metric, filter, split). Two
+    files for the same (model, suite) are an error naming both.
     """
     items: list = []
     for p in paths:
@@ -331,10 +339,11 @@ def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
             f"{seen[(missing_role[0], df.loc[df['model_id'] == missing_role[0], 'suite'].iloc[0])]}: "
             f"no evaluation of model {missing_role[0]!r} carries its 'model' metadata (role)"
         )
-    df["suite_role"] = infer_suite_roles(df)
+    df["suite_role"] = infer_suite_roles(df).astype(df["suite"].dtype)
     role_order = {r: i for i, r in enumerate(ROLES)}
     df = df.assign(_r=df["role"].map(role_order)).sort_values(
-        ["_r", "model_id", "suite", "task", "metric", "split"], na_position="first", kind="stable"
+        ["_r", "model_id", "suite", "task", "lm_eval_task", "metric", "filter", "split"],
+        na_position="first", kind="stable",
     )
     df = df.drop(columns="_r").reset_index(drop=True)
     n_err = int((df["status"] == "error").sum())
@@ -384,7 +393,7 @@ def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict | None]:
         if col not in df.columns:  # tolerate tables from older/other writers
             df[col] = pd.Series([None] * len(df), dtype="float64" if pa.types.is_floating(typ) else "object")
     if df["suite_role"].isna().any():
-        df["suite_role"] = infer_suite_roles(df)
+        df["suite_role"] = infer_suite_roles(df).astype(df["suite"].dtype)
     meta = table.schema.metadata or {}
     provenance = json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else None
     return df, provenance

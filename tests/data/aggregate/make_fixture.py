@@ -3,7 +3,9 @@
 The numbers below are chosen by hand (round accuracies on round denominators) so that the golden
 tests in tests/test_aggregate_golden.py can derive every normalised score, selected point and
 Pareto front in comments. Re-run after editing: ``.venv/bin/python tests/data/aggregate/make_fixture.py``.
-The generated JSON files are committed; tests never run this script.
+The generated JSON files are committed; tests never run this script. The layout follows
+``mergesweep.evaluate.runner`` (``task`` = the suite, ``lm_eval_task`` = ``ms_<suite>_<split>``,
+``filter``), which extends the example in docs/ARCHITECTURE.md.
 
 One run: base + 3 experts (arithmetic, reverse, dateformat), 4 merge methods with grids
 (task_arithmetic: lambda in {0.5, 1.0}; ties: density {0.2, 0.5} x lambda {0.5, 1.0};
@@ -61,7 +63,8 @@ def results(suite: str, vt: tuple[float, float]) -> list[dict]:
     for metric in metrics:
         for split, v in zip(("validation", "test"), vt):
             v = round(v + (0.02 if metric == "acc_norm" else 0.0), 6)
-            out.append({"task": suite, "metric": metric, "split": split, "value": v,
+            out.append({"task": suite, "lm_eval_task": f"ms_{suite}_{split}", "metric": metric,
+                        "filter": "none", "split": split, "value": v,
                         "stderr": stderr(v, N[split]), "n": N[split]})
     return out
 
@@ -73,10 +76,15 @@ def write(model: dict, suite: str, vt, runtime: float) -> None:
         "error": ERROR if vt == "error" else None,
         "model": model,
         "results": [] if vt == "error" else results(suite, vt),
-        "task_versions": {suite: 1.0}, "num_fewshot": {suite: 0}, "chat_template": False,
+        "task_versions": {f"ms_{suite}_{s}": 1.0 for s in N}, "num_fewshot": {f"ms_{suite}_{s}": 0 for s in N},
+        "chat_template": False, "model_path": (f"results/models/{model['model_id']}" if model["role"] == "merged"
+                       else f"resources/checkpoints/{model['model_id']}"), "log_samples": False,
         "versions": VERSIONS, "runtime_s": runtime, "peak_rss_mb": 880.0 + len(suite),
         "device": "cpu",
     }
+    if vt == "error":
+        doc["traceback"] = ("Traceback (most recent call last):\n  File \"lm_eval/evaluator.py\", line 512, "
+                            "in evaluate\nMemoryError\n")
     path = HERE / "evals" / model["model_id"] / f"{suite}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
