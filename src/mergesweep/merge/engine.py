@@ -276,7 +276,7 @@ def _statistics(spec, kparams, requests, plan, loader, uses_base, n_experts, num
         needs_pass2 = any(r.kind == "kth" for r in reqs)
 
         def stream(pass_no: int):
-            for tp in tqdm(work, desc=f"{spec.name}: statistics stage {stage} pass {pass_no}", leave=False):
+            for tp in tqdm(work, desc=f"{spec.name}: statistics stage {stage} pass {pass_no}", leave=False, disable=None):
                 base_t = loader.load(tp, 0) if uses_base else None
                 exps = [loader.load(tp, i + 1) for i in range(n_experts)]
                 ctx = TensorContext(tp.name, n_experts, layer_index(tp.name), num_layers, seed, stats, device)
@@ -476,7 +476,7 @@ def merge_checkpoints(
             with atomic_dir(out_dir) as tmp:
                 writer = PlannedShardWriter(tmp, [(tp.name, tp.shape, tp.dtype) for tp in plan], shard_bytes)
                 try:
-                    for tp in tqdm(plan, desc=f"merge {spec.name}", leave=False):
+                    for tp in tqdm(plan, desc=f"merge {spec.name}", leave=False, disable=None):
                         if not tp.merge:
                             writer.write(tp.name, reference.read(tp.name))
                             continue
