@@ -22,6 +22,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)
     try:
         yield tmp
         if final.exists():
@@ -43,6 +44,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)
     try:
         with open(tmp, mode) as f:
             yield f

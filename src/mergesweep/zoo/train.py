@@ -1,0 +1,131 @@
+"""A small causal-LM training loop shared by ``finetune`` (experts) and ``pretrain`` (tiny bases).
+
+Loss: mean token cross-entropy on the *target* tokens of ``{"prompt", "target"}`` records
+(prompt tokens are context only), or on every token with ``loss_on="all"``::
+
+    L(θ) = − 1/|T| Σ_{t∈T} log p_θ(x_t | x_<t)
+
+Logits are computed only at the positions that carry loss (the LM head over a 49k vocabulary is
+a fifth of SmolLM2-135M's forward cost), embeddings can be frozen (``freeze_embeddings``), and the
+optimiser is AdamW with linear warm-up then constant learning rate. Batches are drawn with a
+seeded generator, so a run is reproducible for a given thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 1e-4
+    warmup: int = 5
+    weight_decay: float = 0.0
+    freeze_embeddings: bool = True
+    loss_on: str = "target"  # or "all"
+    seed: int = 0
+    max_length: int = 64
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _encode(tokenizer, rec: dict, loss_on: str, max_length: int) -> tuple[list[int], list[int]]:
+    prompt_ids = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(rec["prompt"] + rec["target"], add_special_tokens=False)["input_ids"]
+    full_ids = full_ids[:max_length]
+    # tokens after the prompt prefix are targets (lm-eval splits context/continuation the same way)
+    n_ctx = len(prompt_ids) if full_ids[: len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1
+    if loss_on == "all":
+        labels = list(full_ids)
+        labels[0] = -100
+    else:
+        labels = [-100] * min(n_ctx, len(full_ids)) + full_ids[n_ctx:]
+    return full_ids, labels
+
+
+def _batch(encoded: list[tuple[list[int], list[int]]], pad_id: int):
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (x, y) in enumerate(encoded):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return ids, labels, mask
+
+
+def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at the positions whose *next* token carries a label, computing logits there only."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    nxt = labels[:, 1:]
+    sel = nxt != -100
+    h = hidden[:, :-1][sel]
+    logits = model.lm_head(h).float()
+    return torch.nn.functional.cross_entropy(logits, nxt[sel])
+
+
+def train(model, tokenizer, records: list[dict], cfg: TrainConfig, desc: str = "train") -> dict:
+    """Train ``model`` in place on ``records``; return a summary (losses, tokens, seconds)."""
+    if not records:
+        raise ValueError("no training records")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [_encode(tokenizer, r, cfg.loss_on, cfg.max_length) for r in records]
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        out_emb = model.get_output_embeddings()
+        if out_emb is not None:
+            out_emb.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    model.train()
+    losses, tokens, t0 = [], 0, time.time()
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step", mininterval=2.0)
+    for step in bar:
+        batch = [encoded[rng.randrange(len(encoded))] for _ in range(cfg.batch_size)]
+        ids, labels, mask = _batch(batch, pad_id)
+        loss = causal_lm_loss(model, ids, labels, mask)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += int(mask.sum())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    seconds = time.time() - t0
+    k = max(1, len(losses) // 10)
+    summary = {
+        "config": asdict(cfg),
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+    }
+    log.info("%s: loss %.3f -> %.3f in %.1fs", desc, summary["loss_first"], summary["loss_last"], seconds)
+    return summary
