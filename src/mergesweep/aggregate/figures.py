@@ -53,7 +53,9 @@ def method_colors(tables: Tables) -> dict[str, str]:
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(labels)}
 
 
-def _empty(fig: Figure, message: str) -> Figure:
+def _empty(fig: Figure | None, message: str) -> Figure:
+    """A figure that says there is nothing to plot (the PNG must exist anyway)."""
+    fig = Figure(figsize=(6.0, 2.0), dpi=DPI)
     ax = fig.add_subplot(1, 1, 1)
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", color="#666666", fontsize=10)
@@ -179,8 +181,7 @@ def heatmap_figure(tables: Tables) -> Figure:
     vmax = max(1.0, float(np.nanmax(data)) if np.isfinite(data).any() else 1.0)
     from matplotlib import colormaps
 
-    cmap = colormaps["YlGnBu"].copy()
-    cmap.set_bad("#eeeeee")
+    cmap = colormaps["YlGnBu"].with_extremes(bad="#eeeeee")
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
     for i, (_, r) in enumerate(rows):
         failed = set((r.get("failed_suites") or "").split(",")) if isinstance(r.get("failed_suites"), str) else set()

@@ -72,7 +72,7 @@ def hyperparameter_columns(params: pd.Series) -> pd.DataFrame:
         else:
             out[f"hp_{name}"] = pd.Series(
                 [None if v is None else (v if isinstance(v, str) else json.dumps(v, sort_keys=True))
-                 for v in vals], index=params.index, dtype="object")
+                 for v in vals], index=params.index, dtype="str")
     return pd.DataFrame(out, index=params.index)
 
 
