@@ -1,0 +1,487 @@
+"""The streaming engine on tiny real checkpoints (transformers save_pretrained + safetensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_merge import make_base, make_expert, make_family, read_state, write_like
+from mergesweep.checkpoints.layout import CheckpointError
+from mergesweep.errors import ConfigError, MergeError
+from mergesweep.merge.engine import canonical_params, merge_checkpoints
+from mergesweep.merge.methods import REGISTRY
+from mergesweep.merge.methods.pcb import pcb as pcb_kernel
+from mergesweep.merge.methods.ties import ties as ties_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    base, experts = make_family(root, 3)
+    return base, experts
+
+
+def _no_leftovers(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-")]
+
+
+DEFAULT_PARAMS = {
+    "slerp": {"t": 0.3},
+    "layer_swap": {"layers": {"per_expert": ["", "0", "2"]}},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# every method end to end; identities through the engine
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_merges_and_identical_inputs_reproduce_base(method, family, tmp_path):
+    base, experts = family
+    spec = REGISTRY[method]
+    n = 1 if method == "slerp" else 3
+    params = DEFAULT_PARAMS.get(method, {})
+    # identical inputs: every expert is a copy of the base
+    copies = [base] * n
+    meta = merge_checkpoints(method, base, copies, params, tmp_path / "same")
+    want, got = read_state(base), read_state(tmp_path / "same")
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6, msg=k)
+    assert meta["role"] == "merged" and meta["method"] == method
+    # real experts: output differs from the base somewhere and is finite
+    merge_checkpoints(method, base, experts[:n], params, tmp_path / "real")
+    got = read_state(tmp_path / "real")
+    assert any(not torch.equal(got[k], want[k]) for k in want), spec.name
+    assert all(torch.isfinite(v).all() for v in got.values())
+
+
+def test_one_expert_weight_one_reproduces_it(family, tmp_path):
+    base, experts = family
+    want = read_state(experts[1])
+    for method, params in [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 1.0}),
+                           ("dare_linear", {"density": 1.0}), ("breadcrumbs", {"density": 1.0, "gamma": 0.0})]:
+        merge_checkpoints(method, base, [experts[1]], params, tmp_path / method)
+        got = read_state(tmp_path / method)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6, msg=f"{method} {k}")
+
+
+def test_slerp_endpoints_through_engine(family, tmp_path):
+    base, experts = family
+    for t, want in [(0.0, base), (1.0, experts[0])]:
+        merge_checkpoints("slerp", base, [experts[0]], {"t": t}, tmp_path / f"t{t}")
+        got, ref = read_state(tmp_path / f"t{t}"), read_state(want)
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+    merge_checkpoints("slerp", None, experts[:2], {"t": 1.0}, tmp_path / "nobase")
+    got, ref = read_state(tmp_path / "nobase"), read_state(experts[1])
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_layer_swap_takes_layers_from_the_named_expert(family, tmp_path):
+    base, experts = family
+    names = ["math", "lang", "other"]
+    merge_checkpoints("layer_swap", None, experts, {"layers": {"lang": "0,2"}, "embeddings_from": 2},
+                      tmp_path / "swap", expert_names=names)
+    got = read_state(tmp_path / "swap")
+    src = [read_state(e) for e in experts]
+    for k, v in got.items():
+        if ".layers.0." in k or ".layers.2." in k:
+            assert torch.equal(v, src[1][k]), k
+        elif ".layers.1." in k:
+            assert torch.equal(v, src[0][k]), k
+        else:
+            assert torch.equal(v, src[2][k]), k
+    with pytest.raises(ConfigError, match="layer 7 does not exist"):
+        merge_checkpoints("layer_swap", None, experts[:2], {"layers": {"per_expert": ["", "7"]}}, tmp_path / "bad")
+    _no_leftovers(tmp_path, "bad")
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-model statistics against a brute-force reference
+# ---------------------------------------------------------------------------------------------
+def test_ties_scope_model_uses_whole_model_topk(family, tmp_path):
+    base, experts = family
+    b = read_state(base)
+    es = [read_state(e) for e in experts]
+    names = list(b)
+    thresholds = []
+    for e in es:
+        flat = torch.cat([(e[k] - b[k]).abs().reshape(-1) for k in names])
+        k = int(0.3 * flat.numel())
+        thresholds.append(float(torch.sort(flat, descending=True).values[k - 1]))
+    meta = merge_checkpoints("ties", base, experts, {"density": 0.3, "scope": "model"}, tmp_path / "m")
+    assert meta["statistics"]["trim"] == pytest.approx(thresholds, rel=0, abs=0)
+    got = read_state(tmp_path / "m")
+    for k in names:
+        want = ties_kernel(b[k], [e[k] for e in es], [1.0] * 3, [0.3] * 3, thresholds=thresholds)
+        torch.testing.assert_close(got[k], want, msg=k)
+    # exactly 30% of each expert's task vector survives the trim over the model
+    kept = sum(int(((es[0][k] - b[k]).abs() >= thresholds[0]).sum()) for k in names)
+    assert kept == int(0.3 * sum(v.numel() for v in b.values()))
+
+
+def _pcb_reference(b, es, density, lam=1.0, c=1e-4):
+    """PCB over whole flattened task vectors, transcribed from the paper's released code."""
+    names = list(b)
+    flat = torch.stack([torch.cat([(e[k] - b[k]).reshape(-1) for k in names]) for e in es])
+    n, d = flat.shape
+
+    def clamp(x, lo_ratio, hi_ratio):
+        srt = torch.sort(x, dim=1).values
+        lo = srt[:, int(d * lo_ratio)].unsqueeze(1)
+        hi = srt[:, int(d * (1 - hi_ratio) - 1)].unsqueeze(1)
+        return torch.clamp(x, lo, hi)
+
+    def norm(x):
+        mn, mx = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+        return (x - mn) / (mx - mn)
+
+    a = clamp(flat.abs(), c, c)
+    scores = torch.exp(n * norm(a) ** 2) * torch.tanh(flat * flat.sum(0))
+    scale = norm(clamp(scores, 1 - density, 0))
+    merged = (torch.sign(flat) * a * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
+    out, pos = {}, 0
+    for k in names:
+        m = b[k].numel()
+        out[k] = b[k] + lam * merged[pos : pos + m].reshape(b[k].shape)
+        pos += m
+    return out
+
+
+def test_pcb_scope_model_matches_reference_implementation(family, tmp_path):
+    base, experts = family
+    b = read_state(base)
+    es = [read_state(e) for e in experts]
+    merge_checkpoints("pcb", base, experts, {"density": 0.2}, tmp_path / "pcb")
+    got = read_state(tmp_path / "pcb")
+    want = _pcb_reference(b, es, 0.2)
+    for k in b:
+        torch.testing.assert_close(got[k], want[k], atol=2e-6, rtol=1e-4, msg=k)
+    # per-tensor scope is the same formula within each tensor
+    merge_checkpoints("pcb", base, experts, {"density": 0.2, "scope": "tensor"}, tmp_path / "pcbt")
+    got = read_state(tmp_path / "pcbt")
+    k = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(got[k], pcb_kernel(b[k], [e[k] for e in es], [0.2] * 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism
+# ---------------------------------------------------------------------------------------------
+def _digest(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_dare_is_bit_identical_across_runs_and_thread_counts(family, tmp_path):
+    base, experts = family
+    params = {"density": 0.4, "seed": 7}
+    merge_checkpoints("dare_ties", base, experts, params, tmp_path / "a")
+    merge_checkpoints("dare_ties", base, experts, params, tmp_path / "b")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    code = (
+        "import sys, torch; torch.set_num_threads(2);"
+        "from mergesweep.merge.engine import merge_checkpoints;"
+        f"merge_checkpoints('dare_ties', {str(base)!r}, {[str(e) for e in experts]!r}, {params!r}, sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], check=True, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "c")
+    merge_checkpoints("dare_ties", base, experts, {**params, "seed": 8}, tmp_path / "d")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "d")
+
+
+# ---------------------------------------------------------------------------------------------
+# output layout, metadata, transformers
+# ---------------------------------------------------------------------------------------------
+def test_output_layout_metadata_and_model_card(family, tmp_path):
+    base, experts = family
+    params = {"density": [0.2, 0.5, 0.8], "lambda": 0.9}
+    meta = merge_checkpoints("ties", base, experts, params, tmp_path / "out", expert_names=["a", "b", "c"],
+                             extra_meta={"sweep": "s1"})
+    out = tmp_path / "out"
+    disk = json.loads((out / "mergesweep.json").read_text())
+    assert disk == json.loads(json.dumps(meta, default=str))
+    for key in ("model_id", "role", "method", "params", "base", "experts", "align", "fingerprint",
+                "runtime_s", "peak_rss_mb", "versions"):
+        assert key in disk
+    assert disk["params"]["density"] == [0.2, 0.5, 0.8] and disk["params"]["normalize"] is True
+    assert disk["experts"] == ["a", "b", "c"] and disk["base"] == "base" and disk["sweep"] == "s1"
+    assert disk["model_id"].startswith("ties-")
+    assert disk["params"] == canonical_params("ties", params, 3, ["a", "b", "c"])
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert (out / "tokenizer_config.json").exists()
+    card = (out / "README.md").read_text()
+    assert "ties" in card and "Yadav" in card and "density" in card and disk["inputs"][1]["fingerprint"] in card
+    assert "mergesweep merge --config" in card and "torch" in card
+    # same inputs and params -> same id; different params -> different id
+    again = merge_checkpoints("ties", base, experts, params, tmp_path / "again", expert_names=["a", "b", "c"])
+    other = merge_checkpoints("ties", base, experts, {**params, "lambda": 1.0}, tmp_path / "other")
+    assert again["model_id"] == meta["model_id"] != other["model_id"]
+    forced = merge_checkpoints("linear", None, experts[:1], {}, tmp_path / "forced", extra_meta={"model_id": "x1"})
+    assert forced["model_id"] == "x1" and forced["base"] is None
+
+
+def test_sharded_output_and_sharded_input(family, tmp_path):
+    base, experts = family
+    merge_checkpoints("task_arithmetic", base, experts, {"lambda": 0.5}, tmp_path / "one")
+    merge_checkpoints("task_arithmetic", base, experts, {"lambda": 0.5}, tmp_path / "sharded", shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    a, b = read_state(tmp_path / "one"), read_state(tmp_path / "sharded")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in a.values())
+    # a sharded checkpoint is a valid input
+    merge_checkpoints("linear", None, [tmp_path / "sharded"], {}, tmp_path / "again")
+    c = read_state(tmp_path / "again")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_merged_checkpoint_loads_in_transformers_and_generates(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, experts = family
+    merge_checkpoints("dare_ties", base, experts, {"density": 0.5}, tmp_path / "m", dtype="bfloat16",
+                      shard_size="40KB")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    state = read_state(tmp_path / "m")
+    torch.testing.assert_close(model.model.embed_tokens.weight.detach(), state["model.embed_tokens.weight"])
+    out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+    # the merge of identical models has the base's logits
+    merge_checkpoints("ties", base, [base, base], {}, tmp_path / "same")
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "same")(ids).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_bfloat16_inputs_and_dtype_default_from_base(tmp_path):
+    base = make_base(tmp_path / "base")
+    state = {k: v.to(torch.bfloat16) for k, v in read_state(base).items()}
+    bbase = write_like(base, tmp_path / "bbase", state, {"dtype": "bfloat16"})
+    ex = make_expert(bbase, tmp_path / "bex", seed=3)  # float32 expert of a bf16 base
+    meta = merge_checkpoints("task_arithmetic", bbase, [ex], {"lambda": 0.5}, tmp_path / "out")
+    assert meta["dtype"] == "bfloat16"
+    got = read_state(tmp_path / "out")
+    b, e = read_state(bbase), read_state(ex)
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert got[k].dtype == torch.bfloat16
+    want = (b[k].float() + 0.5 * (e[k].float() - b[k].float())).to(torch.bfloat16)
+    assert torch.equal(got[k], want)
+
+
+# ---------------------------------------------------------------------------------------------
+# tied embeddings and vocabulary mismatches
+# ---------------------------------------------------------------------------------------------
+def test_untied_base_with_tied_expert_uses_expert_embedding_as_lm_head(tmp_path):
+    base = make_base(tmp_path / "base", tie_word_embeddings=False)
+    b = read_state(base)
+    assert "lm_head.weight" in b
+    tied = {k: v + 0.01 for k, v in b.items() if k != "lm_head.weight"}
+    expert = write_like(base, tmp_path / "tied", tied, {"tie_word_embeddings": True})
+    merge_checkpoints("task_arithmetic", base, [expert], {}, tmp_path / "out")
+    got = read_state(tmp_path / "out")
+    torch.testing.assert_close(got["lm_head.weight"], tied["model.embed_tokens.weight"])
+    # tied base + untied expert: the output stays tied and ignores the expert's lm_head
+    tbase = make_base(tmp_path / "tbase")
+    untied = {**read_state(tbase), "lm_head.weight": torch.zeros(96, 32)}
+    ex2 = write_like(tbase, tmp_path / "untied", untied, {"tie_word_embeddings": False})
+    merge_checkpoints("task_arithmetic", tbase, [ex2], {}, tmp_path / "out2")
+    assert "lm_head.weight" not in read_state(tmp_path / "out2")
+
+
+def _vocab_expert(base: Path, dst: Path, rows: int, shift: float = 0.5) -> Path:
+    state = read_state(base)
+    emb = state["model.embed_tokens.weight"]
+    extra = torch.full((max(0, rows - emb.shape[0]), emb.shape[1]), 9.0)
+    state["model.embed_tokens.weight"] = torch.cat([emb[:rows] + shift, extra])
+    return write_like(base, dst, state, {"vocab_size": rows})
+
+
+def test_vocab_mismatch_default_errors_with_tensor_and_shapes(family, tmp_path):
+    base, _ = family
+    big = _vocab_expert(base, tmp_path / "big", 100)
+    with pytest.raises(MergeError) as err:
+        merge_checkpoints("task_arithmetic", base, [big], {}, tmp_path / "out")
+    msg = str(err.value)
+    assert "model.embed_tokens.weight" in msg and "[100, 32]" in msg and "[96, 32]" in msg
+    assert "vocab_policy" in msg
+    _no_leftovers(tmp_path, "out")
+
+
+def test_vocab_policy_base_and_truncate(family, tmp_path):
+    base, _ = family
+    b = read_state(base)["model.embed_tokens.weight"]
+    big = _vocab_expert(base, tmp_path / "big", 100)
+    small = _vocab_expert(base, tmp_path / "small", 90, shift=0.25)
+    merge_checkpoints("task_arithmetic", base, [big, small], {}, tmp_path / "vb", vocab_policy="base")
+    got = read_state(tmp_path / "vb")["model.embed_tokens.weight"]
+    assert got.shape == (96, 32)
+    # rows < 90: both task vectors; rows 90..95: the small expert contributes nothing there
+    torch.testing.assert_close(got[:90], b[:90] + 0.75)
+    torch.testing.assert_close(got[90:], b[90:] + 0.5)
+    assert json.loads((tmp_path / "vb" / "config.json").read_text())["vocab_size"] == 96
+    merge_checkpoints("task_arithmetic", base, [big, small], {}, tmp_path / "vt", vocab_policy="truncate")
+    got = read_state(tmp_path / "vt")["model.embed_tokens.weight"]
+    assert got.shape == (90, 32)
+    torch.testing.assert_close(got, b[:90] + 0.75)
+    assert json.loads((tmp_path / "vt" / "config.json").read_text())["vocab_size"] == 90
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs: clear error, no output directory
+# ---------------------------------------------------------------------------------------------
+def test_missing_tensor_in_expert(family, tmp_path):
+    base, _ = family
+    state = read_state(base)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    bad = write_like(base, tmp_path / "bad", state)
+    with pytest.raises(MergeError, match=r"expert 1 \(bad\).*model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+        merge_checkpoints("task_arithmetic", base, [family[1][0], bad], {}, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_shape_mismatch(family, tmp_path):
+    base, _ = family
+    state = read_state(base)
+    state["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(32, 16)
+    bad = write_like(base, tmp_path / "bad", state)
+    with pytest.raises(MergeError, match=r"o_proj\.weight.*\[32, 16\].*\[32, 32\].*shape mismatch"):
+        merge_checkpoints("ties", base, [bad], {}, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("bad_value,word", [(float("nan"), "NaN"), (float("inf"), "inf")])
+def test_nan_or_inf_in_an_input(family, tmp_path, bad_value, word):
+    base, _ = family
+    state = read_state(base)
+    state["model.norm.weight"][3] = bad_value
+    bad = write_like(base, tmp_path / "bad", state)
+    with pytest.raises(MergeError, match=rf"expert 0 \(bad\): tensor 'model\.norm\.weight'.*{word}"):
+        merge_checkpoints("linear", None, [bad], {}, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_truncated_safetensors(family, tmp_path):
+    base, experts = family
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((experts[0] / "config.json").read_bytes())
+    data = (experts[0] / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"bad/model\.safetensors: truncated safetensors file"):
+        merge_checkpoints("task_arithmetic", base, [bad], {}, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+    (bad / "model.safetensors").write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="truncated"):
+        merge_checkpoints("task_arithmetic", base, [bad], {}, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize(
+    "method,params,pattern",
+    [
+        ("ties", {"density": 1.5}, r"params\.density: 1\.5 is out of range \[0, 1\]"),
+        ("ties", {"density": {"per_expert": [0.2, -0.1, 0.3]}}, r"params\.density\[1\]: -0\.1 is out of range"),
+        ("ties", {"density": [0.2, 0.3]}, r"params\.density: 2 per-expert values for 3 experts"),
+        ("ties", {"densty": 0.2}, r"params\.densty: unknown parameter"),
+        ("ties", {"scope": "layer"}, r"params\.scope: 'layer' is not one of tensor, model"),
+        ("ties", {"lambda": [0.5, 1.0]}, r"params\.lambda: expected a single value"),
+        ("dare_ties", {"seed": 1.5}, r"params\.seed: expected an integer"),
+        ("della", {"density": 0.1, "epsilon": 0.2}, r"params\.epsilon: density - epsilon must be > 0"),
+        ("breadcrumbs", {"density": 0.95, "gamma": 0.1}, r"params\.gamma: density \+ gamma must be <= 1"),
+        ("consensus", {"k": 4}, r"params\.k: 4 is more than the number of experts"),
+        ("linear", {"weight": {"per_expert": [1, -1, 0]}}, r"params\.weight: the weights sum to 0"),
+        ("ties", {"normalize": "yes"}, r"params\.normalize: expected true or false"),
+        ("nope", {}, r"method: unknown merge method 'nope'"),
+    ],
+)
+def test_invalid_parameters(family, tmp_path, method, params, pattern):
+    base, experts = family
+    with pytest.raises(ConfigError, match=pattern):
+        merge_checkpoints(method, base, experts, params, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_invalid_inputs_and_options(family, tmp_path):
+    base, experts = family
+    with pytest.raises(ConfigError, match="base: method 'ties' needs a base model"):
+        merge_checkpoints("ties", None, experts, {}, tmp_path / "out")
+    with pytest.raises(ConfigError, match="experts: slerp with a base interpolates"):
+        merge_checkpoints("slerp", base, experts[:2], {}, tmp_path / "out")
+    with pytest.raises(ConfigError, match="vocab_policy"):
+        merge_checkpoints("linear", None, experts, {}, tmp_path / "out", vocab_policy="pad")
+    with pytest.raises(ConfigError, match="dtype"):
+        merge_checkpoints("linear", None, experts, {}, tmp_path / "out", dtype="int8")
+    with pytest.raises(ConfigError, match="shard_size"):
+        merge_checkpoints("linear", None, experts, {}, tmp_path / "out", shard_size="lots")
+    with pytest.raises(CheckpointError, match="expert 1 .*not found"):
+        merge_checkpoints("linear", None, [experts[0], tmp_path / "nowhere"], {}, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_failure_keeps_an_existing_output_untouched(family, tmp_path):
+    base, experts = family
+    merge_checkpoints("linear", None, experts, {}, tmp_path / "out")
+    before = _digest(tmp_path / "out")
+    state = read_state(base)
+    state["model.norm.weight"][0] = float("nan")
+    bad = write_like(base, tmp_path / "bad", state)
+    with pytest.raises(MergeError):
+        merge_checkpoints("linear", None, [experts[0], bad], {}, tmp_path / "out")
+    assert _digest(tmp_path / "out") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# alignment hook (the align module is another stage's; its functions are replaced here)
+# ---------------------------------------------------------------------------------------------
+def test_alignment_hook_is_applied_to_the_named_expert(family, tmp_path, monkeypatch):
+    import mergesweep.align.apply as apply
+
+    base, experts = family
+    perm_file = tmp_path / "perm.safetensors"
+    perm_file.write_bytes(b"fake map")
+    calls = []
+
+    def fake_load(path):
+        calls.append(Path(path))
+        return {"flip": True}
+
+    def fake_permute(name, tensor, perm_map, config):
+        assert perm_map == {"flip": True} and config["hidden_size"] == 32
+        return torch.flip(tensor, dims=[-1])
+
+    monkeypatch.setattr(apply, "load_perm_map", fake_load)
+    monkeypatch.setattr(apply, "permute_tensor", fake_permute)
+    meta = merge_checkpoints("linear", None, experts[:2], {"weight": {"per_expert": [0.0, 1.0]}},
+                             tmp_path / "out", align={"expert1": str(perm_file)})
+    assert calls == [perm_file]
+    got, e1 = read_state(tmp_path / "out"), read_state(experts[1])
+    for k in e1:
+        torch.testing.assert_close(got[k], torch.flip(e1[k], dims=[-1]))
+    assert meta["align"]["1"]["path"] == str(perm_file)
+    plain = merge_checkpoints("linear", None, experts[:2], {"weight": {"per_expert": [0.0, 1.0]}}, tmp_path / "p")
+    assert plain["model_id"] != meta["model_id"]
