@@ -255,3 +255,30 @@ def test_pareto_table_counts(tables):
 )
 def test_pareto_front_function(x, y, expected):
     assert A.pareto_front(x, y).tolist() == expected
+
+
+def test_sweeps_are_separated_by_expert_set_and_alignment():
+    # two extra merges of only arithmetic+reverse (one aligned): their own sweeps, ranked apart,
+    # their mean over their own two domains. ties d=.2 l=1 values: test norm arithmetic .8, reverse .7
+    docs = [json.loads(p.read_text()) for p in sorted(EVALS.rglob("*.json"))]
+    src = [d for d in docs if d["model_id"] == "ties-0800f6357a"]
+    extra = []
+    for mid, align in (("ties-pair", None), ("ties-pair-aligned", {"method": "weight_matching"})):
+        for d in src:
+            e = json.loads(json.dumps(d))
+            e["model_id"] = e["model"]["model_id"] = mid
+            e["model"]["experts"] = ["expert-arithmetic", "expert-reverse"]
+            e["model"]["align"] = align
+            extra.append(e)
+    t = compute_tables(build_scores(docs + extra))
+    lb = t.leaderboard.set_index("model_id")
+    # (.8 + .7) / 2 = .75 over the pair's own domains; dateformat is still scored (.32/.4 = .8) but not averaged
+    assert lb.at["ties-pair", "norm_test_mean"] == pytest.approx(0.75)
+    assert lb.at["ties-pair", "norm_test_dateformat"] == pytest.approx(0.8)
+    assert json.loads(lb.at["ties-pair", "domains"]) == ["arithmetic", "reverse"]
+    assert lb.at["ties-pair-aligned", "method_label"] == "ties+weight_matching"
+    assert lb.at["ties-pair", "sweep_label"] == "ties [arithmetic+reverse]"
+    # six sweeps, each selects its single/best point; the pair sweeps tie for rank 1 of their task
+    assert len(t.selection) == 6
+    assert lb.at["ties-pair", "rank"] == 1 and lb.at["ties-pair-aligned", "rank"] == 1
+    assert lb.at["task-arithmetic-72b23e1903", "rank"] == 1 and lb.at["ties-0800f6357a", "rank"] == 2

@@ -8,6 +8,7 @@ says so), so a workflow can declare the PNGs as outputs unconditionally.
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Callable
 
@@ -62,10 +63,16 @@ def _empty(fig: Figure | None, message: str) -> Figure:
     return fig
 
 
+def _domains(r) -> set[str]:
+    """The domains a row covers: its experts' (every skill for the base)."""
+    d = r.get("domains")
+    return set(json.loads(d)) if isinstance(d, str) else set()
+
+
 def _selected(tables: Tables) -> pd.DataFrame:
     lb = tables.leaderboard
     sel = lb[lb["selected"]].copy()
-    return sel.sort_values(["rank", "method_label"], na_position="last", kind="stable")
+    return sel.sort_values(["rank", "sweep_label"], na_position="last", kind="stable")
 
 
 def _base_row(tables: Tables) -> pd.Series | None:
@@ -92,7 +99,10 @@ def bars_figure(tables: Tables) -> Figure:
     with_heldout = bool(tables.heldout)
     n = len(sel)
     width_main = max(3.6, 0.75 * n * (len(doms) + 1) / 3 + 1.6)
-    fig = Figure(figsize=(width_main + (2.4 if with_heldout else 0), 3.1), dpi=DPI, layout="constrained")
+    labels = [_tick(r) for _, r in sel.iterrows()]
+    rotate = max((len(lab) for lab in labels), default=0) > 16
+    height = 3.1 + (0.6 if rotate else 0.0)
+    fig = Figure(figsize=(width_main + (2.4 if with_heldout else 0), height), dpi=DPI, layout="constrained")
     if sel.empty or not doms:
         return _empty(fig, "no merged model has a selected point")
     if with_heldout:
@@ -104,32 +114,40 @@ def bars_figure(tables: Tables) -> Figure:
     k = len(series)
     bw = 0.8 / k
     x = np.arange(n)
+    own = [set(json.loads(d)) for d in sel["domains"]]
     for j, (name, c) in enumerate(series):
-        vals = sel[c].astype(float).to_numpy()
+        # a merge's bars are its own domains (those its experts cover) and their mean
+        mine = np.array([name == "mean" or name in o for o in own])
+        vals = np.where(mine, sel[c].astype(float).to_numpy(), np.nan)
         errs = sel[c + "_stderr"].astype(float).to_numpy()
         color = "#333333" if name == "mean" else DOMAIN_PALETTE[j % len(DOMAIN_PALETTE)]
         pos = x - 0.4 + bw * (j + 0.5)
-        ax.bar(pos, np.nan_to_num(vals), bw * 0.92, yerr=np.where(np.isfinite(errs), errs, 0),
+        ax.bar(pos[mine], np.nan_to_num(vals[mine]), bw * 0.92,
+               yerr=np.where(np.isfinite(errs[mine]), errs[mine], 0),
                color=color, label=name, error_kw={"elinewidth": 0.8, "capsize": 1.8, "ecolor": "#222222"},
                hatch="//" if name == "mean" else None, edgecolor="white" if name != "mean" else "#333333",
-               linewidth=0.0 if name != "mean" else 0.0, alpha=1.0 if name != "mean" else 0.85)
-        for p, v in zip(pos, vals):
-            if not np.isfinite(v):
-                ax.text(p, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6.5, color="#B00020")
+               linewidth=0.0, alpha=1.0 if name != "mean" else 0.85)
+        for p, v, m in zip(pos, vals, mine):
+            if m and not np.isfinite(v):
+                ax.text(p, 0.02, "error", rotation=90, ha="center", va="bottom", fontsize=6.5, color="#B00020")
     ax.axhline(1.0, color="#222222", lw=0.9, ls="--", zorder=0, label="expert (= 1)")
     base = _base_row(tables)
     if base is not None and np.isfinite(_num(base.get(col("norm", "test", "mean")))):
         ax.axhline(_num(base[col("norm", "test", "mean")]), color="#777777", lw=0.9, ls=":", zorder=0,
                    label="base (mean)")
-    ax.set_xticks(x, [_tick(r) for _, r in sel.iterrows()])
+    if rotate:
+        ax.set_xticks(x, labels, rotation=25, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(x, labels)
     ax.set_xlim(-0.6, n - 0.4)
     top = np.nanmax([sel[c].astype(float).max() + sel[c + "_stderr"].astype(float).fillna(0).max()
                      for _, c in series] + [1.0])
     ax.set_ylim(0, max(1.12, top * 1.08))
-    ax.set_ylabel("normalised score (merged / expert)")
-    ax.set_title("Selected point of each method, test split", loc="left")
-    ax.legend(ncols=k + 2, loc="upper left", bbox_to_anchor=(0, -0.14), frameon=False, handlelength=1.6,
-              columnspacing=1.0)
+    ax.set_ylabel("normalised score")
+    ax.set_title("Selected point of each method: merged ÷ expert, test split", loc="left")
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, ncols=k + 2, loc="outside lower left", frameon=False, handlelength=1.6,
+               columnspacing=1.0)
     ax.grid(axis="x", visible=False)
 
     if axh is not None:
@@ -147,7 +165,7 @@ def bars_figure(tables: Tables) -> Figure:
             if base is not None and np.isfinite(_num(base.get(c))):
                 axh.axhline(_num(base[c]), color="#777777", lw=0.9, ls=":", zorder=0,
                             label="base" if j == 0 else None)
-        axh.set_xticks(x, [str(m) for m in sel["method_label"]], rotation=35, ha="right")
+        axh.set_xticks(x, labels, rotation=35, ha="right", rotation_mode="anchor")
         axh.set_xlim(-0.6, n - 0.4)
         axh.set_ylim(0, 1.0)
         axh.set_ylabel(f"{', '.join(hs)} ({', '.join(tables.metrics.get(h, '?') for h in hs)})")
@@ -159,7 +177,7 @@ def bars_figure(tables: Tables) -> Figure:
 
 
 def _tick(r: pd.Series) -> str:
-    return f"{r['method_label']}"
+    return str(r["sweep_label"])
 
 
 def heatmap_figure(tables: Tables) -> Figure:
@@ -168,26 +186,33 @@ def heatmap_figure(tables: Tables) -> Figure:
     sel = _selected(tables)
     doms = tables.skills
     cols = [col("norm", "test", d) for d in doms] + [col("norm", "test", "mean")]
-    rows = [(str(r["method_label"]), r) for _, r in sel.iterrows()]
+    rows = [(str(r["sweep_label"]), r) for _, r in sel.iterrows()]
     base = _base_row(tables)
     if base is not None:
         rows.append(("base", base))
-    fig = Figure(figsize=(1.2 + 0.95 * len(cols), 0.9 + 0.36 * max(len(rows), 1)), dpi=DPI,
+    label_in = 0.075 * max((len(name) for name, _ in rows), default=4)
+    fig = Figure(figsize=(0.5 + label_in + 0.95 * len(cols) + 0.9, 0.9 + 0.36 * max(len(rows), 1)), dpi=DPI,
                  layout="constrained")
     if sel.empty or not doms:
         return _empty(fig, "no merged model has a selected point")
     data = np.array([[_num(r.get(c)) for c in cols] for _, r in rows], dtype=float)
+    # cells outside a merge's own domains (its experts') are shown greyed, in parentheses
+    own = np.array([[c == cols[-1] or d in _domains(r) for d, c in zip(doms + ["mean"], cols)]
+                    for _, r in rows])
     ax = fig.add_subplot(1, 1, 1)
-    vmax = max(1.0, float(np.nanmax(data)) if np.isfinite(data).any() else 1.0)
+    shown = np.where(own, data, np.nan)
+    vmax = max(1.0, float(np.nanmax(shown)) if np.isfinite(shown).any() else 1.0)
     from matplotlib import colormaps
 
-    cmap = colormaps["YlGnBu"].with_extremes(bad="#eeeeee")
-    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+    cmap = colormaps["YlGnBu"].with_extremes(bad="#f0f0f0")
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
     for i, (_, r) in enumerate(rows):
         failed = set((r.get("failed_suites") or "").split(",")) if isinstance(r.get("failed_suites"), str) else set()
         for j, c in enumerate(cols):
             v = data[i, j]
-            if np.isfinite(v):
+            if not own[i, j]:
+                txt, color = (f"({v:.2f})" if np.isfinite(v) else ""), "#999999"
+            elif np.isfinite(v):
                 txt, color = f"{v:.2f}", "white" if v > 0.62 * vmax else "#111111"
             else:
                 txt, color = ("error" if (j < len(doms) and doms[j] in failed) or failed else "n/a"), "#B00020"
@@ -219,7 +244,7 @@ def _sweeps(tables: Tables) -> list[tuple[str, pd.DataFrame, list[str]]]:
         vary = [h for h in tables.hp_columns if g[h].astype(str).nunique(dropna=False) > 1]
         if not vary:
             continue
-        out.append((str(g["method_label"].iloc[0]), g, vary))
+        out.append((str(g["sweep_label"].iloc[0]), g, vary))
     return out
 
 

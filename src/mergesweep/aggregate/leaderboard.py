@@ -147,6 +147,11 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
     merged["n_points"] = group_key.groupby(list(group_key.columns)).transform("size") if len(merged) else []
     merged["task_key"] = [f"{b or ''}|{','.join(sorted(json.loads(e or '[]')))}"
                           for b, e in zip(merged["base"], merged["experts"])]
+    multi = merged["task_key"].nunique() > 1
+    merged["sweep_label"] = [
+        f"{m} [{'+'.join(json.loads(d))}]" if multi else m
+        for m, d in zip(merged["method_label"], merged["domains"])
+    ]
     test_mean = col("norm", "test", "mean")
     merged["rank"] = pd.array([pd.NA] * len(merged), dtype="Int64")
     for _, g in merged[merged["selected"]].groupby("task_key"):
@@ -156,7 +161,7 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
         ascending=[True, False, True, False, True], na_position="last", kind="stable",
     ).reset_index(drop=True)
 
-    lead_cols = ["model_id", "rank", "selected", "method", "method_label", "params", *hp.columns,
+    lead_cols = ["model_id", "rank", "selected", "method", "method_label", "sweep_label", "params", *hp.columns,
                  "base", "experts", "align", "domains", "n_points", "status", "failed_suites"]
     score_cols = [c for c in wide.columns if c.startswith(("norm_", "abs_", "delta_"))]
     score_cols = sorted(score_cols, key=_score_col_order(skills, heldout))
@@ -197,6 +202,7 @@ def _selection_table(sel: pd.DataFrame, merged: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "method": s["method"],
             "method_label": A.method_label(s["method"], s["align"]),
+            "sweep_label": str(merged.loc[in_group, "sweep_label"].iloc[0]),
             "align": s["align"],
             "base": s["base"],
             "experts": s["experts"],
@@ -213,12 +219,12 @@ def _selection_table(sel: pd.DataFrame, merged: pd.DataFrame) -> pd.DataFrame:
         })
     out = pd.DataFrame(rows)
     if out.empty:
-        return pd.DataFrame(columns=["method", "method_label", "align", "base", "experts", "n_points",
+        return pd.DataFrame(columns=["method", "method_label", "sweep_label", "align", "base", "experts", "n_points",
                                      "n_eligible", "n_failed", "selected_model_id", "params",
                                      "val_norm_mean", "test_norm_mean", "test_norm_mean_stderr",
                                      "rank", "note"])
     out["rank"] = out["rank"].astype("Int64")
-    return out.sort_values(["rank", "method_label"], na_position="last", kind="stable").reset_index(drop=True)
+    return out.sort_values(["rank", "sweep_label"], na_position="last", kind="stable").reset_index(drop=True)
 
 
 def _pareto_table(merged: pd.DataFrame, skills: list[str]) -> pd.DataFrame:

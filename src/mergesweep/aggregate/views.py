@@ -141,23 +141,24 @@ def leaderboard_views(t: Tables) -> list[View]:
             row.append(Cell(f"{int(r['n_points'])}" + (f" ({n_failed} failed)" if n_failed else ""), error=bool(n_failed)))
             row.append(Cell(str(r["model_id"]), numeric=False))
             v.rows.append(row)
-        unselected = t.selection[t.selection["selected_model_id"].isna()]
+        unselected = t.selection[t.selection["selected_model_id"].isna()
+                                 & (t.selection["experts"].fillna("[]") == experts)]
         if len(unselected):
             v.note = "No point could be selected for: " + ", ".join(
-                f"{m} ({n})" for m, n in zip(unselected["method_label"], unselected["note"]))
+                f"{m} ({n})" for m, n in zip(unselected["sweep_label"], unselected["note"]))
         views.append(v)
     return views
 
 
 def all_models_view(t: Tables) -> View:
     """Every merged model, every domain, both splits: the full sweep."""
-    lb = t.leaderboard.sort_values(["method_label", "params", "model_id"], kind="stable")
+    lb = t.leaderboard.sort_values(["sweep_label", "params", "model_id"], kind="stable")
     headers = ["Model id", "Method", "Hyperparameters", "Selected"]
     headers += [f"{d} val / test" for d in t.skills] + ["Mean val / test"]
     headers += [f"Δ {h} test" for h in t.heldout] + ["Status"]
     v = View(f"All merged models ({len(lb)})", headers)
     for _, r in lb.iterrows():
-        row = [Cell(str(r["model_id"]), numeric=False), Cell(str(r["method_label"]), numeric=False),
+        row = [Cell(str(r["model_id"]), numeric=False), Cell(str(r["sweep_label"]), numeric=False),
                Cell(params_label(r["params"]) or "(defaults)", numeric=False),
                Cell("✓" if r["selected"] else "", numeric=False)]
         failed = _failed(r)
@@ -191,7 +192,7 @@ def selection_view(t: Tables) -> View:
     v = View("Selection per method", headers, note=SELECTION_RULE)
     for _, s in t.selection.iterrows():
         v.rows.append([
-            Cell(str(s["method_label"]), numeric=False), Cell(str(s["n_points"])), Cell(str(s["n_eligible"])),
+            Cell(str(s["sweep_label"]), numeric=False), Cell(str(s["n_points"])), Cell(str(s["n_eligible"])),
             Cell(str(s["n_failed"]), error=bool(s["n_failed"])),
             Cell(params_label(s["params"]) or ("(defaults)" if isinstance(s["params"], str) else str(s["note"])),
                  numeric=False, error=not isinstance(s["params"], str)),
