@@ -1,0 +1,153 @@
+"""Faults clusters are known for, injected into one running sweep on the real SLURM cluster.
+
+One Snakemake run of ``slurm_cluster.FAULTS`` through ``profiles/slurm``; while it runs, the
+driver (the ``fault_sweep`` fixture) injects, in order:
+
+* ``scancel`` of a running job (``victim``): Snakemake sees CANCELLED and retries it;
+* submitit's checkpoint signal (``scancel --signal=USR2``, as sent on preemption) to a running job
+  (``preempt_sig``): the job stops its command and requeues itself; same Snakemake attempt;
+* real SLURM preemption (``preempt_slurm``, holding both fake GPUs, is preempted by a job in the
+  higher-priority ``urgent`` partition): SLURM requeues it (PreemptMode=REQUEUE);
+* the node drained while that requeued job waits, then resumed;
+* meanwhile ``timeout`` needs ~62 s but asks for ``runtime=attempt`` minutes: attempt 1 hits its
+  time limit, Snakemake retries with 2 minutes.
+
+Every producer writes a partial output first; every consumer (``check``) fails if it ever reads one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import time
+
+import pytest
+
+import slurm_cluster as sc
+
+slurm = sc.make_fixture()
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(480)]
+
+
+def _running(name: str) -> str | None:
+    for row in sc.Cluster.squeue():
+        if row["name"] == f"smk-{name}" and row["state"] == "RUNNING":
+            return row["id"]
+    return None
+
+
+def _state(job_id: str) -> dict | None:
+    for row in sc.Cluster.squeue():
+        if row["id"] == job_id:
+            return row
+    return None
+
+
+@pytest.fixture(scope="module")
+def fault_sweep(slurm, tmp_path_factory):
+    workdir = sc.write_workflow(tmp_path_factory.mktemp("faults"), sc.FAULTS)
+    since = dt.datetime.now() - dt.timedelta(seconds=1)
+    events: dict = {}
+    with sc.Background(workdir) as smk:
+        def partial(name):
+            return (workdir / "out" / f"{name}.txt").exists() and _running(name)
+
+        # 1. scancel a running job that has written half of its output
+        victim = sc.wait_for(lambda: partial("victim"), 120, "victim to run")
+        sc.sh("scancel", victim)
+        events["victim"] = victim
+
+        # 2. submitit's checkpoint signal (USR2) = preemption notice; the job requeues itself
+        sig_job = sc.wait_for(lambda: partial("preempt_sig"), 120, "preempt_sig to run")
+        sc.sh("scancel", "--signal=USR2", sig_job)
+        sc.wait_for(lambda: (_state(sig_job) or {}).get("state") == "PENDING", 60,
+                    "preempt_sig to be requeued by submitit")
+        sc.Cluster.release(sig_job)
+        events["preempt_sig"] = sig_job
+
+        # 3. real preemption by the higher-priority partition; 4. node drained meanwhile
+        pre_job = sc.wait_for(lambda: partial("preempt_slurm"), 120, "preempt_slurm to run")
+        urgent = sc.sh("sbatch", "--parsable", "-p", "urgent", "--gpus=2", "-c", "1", "--mem=100M",
+                       "-J", "urgent-preemptor", "-o", "/dev/null", "--wrap", "sleep 3").strip()
+        sc.wait_for(lambda: (_state(pre_job) or {}).get("state") == "PENDING", 60,
+                    "preempt_slurm to be preempted and requeued by SLURM")
+        events["preempt_slurm"] = pre_job
+        events["urgent"] = urgent
+        slurm.drain("mergesweep fault test")
+        sc.Cluster.release(pre_job)
+        time.sleep(6)
+        events["drained_state"] = slurm.node_state()
+        events["pending_while_drained"] = _state(pre_job)
+        events["snakemake_alive_while_drained"] = smk.proc.poll() is None
+        slurm.resume()
+
+        rc = smk.wait(timeout=360)
+        log = smk.log
+    return {"workdir": workdir, "rc": rc, "log": log, "since": since, "events": events,
+            "sacct": sc.Cluster.sacct(since, duplicates=True)}
+
+
+def _output(sweep, name):
+    return (sweep["workdir"] / "out" / f"{name}.txt").read_text()
+
+
+def test_sweep_completes_and_nothing_partial_is_consumed(fault_sweep):
+    assert fault_sweep["rc"] == 0, fault_sweep["log"][-4000:]
+    summary = (fault_sweep["workdir"] / "out" / "summary.txt").read_text()
+    assert summary.count("DONE") == 7
+    runs = sc.runs(fault_sweep["workdir"])
+    assert not [r for r in runs if r[0] == "PARTIAL-CONSUMED"], runs
+    # every job went through SLURM: only the target rule `all` ran on the submit host
+    rules = [line.split()[-1].rstrip(":") for line in fault_sweep["log"].splitlines()
+             if line.startswith("localrule ")]
+    assert set(rules) <= {"all"}, rules
+    names = {r["JobName"] for r in fault_sweep["sacct"]}
+    assert {"smk-gen", "smk-victim", "smk-preempt_sig", "smk-preempt_slurm", "smk-timeout",
+            "smk-check", "smk-summary"} <= names
+
+
+def test_scancelled_job_is_retried(fault_sweep):
+    rows = sc.by_name(fault_sweep["sacct"], "smk-victim")
+    states = [(r["JobID"], r["State"].split()[0]) for r in rows]
+    assert (fault_sweep["events"]["victim"], "CANCELLED") in states, states
+    assert [s for _, s in states].count("COMPLETED") == 1, states
+    assert "attempt=2" in _output(fault_sweep, "victim")
+
+
+def test_checkpoint_signal_requeues_same_attempt(fault_sweep):
+    job = fault_sweep["events"]["preempt_sig"]
+    rows = [r for r in sc.by_name(fault_sweep["sacct"], "smk-preempt_sig") if r["JobID"] == job]
+    states = [r["State"].split()[0] for r in rows]
+    assert "REQUEUED" in states and states[-1] == "COMPLETED", states
+    out = _output(fault_sweep, "preempt_sig")
+    assert "attempt=1" in out and "restarts=1" in out, out  # requeued by submitit, not retried
+
+
+def test_preempted_job_is_requeued_by_slurm(fault_sweep):
+    job = fault_sweep["events"]["preempt_slurm"]
+    rows = [r for r in sc.by_name(fault_sweep["sacct"], "smk-preempt_slurm") if r["JobID"] == job]
+    states = [r["State"].split()[0] for r in rows]
+    assert "PREEMPTED" in states and states[-1] == "COMPLETED", states
+    out = _output(fault_sweep, "preempt_slurm")
+    assert "attempt=1" in out, out
+    # it held both fake GPUs: gres.conf makes SLURM set CUDA_VISIBLE_DEVICES
+    assert "CUDA_VISIBLE_DEVICES=0,1" in out, out
+    assert any("gres/gpu=2" in r["AllocTRES"] for r in rows), rows
+
+
+def test_drained_node_holds_jobs_until_resumed(fault_sweep):
+    ev = fault_sweep["events"]
+    assert ev["drained_state"].startswith("drain"), ev
+    assert ev["pending_while_drained"] and ev["pending_while_drained"]["state"] == "PENDING", ev
+    assert ev["snakemake_alive_while_drained"]
+    assert fault_sweep["rc"] == 0
+
+
+def test_timed_out_job_is_retried_with_more_time(fault_sweep):
+    rows = sc.by_name(fault_sweep["sacct"], "smk-timeout")
+    by_state = {r["State"].split()[0]: r for r in rows}
+    assert "TIMEOUT" in by_state and "COMPLETED" in by_state, rows
+    assert by_state["TIMEOUT"]["Timelimit"] == "00:01:00", rows
+    assert by_state["COMPLETED"]["Timelimit"] == "00:02:00", rows
+    assert "attempt=2" in _output(fault_sweep, "timeout")
