@@ -4,7 +4,7 @@ leaderboard.md, figures and the Snakemake report captions."""
 from __future__ import annotations
 
 import base64
-import json
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -127,19 +127,23 @@ def test_leaderboard_markdown(run):
     assert "**Selection rule.**" in md
 
 
-def test_tables_match_a_direct_computation(run):
+@pytest.fixture(scope="module")
+def tables():
+    return compute_tables(build_scores([EVALS]))
+
+
+def test_tables_match_a_direct_computation(run, tables):
     # what `leaderboard` wrote from the parquet alone equals the tables computed from the JSONs
-    tables = compute_tables(build_scores([EVALS]))
     for name in ("leaderboard", "selection", "pareto"):
         written = pd.read_parquet(run / "tables" / f"{name}.parquet")
         direct = getattr(tables, name).reset_index(drop=True)
         pd.testing.assert_frame_equal(written, direct, check_dtype=False)
 
 
-def test_explicit_provenance_overrides_the_embedded_one(run):
-    scores, embedded = read_scores(run / "tables" / "scores.parquet")
+def test_explicit_provenance_overrides_the_embedded_one(run, tables):
+    _, embedded = read_scores(run / "tables" / "scores.parquet")
     assert embedded["config_hash"] == "3f9c2a7b1d04e6a8"
-    html = render_report(compute_tables(scores), {}, provenance={"config_hash": "override-hash"})
+    html = render_report(tables, {}, provenance={"config_hash": "override-hash"})
     assert "override-hash" in html and "3f9c2a7b1d04e6a8" not in html
 
 
@@ -185,3 +189,10 @@ def test_snakemake_report_captions_render(name):
     body = publish_parts(text, writer="html",
                          settings_overrides={"halt_level": 2, "report_level": 5})["body"]
     assert "<p>" in body and "system-message" not in body
+
+
+def test_report_escapes_text_from_the_evaluations(tables):
+    failures = tables.failures.assign(error="ValueError: <script>alert(1)</script> & co")
+    html = render_report(dataclasses.replace(tables, failures=failures), {})
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in html

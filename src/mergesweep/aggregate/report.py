@@ -6,10 +6,8 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
-from importlib import resources
 
 import jinja2
-import pandas as pd
 
 from mergesweep.aggregate import views as V
 from mergesweep.aggregate.figures import FIGURES
@@ -21,8 +19,9 @@ FIGURE_CAPTIONS = {
             "(delta method). Dashed line: expert level; dotted: the base model's mean. Right: absolute "
             "test score on the held-out suite(s), against the base (dotted).",
     "heatmap": "Normalised test score of each method's selected point (rows, ranked) on each domain "
-               "(columns) and their mean; the base model as a reference row. Grey cells: missing "
-               "(failed evaluation).",
+               "(columns) and the mean over the merge's own domains; the base model as a reference "
+               "row. Grey cells are outside a merge's domains (value in parentheses, not averaged) or "
+               "missing (a failed evaluation, marked error).",
     "sensitivity": "Mean normalised score against each swept hyperparameter, one line per value of the "
                    "other hyperparameters. Solid: validation (the selection criterion); dashed: test "
                    "(reported only). Star: the selected point; red cross: a point with a failed "
@@ -123,8 +122,3 @@ def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None 
         "failed_models": sorted(set(t.failures["model_id"])),
     }
     return _env().get_template("report.html.j2").render(**ctx)
-
-
-def models_in(tables: Tables) -> list[str]:
-    """Every model id of the run (what the report must mention)."""
-    return sorted(pd.unique(tables.scores["model_id"]))
