@@ -1,0 +1,103 @@
+"""The submitit executor on the real single-node SLURM cluster (.ci/slurm/up.sh).
+
+Throwaway workflows from ``slurm_cluster`` run through ``profiles/slurm``; assertions on outputs,
+on ``sacct`` (every job went through SLURM, arrays, GPUs, memory/time per attempt) and ``squeue``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+
+import pytest
+
+import slurm_cluster as sc
+
+slurm = sc.make_fixture()
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+
+
+def test_jobs_go_to_slurm_as_arrays_with_gpus_and_scaled_retries(slurm, tmp_path):
+    since = dt.datetime.now() - dt.timedelta(seconds=1)
+    workdir = sc.write_workflow(tmp_path, sc.BASIC)
+    proc = sc.run_snakemake(workdir, "--submitit-account", "ci")
+    assert proc.returncode == 0, proc.log[-4000:]
+    assert (workdir / "out" / "sum.txt").read_text().strip() == str(sum(range(12)))
+
+    rows = sc.Cluster.sacct(since, duplicates=True)
+    # the twelve `a` jobs were ready together: one array of twelve tasks, one sbatch
+    a_rows = sc.by_name(rows, "smk-a")
+    assert len(a_rows) == 12, a_rows
+    assert len({r["JobID"].split("_")[0] for r in a_rows}) == 1, a_rows
+    assert all("_" in r["JobID"] and r["State"] == "COMPLETED" for r in a_rows)
+    # every job ran through SLURM, under the account given on the command line
+    names = {r["JobName"] for r in rows}
+    assert names == {"smk-a", "smk-sum", "smk-flaky", "smk-gpu"}, names
+    assert {r["Account"] for r in rows} == {"ci"}
+    assert sum(1 for r in proc.log.splitlines() if r.startswith("localrule ")) == 1  # only `all`
+    # the GPU job got a (fake) GPU from SLURM, and CUDA_VISIBLE_DEVICES
+    gpu = sc.by_name(rows, "smk-gpu")
+    assert "gres/gpu=1" in gpu[0]["AllocTRES"], gpu
+    assert (workdir / "out" / "gpu.txt").read_text().strip() == "CUDA_VISIBLE_DEVICES=0"
+    # flaky failed once, then got twice the memory and time (attempt-dependent resources)
+    flaky = sorted(sc.by_name(rows, "smk-flaky"), key=lambda r: int(r["JobIDRaw"]))
+    assert [r["State"] for r in flaky] == ["FAILED", "COMPLETED"], flaky
+    assert [r["ReqMem"] for r in flaky] == ["300M", "600M"], flaky
+    assert [r["Timelimit"] for r in flaky] == ["00:02:00", "00:04:00"], flaky
+    # the profile's defaults: 30 min x attempt, 4000 MB x attempt
+    assert sc.by_name(rows, "smk-sum")[0]["Timelimit"] == "00:30:00"
+    assert sc.by_name(rows, "smk-sum")[0]["ReqMem"] == "4000M"
+    # logs under the profile's folder (results/logs/slurm/<rule>/<jobid>/)
+    assert list((workdir / "results" / "logs" / "slurm" / "smk-a").glob("*_*/*_log.out"))
+    # nothing left registered as active
+    registry = workdir / ".snakemake" / "submitit" / "active_jobs.json"
+    assert not registry.exists() or json.loads(registry.read_text()) == {}
+
+
+def test_interrupting_snakemake_cancels_its_jobs(slurm, tmp_path):
+    since = dt.datetime.now() - dt.timedelta(seconds=1)
+    workdir = sc.write_workflow(tmp_path, sc.SLEEPERS)
+    with sc.Background(workdir) as smk:
+        sc.wait_for(lambda: len([r for r in sc.Cluster.squeue("smk-sleeper") if r["state"] == "RUNNING"]) == 3
+                    and len(sc.runs(workdir)) == 3, 120, "three sleepers to run")
+        smk.signal(signal.SIGINT)  # Ctrl-C
+        rc = smk.wait(timeout=60)
+    assert rc != 0
+    assert "cancelling 3 job(s)" in smk.log, smk.log[-3000:]
+    sc.wait_for(lambda: not sc.Cluster.squeue("smk-sleeper"), 30, "the sleepers to leave the queue")
+    rows = sc.Cluster.sacct(since)
+    sc.wait_for(lambda: [r["State"].split()[0] for r in sc.Cluster.sacct(since)] == ["CANCELLED"] * 3,
+                30, f"three CANCELLED sleepers in sacct ({rows})")
+    assert not list((workdir / "out").glob("z*.txt"))
+
+
+def test_killed_snakemake_restarts_without_redoing_finished_jobs(slurm, tmp_path):
+    since = dt.datetime.now() - dt.timedelta(seconds=1)
+    workdir = sc.write_workflow(tmp_path, sc.CHAIN)
+    smk = sc.Background(workdir)
+    # kill -9 Snakemake once the three quick steps are done and the three slow ones run
+    sc.wait_for(lambda: smk.log.count("Finished jobid") >= 3, 150, "three quick steps")
+    smk.kill_hard()
+    running = [r for r in sc.Cluster.squeue("smk-step")]
+    assert running, "the slow steps should still be in SLURM after Snakemake died"
+    partial = [p for p in (workdir / "out").glob("s*.txt") if "DONE" not in p.read_text()]
+    assert partial, "slow steps should have written partial outputs"
+
+    # started again: --unlock (Snakemake's lock survives kill -9), then the same command
+    assert sc.run_snakemake(workdir, "--unlock").returncode == 0
+    proc = sc.run_snakemake(workdir)
+    assert proc.returncode == 0, proc.log[-4000:]
+    # jobs of the dead run still in SLURM were cancelled (their outputs were incomplete) ...
+    assert "left queued/running by a previous Snakemake run" in proc.log, proc.log[-3000:]
+    states = {r["JobID"]: r["State"].split()[0] for r in sc.Cluster.sacct(since)}
+    assert {running_job["id"] for running_job in running} <= {j for j, s in states.items() if s == "CANCELLED"}
+    # ... and recomputed; finished ones were not redone
+    counts: dict[str, int] = {}
+    for name, *_ in sc.runs(workdir):
+        counts[name] = counts.get(name, 0) + 1
+    finished_before = {f"s{i}" for i in range(6)} - {p.stem for p in partial}
+    assert all(counts[s] == 1 for s in finished_before), counts
+    assert all(counts[p.stem] == 2 for p in partial), counts
+    assert all((workdir / "out" / f"s{i}.txt").read_text().endswith("DONE\n") for i in range(6))
