@@ -2,7 +2,8 @@
 
 Each suite gets one task per evaluation split, named ``ms_<suite>_<split>``, reading local jsonl
 (no hub). Skill suites are scored with ``output_type: loglikelihood`` (``acc`` = the target is
-the greedy continuation, i.e. exact match under greedy decoding, computed in one forward pass);
+the greedy continuation, i.e. exact match under greedy decoding, computed in one forward pass;
+``perplexity`` = exp(−mean log p(target | prompt)), a smooth score of the same skill);
 the held-out ``capitals`` suite is four-way ``multiple_choice`` (``acc``, ``acc_norm``).
 """
 
@@ -33,7 +34,12 @@ def _skill_task(suite: str, split: str, data_file: Path) -> dict:
         "doc_to_text": "{{prompt}}",
         "doc_to_target": "{{target}}",
         "target_delimiter": "",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        # acc: the target is the greedy continuation (exact match); perplexity: exp of the mean
+        # negative target log-likelihood over examples, a smooth measure of the same skill
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+        ],
         "metadata": {"version": TASK_VERSION, "suite": suite, "split": split},
     }
 

@@ -1,0 +1,5 @@
+import sys
+
+from mergesweep.cli import main
+
+sys.exit(main())

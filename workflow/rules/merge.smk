@@ -1,0 +1,38 @@
+# Merges: one job per grid point -> results/models/<model_id>/ (HF layout + model card).
+# The merge YAML is exactly what `mergesweep merge --config` takes, so any merge can be re-run by hand.
+import yaml
+
+
+def merge_inputs(w):
+    m = PLAN.merges[w.merge_id]
+    return {"base": model_dir(PLAN.base), "experts": [model_dir(e) for e in m.experts]}
+
+
+rule merge_spec:
+    output:
+        "results/merges/{merge_id}.yaml",
+    params:
+        doc=lambda w: PLAN.merges[w.merge_id].yaml_doc(
+            model_dir(PLAN.base), [model_dir(e) for e in PLAN.merges[w.merge_id].experts], MERGE_CFG
+        ),
+    localrule: True
+    run:
+        from mergesweep.atomic import atomic_file
+
+        with atomic_file(output[0]) as f:
+            yaml.safe_dump(params.doc, f, sort_keys=False)
+
+
+rule merge:
+    input:
+        unpack(merge_inputs),
+        spec="results/merges/{merge_id}.yaml",
+    output:
+        directory("results/models/{merge_id}"),
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+    log:
+        "results/logs/merge/{merge_id}.log",
+    shell:
+        "{MS} merge --config {input.spec} --model-id {wildcards.merge_id} --out {output} 2> {log}"
