@@ -84,24 +84,31 @@ class Cluster:
 
     # -- queries --------------------------------------------------------------------------------
     @staticmethod
-    def sacct(since: dt.datetime, *, duplicates: bool = False, name_prefix: str = "smk-") -> list[dict]:
-        """Allocations (no steps) started since ``since``: JobID, JobName, State, Timelimit,
-        ReqMem, AllocTRES, Partition, Account, Restarts... as dicts."""
+    def sacct(since: dt.datetime, *, duplicates: bool = False, name_prefix: str = "smk-",
+              workdir: Path | None = None) -> list[dict]:
+        """Allocations (no steps) since ``since`` as dicts (JobID, JobName, State, Timelimit,
+        ReqMem, AllocTRES, Partition, Account, ...), of jobs submitted from ``workdir`` if given."""
         fields = ["JobID", "JobIDRaw", "JobName", "State", "Timelimit", "ReqMem", "ReqTRES",
-                  "AllocTRES", "Partition", "Account", "ExitCode", "Start", "End"]
+                  "AllocTRES", "Partition", "Account", "ExitCode", "Start", "End", "WorkDir"]
         cmd = ["sacct", "-X", "-n", "-P", "-S", since.strftime("%Y-%m-%dT%H:%M:%S"),
                "-o", ",".join(fields)]
         if duplicates:
             cmd.append("-D")
         rows = [dict(zip(fields, line.split("|"))) for line in sh(*cmd).splitlines() if line.strip()]
-        return [r for r in rows if r["JobName"].startswith(name_prefix)]
+        rows = [r for r in rows if r["JobName"].startswith(name_prefix)]
+        if workdir is not None:
+            rows = [r for r in rows if Path(r["WorkDir"]).resolve() == Path(workdir).resolve()]
+        return rows
 
     @staticmethod
-    def squeue(name_prefix: str = "smk-") -> list[dict]:
-        fields = ["id", "name", "state", "reason", "partition"]
-        out = sh("squeue", "-h", "-r", "-o", "%i|%j|%T|%r|%P", check=False)
+    def squeue(name_prefix: str = "smk-", workdir: Path | None = None) -> list[dict]:
+        fields = ["id", "name", "state", "reason", "partition", "workdir"]
+        out = sh("squeue", "-h", "-r", "-o", "%i|%j|%T|%r|%P|%Z", check=False)
         rows = [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
-        return [r for r in rows if r["name"].startswith(name_prefix)]
+        rows = [r for r in rows if r["name"].startswith(name_prefix)]
+        if workdir is not None:
+            rows = [r for r in rows if Path(r["workdir"]).resolve() == Path(workdir).resolve()]
+        return rows
 
     def node_state(self) -> str:
         return sh("sinfo", "-h", "-n", self.node, "-o", "%T", check=False).strip().splitlines()[0]

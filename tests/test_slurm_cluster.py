@@ -26,7 +26,7 @@ def test_jobs_go_to_slurm_as_arrays_with_gpus_and_scaled_retries(slurm, tmp_path
     assert proc.returncode == 0, proc.log[-4000:]
     assert (workdir / "out" / "sum.txt").read_text().strip() == str(sum(range(12)))
 
-    rows = sc.Cluster.sacct(since, duplicates=True)
+    rows = sc.Cluster.sacct(since, duplicates=True, workdir=workdir)
     # the twelve `a` jobs were ready together: one array of twelve tasks, one sbatch
     a_rows = sc.by_name(rows, "smk-a")
     assert len(a_rows) == 12, a_rows
@@ -60,15 +60,15 @@ def test_interrupting_snakemake_cancels_its_jobs(slurm, tmp_path):
     since = dt.datetime.now() - dt.timedelta(seconds=1)
     workdir = sc.write_workflow(tmp_path, sc.SLEEPERS)
     with sc.Background(workdir) as smk:
-        sc.wait_for(lambda: len([r for r in sc.Cluster.squeue("smk-sleeper") if r["state"] == "RUNNING"]) == 3
+        sc.wait_for(lambda: len([r for r in sc.Cluster.squeue("smk-sleeper", workdir) if r["state"] == "RUNNING"]) == 3
                     and len(sc.runs(workdir)) == 3, 120, "three sleepers to run")
         smk.signal(signal.SIGINT)  # Ctrl-C
         rc = smk.wait(timeout=60)
     assert rc != 0
     assert "cancelling 3 job(s)" in smk.log, smk.log[-3000:]
-    sc.wait_for(lambda: not sc.Cluster.squeue("smk-sleeper"), 30, "the sleepers to leave the queue")
-    rows = sc.Cluster.sacct(since)
-    sc.wait_for(lambda: [r["State"].split()[0] for r in sc.Cluster.sacct(since)] == ["CANCELLED"] * 3,
+    sc.wait_for(lambda: not sc.Cluster.squeue("smk-sleeper", workdir), 30, "the sleepers to leave the queue")
+    rows = sc.Cluster.sacct(since, workdir=workdir)
+    sc.wait_for(lambda: [r["State"].split()[0] for r in sc.Cluster.sacct(since, workdir=workdir)] == ["CANCELLED"] * 3,
                 30, f"three CANCELLED sleepers in sacct ({rows})")
     assert not list((workdir / "out").glob("z*.txt"))
 
@@ -80,7 +80,7 @@ def test_killed_snakemake_restarts_without_redoing_finished_jobs(slurm, tmp_path
     # kill -9 Snakemake once the three quick steps are done and the three slow ones run
     sc.wait_for(lambda: smk.log.count("Finished jobid") >= 3, 150, "three quick steps")
     smk.kill_hard()
-    running = [r for r in sc.Cluster.squeue("smk-step")]
+    running = sc.Cluster.squeue("smk-step", workdir)
     assert running, "the slow steps should still be in SLURM after Snakemake died"
     partial = [p for p in (workdir / "out").glob("s*.txt") if "DONE" not in p.read_text()]
     assert partial, "slow steps should have written partial outputs"
@@ -91,7 +91,7 @@ def test_killed_snakemake_restarts_without_redoing_finished_jobs(slurm, tmp_path
     assert proc.returncode == 0, proc.log[-4000:]
     # jobs of the dead run still in SLURM were cancelled (their outputs were incomplete) ...
     assert "left queued/running by a previous Snakemake run" in proc.log, proc.log[-3000:]
-    states = {r["JobID"]: r["State"].split()[0] for r in sc.Cluster.sacct(since)}
+    states = {r["JobID"]: r["State"].split()[0] for r in sc.Cluster.sacct(since, workdir=workdir)}
     assert {running_job["id"] for running_job in running} <= {j for j, s in states.items() if s == "CANCELLED"}
     # ... and recomputed; finished ones were not redone
     counts: dict[str, int] = {}

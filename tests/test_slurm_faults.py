@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(480)]
 
 
 def _running(name: str) -> str | None:
-    for row in sc.Cluster.squeue():
+    for row in sc.Cluster.squeue():  # names are unique to this workflow
         if row["name"] == f"smk-{name}" and row["state"] == "RUNNING":
             return row["id"]
     return None
@@ -85,7 +85,7 @@ def fault_sweep(slurm, tmp_path_factory):
         rc = smk.wait(timeout=360)
         log = smk.log
     return {"workdir": workdir, "rc": rc, "log": log, "since": since, "events": events,
-            "sacct": sc.Cluster.sacct(since, duplicates=True)}
+            "sacct": sc.Cluster.sacct(since, duplicates=True, workdir=workdir)}
 
 
 def _output(sweep, name):
