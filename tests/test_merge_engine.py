@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers_merge import make_base, make_expert, make_family, read_state, write_like
-from mergesweep.checkpoints.layout import CheckpointError
+from mergesweep.checkpoints.layout import CheckpointError, checkpoint_fingerprint
 from mergesweep.errors import ConfigError, MergeError
 from mergesweep.merge.engine import canonical_params, merge_checkpoints
 from mergesweep.merge.methods import REGISTRY
@@ -234,6 +234,9 @@ def test_output_layout_metadata_and_model_card(family, tmp_path):
     again = merge_checkpoints("ties", base, experts, params, tmp_path / "again", expert_names=["a", "b", "c"])
     other = merge_checkpoints("ties", base, experts, {**params, "lambda": 1.0}, tmp_path / "other")
     assert again["model_id"] == meta["model_id"] != other["model_id"]
+    # the fingerprint computed while writing is the checkpoint_fingerprint of the output
+    (out / ".mergesweep-sha256").unlink()
+    assert checkpoint_fingerprint(out) == disk["fingerprint"]
     forced = merge_checkpoints("linear", None, experts[:1], {}, tmp_path / "forced", extra_meta={"model_id": "x1"})
     assert forced["model_id"] == "x1" and forced["base"] is None
 
@@ -246,6 +249,9 @@ def test_sharded_output_and_sharded_input(family, tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    meta = json.loads((tmp_path / "sharded" / "mergesweep.json").read_text())
+    (tmp_path / "sharded" / ".mergesweep-sha256").unlink()
+    assert checkpoint_fingerprint(tmp_path / "sharded") == meta["fingerprint"]
     a, b = read_state(tmp_path / "one"), read_state(tmp_path / "sharded")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in a.values())

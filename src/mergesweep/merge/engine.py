@@ -258,12 +258,22 @@ class _Loader:
                     f"{inp.label}: alignment changed the shape of '{tp.name}' to {list(t.shape)}"
                 )
         t = t.to(self.device)
-        if t.numel():
-            lo, hi = torch.aminmax(t)
-            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
-                raise MergeError(f"{inp.label}: tensor '{src.name}' in {inp.path} contains {bad} values")
+        bad = nonfinite(t)
+        if bad:
+            raise MergeError(f"{inp.label}: tensor '{src.name}' in {inp.path} contains {bad} values")
         return t
+
+
+def nonfinite(t: torch.Tensor) -> str | None:
+    """``"NaN"``/``"inf"`` if ``t`` has such values, else None. One summing pass; the exact check
+    runs only when the sum is not finite (NaN/inf present, or a float32 overflow)."""
+    if t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float32))):
+        return None
+    if bool(torch.isnan(t).any()):
+        return "NaN"
+    if bool(torch.isinf(t).any()):
+        return "inf"
+    return None
 
 
 def _statistics(spec, kparams, requests, plan, loader, uses_base, n_experts, num_layers, seed, device):
@@ -374,6 +384,18 @@ def _normalize_align(align, names: Sequence[str]) -> dict[int, Path]:
     return out
 
 
+def _write_fingerprint_cache(path: Path, digest: str) -> None:
+    """Record the fingerprint computed while writing where ``checkpoint_fingerprint`` looks for
+    it (``.mergesweep-sha256``: the weight/JSON files' names, sizes and mtimes, then the digest),
+    so later readers of this checkpoint do not hash it again."""
+    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".json"} and p.name != "mergesweep.json")
+    stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    try:
+        (path / ".mergesweep-sha256").write_text(f"{stamp}\n{digest}")
+    except OSError:
+        pass
+
+
 def _file_digest(path: Path) -> str:
     import hashlib
 
@@ -401,6 +423,7 @@ def merge_checkpoints(
     vocab_policy: str = "error",
     expert_names: Sequence[str] | None = None,
     extra_meta: Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Merge ``experts`` (and ``base``) with ``method`` into the HF checkpoint ``out_dir``.
 
@@ -411,11 +434,23 @@ def merge_checkpoints(
     expert index (or name) -> permutation map file, applied to that expert while streaming.
     ``vocab_policy``: ``error`` (default), ``base`` (keep the base's embedding rows; an expert's
     extra rows are dropped, missing ones taken from the base) or ``truncate`` (keep the rows every
-    input has). Returns the metadata written to ``out_dir/mergesweep.json``.
+    input has). ``threads`` sets torch's intra-op threads for the duration of the merge (default:
+    leave torch's setting). Returns the metadata written to ``out_dir/mergesweep.json``.
 
     Raises :class:`ConfigError` for invalid parameters/options and :class:`MergeError` /
     ``CheckpointError`` for unusable inputs; ``out_dir`` is then left untouched.
     """
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads: expected a positive integer, got {threads!r}")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return merge_checkpoints(method, base, experts, params, out_dir, dtype=dtype, device=device,
+                                     shard_size=shard_size, align=align, vocab_policy=vocab_policy,
+                                     expert_names=expert_names, extra_meta=extra_meta)
+        finally:
+            torch.set_num_threads(previous)
     t0 = time.perf_counter()
     tune_malloc()
     spec: MethodSpec = get_method(method)
@@ -474,7 +509,16 @@ def merge_checkpoints(
                 if requests else {}
             )
             with atomic_dir(out_dir) as tmp:
+                out_config = dict(config)
+                for key in ("dtype", "torch_dtype"):
+                    if key in out_config or (key == "torch_dtype" and "dtype" not in out_config):
+                        out_config[key] = dtype_name(out_dtype)
+                if new_vocab is not None:
+                    out_config["vocab_size"] = new_vocab
+                (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+                copied = copy_non_weight_files(reference.path, tmp)
                 writer = PlannedShardWriter(tmp, [(tp.name, tp.shape, tp.dtype) for tp in plan], shard_bytes)
+                writer.start(fingerprint=True)
                 try:
                     for tp in tqdm(plan, desc=f"merge {spec.name}", leave=False, disable=None):
                         if not tp.merge:
@@ -493,27 +537,19 @@ def merge_checkpoints(
                                 f"tensor '{tp.name}': method '{spec.name}' returned shape {list(out.shape)}, "
                                 f"expected {list(tp.shape)}"
                             )
-                        if out.numel():
-                            lo, hi = torch.aminmax(out)
-                            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                                raise MergeError(
-                                    f"tensor '{tp.name}': method '{spec.name}' produced NaN/inf values "
-                                    f"with params {rparams} (inputs are finite)"
-                                )
+                        if nonfinite(out):
+                            raise MergeError(
+                                f"tensor '{tp.name}': method '{spec.name}' produced NaN/inf values "
+                                f"with params {rparams} (inputs are finite)"
+                            )
                         writer.write(tp.name, out.to(tp.dtype).cpu())
                         del out
                     files = writer.close()
                 except BaseException:
                     writer.abort()
                     raise
-                out_config = dict(config)
-                for key in ("dtype", "torch_dtype"):
-                    if key in out_config or (key == "torch_dtype" and "dtype" not in out_config):
-                        out_config[key] = dtype_name(out_dtype)
-                if new_vocab is not None:
-                    out_config["vocab_size"] = new_vocab
-                (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-                copied = copy_non_weight_files(reference.path, tmp)
+                fingerprint = writer.digest or checkpoint_fingerprint(tmp)
+                _write_fingerprint_cache(tmp, fingerprint)
 
                 align_record = (
                     {str(i): {"path": str(p), "sha256": _file_digest(p)} for i, p in sorted(align_paths.items())}
@@ -547,7 +583,7 @@ def merge_checkpoints(
                     "statistics": stats or None,
                     "versions": library_versions(),
                 }
-                meta["fingerprint"] = checkpoint_fingerprint(tmp)
+                meta["fingerprint"] = fingerprint
                 meta["runtime_s"] = round(time.perf_counter() - t0, 3)
                 meta["peak_rss_mb"] = peak_rss_mb()
                 meta.update(extra)

@@ -14,12 +14,15 @@ final offset as it is produced: no shard buffer is ever held in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import queue
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,8 +194,8 @@ class SafetensorsInput:
             fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
-        buf = bytearray(e.nbytes)
-        view = memoryview(buf)
+        raw = torch.empty(e.nbytes, dtype=torch.uint8)  # uninitialised: no zero-fill pass
+        view = memoryview(raw.numpy())
         done = 0
         while done < e.nbytes:
             got = os.preadv(fd, [view[done:]], e.offset + done)
@@ -202,7 +205,7 @@ class SafetensorsInput:
                     f"({done} of {e.nbytes} bytes)"
                 )
             done += got
-        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+        return raw.view(e.dtype).reshape(e.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -260,10 +263,19 @@ class PlannedShardWriter:
     ``plan`` is the ordered list of ``(name, shape, dtype)``. Tensors are packed greedily into
     shards of at most ``shard_size`` bytes (a tensor larger than that gets a shard of its own);
     one shard is written as ``model.safetensors``, several as ``model-0000i-of-0000N.safetensors``
-    plus ``model.safetensors.index.json``.
+    plus ``model.safetensors.index.json`` (written at once: its content is known from the plan).
+
+    Tensors must be written in plan order. The bytes go out from a background thread (so disk
+    writes overlap the next tensor's computation; at most ``queue_size`` results wait), which also
+    computes the checkpoint's content fingerprint on the fly when :meth:`start` is given
+    ``fingerprint=True``: the same sha256 as
+    :func:`mergesweep.checkpoints.layout.checkpoint_fingerprint`, over every ``.json`` and
+    ``.safetensors`` file in name order - so every other ``.json`` file of the output must
+    already exist when :meth:`start` is called, and must not change afterwards.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int):
+    def __init__(self, out_dir: str | os.PathLike, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int,
+                 queue_size: int = 2):
         self.out_dir = Path(out_dir)
         groups: list[list[tuple[str, tuple, torch.dtype, int]]] = [[]]
         used = 0
@@ -279,6 +291,8 @@ class PlannedShardWriter:
             [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         self.slots: dict[str, _Slot] = {}
+        self.order: list[str] = []
+        self.headers: list[bytes] = []
         self.total_size = 0
         self._fds: list[int] = []
         for i, group in enumerate(groups):
@@ -289,59 +303,145 @@ class PlannedShardWriter:
                 pos += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
-            start = 8 + len(raw)
+            head = struct.pack("<Q", len(raw)) + raw
+            self.headers.append(head)
             path = self.out_dir / self.filenames[i]
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
-            os.ftruncate(fd, start + pos)
-            off = start
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, len(head) + pos)
+            off = len(head)
             for name, shape, dtype, nbytes in group:
                 self.slots[name] = _Slot(i, off, nbytes, dtype, shape)
+                self.order.append(name)
                 off += nbytes
             self.total_size += pos
-        self._written: set[str] = set()
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        slot = self.slots.get(name)
-        if slot is None:
-            raise MergeError(f"output tensor '{name}' was not planned (internal error)")
-        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise MergeError(
-                f"tensor '{name}': merged result has shape {list(tensor.shape)} / {tensor.dtype}, "
-                f"expected {list(slot.shape)} / {slot.dtype}"
-            )
-        if slot.nbytes:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            view = memoryview(data)
-            done = 0
-            fd = self._fds[slot.shard]
-            while done < slot.nbytes:
-                done += os.pwrite(fd, view[done:], slot.offset + done)
-        self._written.add(name)
-
-    def close(self) -> list[str]:
-        """Check completeness, close files, write the index when sharded; return file names."""
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-        missing = [n for n in self.slots if n not in self._written]
-        if missing:
-            raise MergeError(f"output tensor '{missing[0]}' was never written ({len(missing)} missing; internal error)")
-        files = list(self.filenames)
-        if len(self.filenames) > 1:
+        self.files = list(self.filenames)
+        if n > 1:
             index = {
                 "metadata": {"total_size": self.total_size},
                 "weight_map": {name: self.filenames[s.shard] for name, s in self.slots.items()},
             }
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            files.append(INDEX_FILE)
-        return files
+            self.files.append(INDEX_FILE)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._next = 0
+        self.digest: str | None = None
+
+    # -- background thread --------------------------------------------------------------------
+    def start(self, fingerprint: bool = False) -> "PlannedShardWriter":
+        self._thread = threading.Thread(target=self._run, args=(fingerprint,), name="mergesweep-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take(self):
+        item = self._queue.get()
+        if item is None:
+            raise _Stop()
+        return item
+
+    def _write_item(self, item, h) -> None:
+        name, data = item
+        slot = self.slots[name]
+        view = memoryview(data)
+        fd = self._fds[slot.shard]
+        done = 0
+        while done < slot.nbytes:
+            done += os.pwrite(fd, view[done:], slot.offset + done)
+        if h is not None:
+            h.update(view)
+
+    def _run(self, fingerprint: bool) -> None:
+        try:
+            if not fingerprint:
+                while True:
+                    self._write_item(self._take(), None)
+            h = hashlib.sha256()
+            shard_index = {f: i for i, f in enumerate(self.filenames)}
+            names = sorted(
+                {p.name for p in self.out_dir.iterdir() if p.suffix in (".json", ".safetensors")
+                 and p.name != "mergesweep.json"} | set(self.files)
+            )
+            by_shard: dict[int, list[str]] = {}
+            for name in self.order:
+                by_shard.setdefault(self.slots[name].shard, []).append(name)
+            for fname in names:
+                h.update(fname.encode())
+                if fname in shard_index:
+                    i = shard_index[fname]
+                    h.update(self.headers[i])
+                    for _ in by_shard.get(i, []):
+                        self._write_item(self._take(), h)
+                else:
+                    with open(self.out_dir / fname, "rb") as f:
+                        for block in iter(lambda: f.read(8 << 20), b""):
+                            h.update(block)
+            self.digest = h.hexdigest()[:16]
+            while self._take() is not None:  # nothing more may come; drain until the sentinel
+                pass
+        except _Stop:
+            return
+        except BaseException as e:  # surfaced in the main thread by write()/close()
+            self._error = e
+            while True:  # keep draining so the producer never blocks
+                if self._queue.get() is None:
+                    return
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise MergeError(f"writing the output failed: {self._error}") from self._error
+
+    # -- API -------------------------------------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._check()
+        slot = self.slots.get(name)
+        if slot is None:
+            raise MergeError(f"output tensor '{name}' was not planned (internal error)")
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            raise MergeError(f"output tensor '{name}' written out of order (internal error)")
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise MergeError(
+                f"tensor '{name}': merged result has shape {list(tensor.shape)} / {tensor.dtype}, "
+                f"expected {list(slot.shape)} / {slot.dtype}"
+            )
+        self._next += 1
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if self._thread is None:
+            self._write_item((name, data), None)
+        else:
+            self._queue.put((name, data))
+
+    def close(self) -> list[str]:
+        """Wait for the writes, check completeness, close files; return the file names written."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self._check()
+        if self._next != len(self.order):
+            raise MergeError(
+                f"output tensor '{self.order[self._next]}' was never written "
+                f"({len(self.order) - self._next} missing; internal error)"
+            )
+        return list(self.files)
 
     def abort(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         for fd in self._fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds = []
+
+
+class _Stop(Exception):
+    pass

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Callable
 
 import torch
 
-_SMALL = 1 << 17
-_SAMPLE = 1 << 16
+_SMALL = 1 << 16
+_SAMPLE = 1 << 14
 _CHUNK = 1 << 22
+CHUNK = 1 << 18  # elements per cache-sized block in chunked kernels (1 MiB of float32)
+
+
+def blocks(n: int, size: int = CHUNK):
+    """Slices covering ``range(n)`` in blocks of ``size`` (kernels work block by block so their
+    temporaries stay in cache)."""
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
 
 
 def count_for_fraction(fraction: float, n: int) -> int:
@@ -32,26 +41,41 @@ def count_for_fraction(fraction: float, n: int) -> int:
 
 def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     """Exact value of ascending rank ``k`` (0-based) of ``x`` (flattened), as a 0-d tensor."""
-    x = x.reshape(-1)
-    n = x.numel()
+    flat = x.reshape(-1)
+    return kth_smallest_of(lambda a, b, step: flat[a:b:step], flat.numel(), k)
+
+
+def kth_smallest_of(values: Callable[[int, int, int], torch.Tensor], n: int, k: int,
+                    chunk: int = CHUNK) -> torch.Tensor:
+    """Exact ascending-rank-``k`` value of a virtual vector of ``n`` elements.
+
+    ``values(start, stop, step)`` returns the elements at flat indices ``range(start, stop,
+    step)`` (e.g. ``|e - b|`` computed on the fly), so nothing of size ``n`` is materialised:
+    a strided sample brackets the target, then one chunked pass counts the elements below the
+    bracket and collects those inside it.
+    """
     if not 0 <= k < n:
         raise IndexError(f"rank {k} out of range for {n} elements")
     if n <= _SMALL:
-        return torch.kthvalue(x, k + 1).values
+        return torch.kthvalue(values(0, n, 1), k + 1).values
     stride = n // _SAMPLE
-    sample = torch.sort(x[::stride]).values
+    sample = torch.sort(values(0, n, stride)).values
     m = sample.numel()
     p = k / n
     pos = p * (m - 1)
-    half = 4.0 * math.sqrt(m * p * (1 - p)) + 32
+    half = 4.0 * math.sqrt(m * p * (1 - p)) + 16
     lo = sample[max(0, int(pos - half))]
     hi = sample[min(m - 1, int(math.ceil(pos + half)))]
-    below = int(torch.count_nonzero(x < lo))
-    if below <= k:
-        inside = x[(x >= lo) & (x <= hi)]
-        if below + inside.numel() > k:
-            return torch.kthvalue(inside, k - below + 1).values
-    return torch.kthvalue(x, k + 1).values
+    below = 0
+    inside = []
+    for s in range(0, n, chunk):
+        x = values(s, min(n, s + chunk), 1)
+        below += int(torch.count_nonzero(x < lo))
+        inside.append(x[(x >= lo) & (x <= hi)])
+    mid = torch.cat(inside)
+    if below <= k < below + mid.numel():
+        return torch.kthvalue(mid, k - below + 1).values
+    return torch.kthvalue(values(0, n, 1), k + 1).values  # bracket missed (adversarial data)
 
 
 def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:

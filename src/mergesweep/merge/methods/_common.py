@@ -8,7 +8,7 @@ import torch
 
 from mergesweep.errors import ConfigError
 from mergesweep.merge.spec import Param, StatRequest
-from mergesweep.merge.select import count_for_fraction, topk_mask
+from mergesweep.merge.select import blocks, count_for_fraction, kth_smallest_of
 
 # -- parameters shared by many methods, named as in mergekit ---------------------------------
 def weight_param(default: float = 1.0) -> Param:
@@ -55,15 +55,34 @@ def check_weight_sum(params: dict, n_experts: int, has_base: bool) -> None:
 
 
 def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """sum_i w_i * d_i, divided by sum_i w_i when ``normalize``."""
-    out = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights):
-        out.add_(d, alpha=float(w))
+    """sum_i w_i * d_i, divided by sum_i w_i when ``normalize`` (block by block)."""
+    scale = 1.0
     if normalize:
         total = float(sum(weights))
         if abs(total) >= 1e-12:
-            out.div_(total)
+            scale = 1.0 / total
+    out = torch.empty_like(deltas[0])
+    o = out.view(-1)
+    flats = [d.reshape(-1) for d in deltas]
+    for sl in blocks(o.numel()):
+        oc = o[sl]
+        torch.mul(flats[0][sl], float(weights[0]) * scale, out=oc)
+        for d, w in zip(flats[1:], weights[1:]):
+            oc.add_(d[sl], alpha=float(w) * scale)
     return out
+
+
+def magnitude_threshold(expert: torch.Tensor, base: torch.Tensor, density: float) -> float | None:
+    """The k-th largest ``|expert - base|``, k = floor(density * n), computed block by block
+    without materialising the task vector. ``None``: keep everything; ``inf``: keep nothing."""
+    e, b = expert.reshape(-1), base.reshape(-1)
+    n = e.numel()
+    k = count_for_fraction(density, n)
+    if k >= n:
+        return None
+    if k <= 0:
+        return float("inf")
+    return float(kth_smallest_of(lambda s, t, step: (e[s:t:step] - b[s:t:step]).abs_(), n, n - k))
 
 
 def elect_and_merge(
@@ -98,24 +117,6 @@ def elect_and_merge(
         den.masked_fill_(den == 0, 1.0)
         out.div_(den)
     return out
-
-
-def magnitude_trim(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
-    """Keep the ``density`` fraction of largest-magnitude entries of ``delta`` (in place).
-
-    With ``threshold`` (a whole-model k-th largest magnitude) keep ``|d| >= threshold`` instead.
-    """
-    mag = delta.abs()
-    if threshold is not None:
-        if threshold == float("inf"):
-            return delta.zero_()
-        keep = mag >= threshold
-    else:
-        keep = topk_mask(mag, count_for_fraction(density, delta.numel()))
-        if keep is None:
-            return delta
-    del mag
-    return delta.mul_(keep)
 
 
 def global_topk_requests(key: str, densities: Sequence[float]) -> list[StatRequest]:

@@ -20,6 +20,7 @@ from mergesweep.merge.methods._common import (
     weight_param,
     weighted_sum,
 )
+from mergesweep.merge.select import blocks
 from mergesweep.merge.spec import MethodSpec
 
 
@@ -30,15 +31,18 @@ def task_arithmetic(
     lam: float = 1.0,
     normalize: bool = False,
 ) -> torch.Tensor:
-    out = torch.zeros_like(base)
-    for e, w in zip(experts, weights):
-        out.add_(e, alpha=float(w))
     wsum = float(sum(weights))
-    # sum_i w_i (e_i - b) = sum_i w_i e_i - (sum_i w_i) b, computed without per-expert copies
-    out.sub_(base, alpha=wsum)
-    if normalize and abs(wsum) >= 1e-12:
-        out.div_(wsum)
-    return out.mul_(lam).add_(base)
+    scale = lam / wsum if normalize and abs(wsum) >= 1e-12 else lam
+    out = torch.empty_like(base)
+    o, b = out.view(-1), base.reshape(-1)
+    flats = [e.reshape(-1) for e in experts]
+    for sl in blocks(o.numel()):  # block by block: temporaries stay in cache
+        bc = b[sl]
+        acc = torch.sub(flats[0][sl], bc).mul_(float(weights[0]))
+        for e, w in zip(flats[1:], weights[1:]):
+            acc.add_(e[sl].sub(bc), alpha=float(w))
+        torch.add(bc, acc, alpha=scale, out=o[sl])
+    return out
 
 
 def _merge(base, experts, p, ctx):

@@ -30,11 +30,12 @@ from mergesweep.merge.methods._common import (
     elect_and_merge,
     global_topk_requests,
     lambda_param,
-    magnitude_trim,
+    magnitude_threshold,
     normalize_param,
     scope_param,
     weight_param,
 )
+from mergesweep.merge.select import blocks
 from mergesweep.merge.spec import MethodSpec
 
 
@@ -49,13 +50,22 @@ def ties(
 ) -> torch.Tensor:
     """TIES on one tensor. ``thresholds`` (whole-model magnitude thresholds) replace per-tensor
     top-k when given."""
-    deltas = []
-    for i, e in enumerate(experts):
-        d = e - base
-        deltas.append(magnitude_trim(d, densities[i], None if thresholds is None else thresholds[i]))
-    merged = elect_and_merge(deltas, weights, normalize)
-    del deltas
-    return merged.mul_(lam).add_(base)
+    if thresholds is None:
+        thresholds = [magnitude_threshold(e, base, d) for e, d in zip(experts, densities)]
+    out = torch.empty_like(base)
+    o, b = out.view(-1), base.reshape(-1)
+    flats = [e.reshape(-1) for e in experts]
+    for sl in blocks(o.numel()):  # elementwise from here on: block by block, in cache
+        bc = b[sl]
+        deltas = []
+        for e, thr in zip(flats, thresholds):
+            d = e[sl] - bc
+            if thr is not None:
+                d = d.zero_() if thr == float("inf") else d.mul_(d.abs() >= thr)
+            deltas.append(d)
+        merged = elect_and_merge(deltas, weights, normalize)
+        torch.add(bc, merged, alpha=lam, out=o[sl])
+    return out
 
 
 def _merge(base, experts, p, ctx):
