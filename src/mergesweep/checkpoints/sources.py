@@ -20,6 +20,7 @@ Every fetched checkpoint gets ``mergesweep.json`` (role, source, revision, sha25
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -176,8 +177,9 @@ def fetch_hub(src: Mapping[str, Any], out_dir: Path, where: str) -> dict:
     except HfHubHTTPError as e:
         raise CheckpointError(f"{where}: cannot download {repo_id}@{revision}: {e}") from e
     snap = Path(snap)
+    # a cached snapshot may hold more than was asked for (another download's files): filter again
     for p in snap.iterdir():
-        if p.is_file():
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns):
             shutil.copy2(p.resolve(), out_dir / p.name)  # cache entries are symlinks to blobs
     return {"type": "hub", "repo_id": repo_id, "revision": snap.name, "requested_revision": revision,
             "allow_patterns": patterns}
