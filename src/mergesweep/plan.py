@@ -63,7 +63,7 @@ class Plan:
     experts: dict[str, dict]  # name -> {"skill", "source"|None, "finetune", "uid"}
     skills: list[str]
     heldout: list[str]
-    lm_eval_suites: dict[str, list[str]]
+    lm_eval_suites: dict[str, Any]  # name -> mergesweep.evaluate.suites.Suite
     merges: dict[str, Merge] = field(default_factory=dict)
 
     @property
@@ -105,7 +105,9 @@ def build_plan(config: dict) -> Plan:
     suites = config["suites"]
     skills = list(suites["skills"])
     heldout = list(suites.get("heldout") or [])
-    lm_eval_suites = dict(suites.get("lm_eval") or {})
+    from mergesweep.evaluate.suites import resolve
+
+    lm_eval_suites = {name: resolve(name, v) for name, v in (suites.get("lm_eval") or {}).items()}
     ft_defaults = {**FINETUNE_DEFAULTS, **(config.get("finetune") or {})}
 
     experts: dict[str, dict] = {}

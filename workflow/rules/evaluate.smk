@@ -10,16 +10,23 @@ def eval_inputs(w):
     return inputs
 
 
+def lm_eval_args(suite):
+    s = PLAN.lm_eval_suites[suite]
+    args = f"--lm-eval-tasks {' '.join(s.tasks)}"
+    if s.num_fewshot is not None:
+        args += f" --num-fewshot {s.num_fewshot}"
+    if s.unsafe_code:
+        args += " --confirm-run-unsafe-code"
+    return args
+
+
 rule evaluate:
     input:
         unpack(eval_inputs),
     output:
         "results/evals/{model_id}/{suite}.json",
     params:
-        tasks=lambda w, input: (
-            f"--lm-eval-tasks {' '.join(PLAN.lm_eval_suites[w.suite])}"
-            if w.suite in PLAN.lm_eval_suites else f"--tasks-dir {input.tasks}"
-        ),
+        tasks=lambda w, input: lm_eval_args(w.suite) if w.suite in PLAN.lm_eval_suites else f"--tasks-dir {input.tasks}",
         batch=EVAL.get("batch_size", 16),
         device=EVAL.get("device", "cpu"),
         limit=f"--limit {EVAL['limit']}" if EVAL.get("limit") else "",

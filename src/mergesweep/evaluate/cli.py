@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--log-samples", action="store_true")
     p.add_argument("--apply-chat-template", action="store_true")
+    p.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="allow tasks that execute model-written code (mbpp_plus, humaneval_plus)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores / SLURM allocation)")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when the suite fails (default: record and go on)")
 
@@ -39,5 +41,6 @@ def run(args: argparse.Namespace) -> int:
         batch_size=bs, device=args.device, dtype=args.dtype, limit=args.limit,
         log_samples=args.log_samples, num_fewshot=args.num_fewshot,
         apply_chat_template=args.apply_chat_template, extra_tasks=args.lm_eval_tasks,
+        confirm_run_unsafe_code=args.confirm_run_unsafe_code,
     )
     return 1 if (args.fail_on_error and rec["status"] != "ok") else 0

@@ -95,6 +95,7 @@ def evaluate(
     num_fewshot: int | None = None,
     apply_chat_template: bool = False,
     extra_tasks: list[str] | None = None,
+    confirm_run_unsafe_code: bool = False,
 ) -> dict:
     """Run lm-eval for (model, suite) and write the result JSON atomically. Never raises for a
     failing task: returns (and writes) a record with ``status: "error"``."""
@@ -129,6 +130,9 @@ def evaluate(
         if extra_tasks:
             task_splits = {t: "test" for t in extra_tasks}
             tm = TaskManager()
+            unknown = [t for t in extra_tasks if t not in tm.all_tasks]
+            if unknown:
+                raise KeyError(f"lm-eval has no task named {', '.join(unknown)}")
         else:
             task_splits = dict(suite_tasks(tasks_dir, suite))
             if not task_splits:
@@ -145,6 +149,7 @@ def evaluate(
             log_samples=log_samples,
             num_fewshot=num_fewshot,
             apply_chat_template=apply_chat_template,
+            confirm_run_unsafe_code=confirm_run_unsafe_code,
         )
         if raw is None:
             raise RuntimeError("lm_eval.simple_evaluate returned nothing")
