@@ -254,7 +254,33 @@ ATT = lambda wc, attempt: attempt
 NAMES = ["gen0", "gen1", "gen2", "victim", "preempt_sig", "preempt_slurm", "timeout"]
 
 rule all:
-    input: "out/summary.txt"
+    input: "out/summary.txt", "out/sum.txt", "out/flaky.txt", "out/gpu.txt"
+
+# -- plain jobs: one array, a GPU job, a job that fails once ------------------------------------
+N = 8
+rule a:
+    output: "out/a_{i}.txt"
+    resources: runtime=3, mem_mb=200
+    shell: "echo a{wildcards.i} >> runs.log; echo {wildcards.i} > {output}"
+
+rule sum:
+    input: expand("out/a_{i}.txt", i=range(N))
+    output: "out/sum.txt"
+    shell: "awk '{{s += $1}} END {{print s}}' {input} > {output}"
+
+rule flaky:
+    # fails on its first attempt; the retry gets twice the memory and time
+    output: "out/flaky.txt"
+    resources: mem_mb=lambda wc, attempt: 300 * attempt, runtime=lambda wc, attempt: 2 * attempt,
+               att=lambda wc, attempt: attempt
+    shell: "echo flaky {resources.att} >> runs.log; [ {resources.att} -ge 2 ] || exit 3; echo attempt={resources.att} > {output}"
+
+rule gpu:
+    output: "out/gpu.txt"
+    resources: gpu=1, runtime=5
+    shell: "echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} > {output}"
+
+# -- faults ----------------------------------------------------------------------------------------
 
 rule summary:
     input: expand("checked/{name}.ok", name=NAMES)
@@ -284,7 +310,7 @@ rule preempt_sig:     # gets submitit's USR2 mid-run: checkpoint + requeue, same
 
 rule preempt_slurm:   # preempted by a job in the higher-priority partition: SLURM requeues it
     output: "out/preempt_slurm.txt"
-    resources: att=ATT, gpu=2, runtime=10
+    resources: att=ATT, gpu=4, runtime=10
     shell: produce("preempt_slurm", 15)
 
 rule timeout:         # needs ~62 s: times out with runtime=1 (attempt 1), fits 2 min (attempt 2)
@@ -300,7 +326,7 @@ rule all:
     input: expand("out/s{i}.txt", i=range(6))
 rule step:
     output: "out/s{i}.txt"
-    params: seconds=lambda wc: 1 if int(wc.i) in QUICK else 20
+    params: seconds=lambda wc: 1 if int(wc.i) in QUICK else 15
     shell: "echo s{wildcards.i} ${{SLURM_JOB_ID:-local}} >> runs.log; echo start > {output}; sleep {params.seconds}; echo DONE >> {output}"
 '''
 

@@ -1,12 +1,13 @@
 """Faults clusters are known for, injected into one running sweep on the real SLURM cluster.
 
-One Snakemake run of ``slurm_cluster.FAULTS`` through ``profiles/slurm``; while it runs, the
-driver (the ``fault_sweep`` fixture) injects, in order:
+One Snakemake run of ``slurm_cluster.FAULTS`` through ``profiles/slurm`` (``--submitit-account
+ci``). Besides plain jobs (eight that become one array, a GPU job, a job failing once), the driver
+(the ``fault_sweep`` fixture) injects, in order:
 
 * ``scancel`` of a running job (``victim``): Snakemake sees CANCELLED and retries it;
 * submitit's checkpoint signal (``scancel --signal=USR2``, as sent on preemption) to a running job
   (``preempt_sig``): the job stops its command and requeues itself; same Snakemake attempt;
-* real SLURM preemption (``preempt_slurm``, holding both fake GPUs, is preempted by a job in the
+* real SLURM preemption (``preempt_slurm``, holding all four fake GPUs, is preempted by a job in the
   higher-priority ``urgent`` partition): SLURM requeues it (PreemptMode=REQUEUE);
 * the node drained while that requeued job waits, then resumed;
 * meanwhile ``timeout`` needs ~62 s but asks for ``runtime=attempt`` minutes: attempt 1 hits its
@@ -49,7 +50,7 @@ def fault_sweep(slurm, tmp_path_factory):
     workdir = sc.write_workflow(tmp_path_factory.mktemp("faults"), sc.FAULTS)
     since = dt.datetime.now() - dt.timedelta(seconds=1)
     events: dict = {}
-    with sc.Background(workdir) as smk:
+    with sc.Background(workdir, "--submitit-account", "ci") as smk:
         def partial(name):
             return (workdir / "out" / f"{name}.txt").exists() and _running(name)
 
@@ -68,7 +69,7 @@ def fault_sweep(slurm, tmp_path_factory):
 
         # 3. real preemption by the higher-priority partition; 4. node drained meanwhile
         pre_job = sc.wait_for(lambda: partial("preempt_slurm"), 120, "preempt_slurm to run")
-        urgent = sc.sh("sbatch", "--parsable", "-p", "urgent", "--gpus=2", "-c", "1", "--mem=100M",
+        urgent = sc.sh("sbatch", "--parsable", "-p", "urgent", "--gpus=4", "-c", "1", "--mem=100M",
                        "-J", "urgent-preemptor", "-o", "/dev/null", "--wrap", "sleep 3").strip()
         sc.wait_for(lambda: (_state(pre_job) or {}).get("state") == "PENDING", 60,
                     "preempt_slurm to be preempted and requeued by SLURM")
@@ -96,6 +97,7 @@ def test_sweep_completes_and_nothing_partial_is_consumed(fault_sweep):
     assert fault_sweep["rc"] == 0, fault_sweep["log"][-4000:]
     summary = (fault_sweep["workdir"] / "out" / "summary.txt").read_text()
     assert summary.count("DONE") == 7
+    assert (fault_sweep["workdir"] / "out" / "sum.txt").read_text().strip() == str(sum(range(8)))
     runs = sc.runs(fault_sweep["workdir"])
     assert not [r for r in runs if r[0] == "PARTIAL-CONSUMED"], runs
     # every job went through SLURM: only the target rule `all` ran on the submit host
@@ -103,7 +105,7 @@ def test_sweep_completes_and_nothing_partial_is_consumed(fault_sweep):
              if line.startswith("localrule ")]
     assert set(rules) <= {"all"}, rules
     names = {r["JobName"] for r in fault_sweep["sacct"]}
-    assert {"smk-gen", "smk-victim", "smk-preempt_sig", "smk-preempt_slurm", "smk-timeout",
+    assert {"smk-a", "smk-sum", "smk-flaky", "smk-gpu", "smk-gen", "smk-victim", "smk-preempt_sig", "smk-preempt_slurm", "smk-timeout",
             "smk-check", "smk-summary"} <= names
 
 
@@ -132,8 +134,8 @@ def test_preempted_job_is_requeued_by_slurm(fault_sweep):
     out = _output(fault_sweep, "preempt_slurm")
     assert "attempt=1" in out, out
     # it held both fake GPUs: gres.conf makes SLURM set CUDA_VISIBLE_DEVICES
-    assert "CUDA_VISIBLE_DEVICES=0,1" in out, out
-    assert any("gres/gpu=2" in r["AllocTRES"] for r in rows), rows
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in out, out
+    assert any("gres/gpu=4" in r["AllocTRES"] for r in rows), rows
 
 
 def test_drained_node_holds_jobs_until_resumed(fault_sweep):
@@ -151,3 +153,28 @@ def test_timed_out_job_is_retried_with_more_time(fault_sweep):
     assert by_state["TIMEOUT"]["Timelimit"] == "00:01:00", rows
     assert by_state["COMPLETED"]["Timelimit"] == "00:02:00", rows
     assert "attempt=2" in _output(fault_sweep, "timeout")
+
+
+def test_ready_jobs_become_one_array_with_account_gpus_and_scaled_retries(fault_sweep):
+    rows = fault_sweep["sacct"]
+    # the eight `a` jobs were ready together: one array of eight tasks, one sbatch
+    a_rows = sc.by_name(rows, "smk-a")
+    assert len(a_rows) == 8 and len({r["JobID"].split("_")[0] for r in a_rows}) == 1, a_rows
+    assert all("_" in r["JobID"] and r["State"] == "COMPLETED" for r in a_rows), a_rows
+    assert {r["Account"] for r in rows} == {"ci"}  # --submitit-account
+    # a GPU request is scheduled on a (fake) GPU and CUDA_VISIBLE_DEVICES is set
+    gpu = sc.by_name(rows, "smk-gpu")
+    assert "gres/gpu=1" in gpu[0]["AllocTRES"], gpu
+    assert _output(fault_sweep, "gpu").strip() in {f"CUDA_VISIBLE_DEVICES={i}" for i in range(4)}
+    # flaky failed once, then got twice the memory and time (attempt-dependent resources)
+    flaky = sorted(sc.by_name(rows, "smk-flaky"), key=lambda r: int(r["JobIDRaw"]))
+    assert [r["State"] for r in flaky] == ["FAILED", "COMPLETED"], flaky
+    assert [r["ReqMem"] for r in flaky] == ["300M", "600M"], flaky
+    assert [r["Timelimit"] for r in flaky] == ["00:02:00", "00:04:00"], flaky
+    # the profile's defaults where a rule sets nothing: 30 min x attempt, 4000 MB x attempt
+    summary = sc.by_name(rows, "smk-summary")[0]
+    assert (summary["Timelimit"], summary["ReqMem"]) == ("00:30:00", "4000M"), summary
+    # submitit's files under the profile's folder: results/logs/slurm/<rule>/<jobid>/
+    assert list((fault_sweep["workdir"] / "results" / "logs" / "slurm" / "smk-a").glob("*_*/*_log.out"))
+    registry = fault_sweep["workdir"] / ".snakemake" / "submitit" / "active_jobs.json"
+    assert not registry.exists()  # removed at a clean shutdown

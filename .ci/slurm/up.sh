@@ -18,8 +18,8 @@
 set -euo pipefail
 
 STATE=${MS_SLURM_STATE:-/var/lib/mergesweep-slurm}
-CPUS=${MS_SLURM_CPUS:-8}
-GPUS=${MS_SLURM_GPUS:-2}
+CPUS=${MS_SLURM_CPUS:-16}
+GPUS=${MS_SLURM_GPUS:-4}
 MEM_MB=${MS_SLURM_MEM_MB:-64000}
 CLUSTER=${MS_SLURM_CLUSTER:-mergesweep}
 LOG=$STATE/log
