@@ -24,6 +24,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/align.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
@@ -34,4 +35,5 @@ rule all:
         "results/tables/scores.parquet",
         "results/leaderboard.md",
         "results/report/report.html",
+        ALIGN_TARGETS,
     default_target: True

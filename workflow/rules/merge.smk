@@ -5,7 +5,8 @@ import yaml
 
 def merge_inputs(w):
     m = PLAN.merges[w.merge_id]
-    return {"base": model_dir(PLAN.base), "experts": [model_dir(e) for e in m.experts]}
+    return {"base": model_dir(PLAN.base), "experts": [model_dir(e) for e in m.experts],
+            "align_maps": list(align_maps(m).values())}
 
 
 rule merge_spec:
@@ -13,7 +14,8 @@ rule merge_spec:
         "results/merges/{merge_id}.yaml",
     params:
         doc=lambda w: PLAN.merges[w.merge_id].yaml_doc(
-            model_dir(PLAN.base), [model_dir(e) for e in PLAN.merges[w.merge_id].experts], MERGE_CFG
+            model_dir(PLAN.base), [model_dir(e) for e in PLAN.merges[w.merge_id].experts], MERGE_CFG,
+            align_maps(PLAN.merges[w.merge_id]),
         ),
     localrule: True
     run:
