@@ -83,8 +83,8 @@ def warm(paths: list[Path]) -> None:
                         pass
 
 
-def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, child peak RSS in MB)."""
+def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """Run ``cmd``; return (wall seconds, CPU seconds (user + system), child peak RSS in MB)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -95,7 +95,7 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     proc.stderr.close()
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
 def mergesweep_cmd(method: str, base: Path, experts: list[Path], params: dict, out: Path, cfg_dir: Path) -> list[str]:
@@ -146,7 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mergekit", type=Path, default=REPO / ".mergekit-venv/bin/mergekit-yaml")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["ties", "task_arithmetic"])
-    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--tools", nargs="+", default=["mergesweep", "mergekit"], choices=["mergesweep", "mergekit"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for both tools' processes (default: inherit)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -158,39 +160,44 @@ def main(argv=None) -> int:
     results = []
     for method in args.methods:
         row = {"method": method, "params": params[method]}
-        tools = [("mergesweep", mergesweep_cmd)] + ([] if args.skip_mergekit else [("mergekit", mergekit_cmd)])
-        for tool, build in tools:
+        builders = {"mergesweep": mergesweep_cmd, "mergekit": mergekit_cmd}
+        env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+        for tool in args.tools:
+            build = builders[tool]
             out = args.work / f"out-{tool}-{method}"
             runs = []
             for _ in range(args.repeats):
                 shutil.rmtree(out, ignore_errors=True)
                 extra = (args.mergekit,) if tool == "mergekit" else ()
                 cmd = build(method, base, experts, params[method], out, cfg_dir, *extra)
-                wall, rss = run_child(cmd)
-                runs.append((wall, rss))
-                print(f"{tool:<10} {method:<16} {wall:7.2f} s  {rss:7.0f} MB", flush=True)
-            row[tool] = {"wall_s": min(w for w, _ in runs), "peak_rss_mb": min(r for _, r in runs),
-                         "runs": [{"wall_s": round(w, 2), "peak_rss_mb": round(r)} for w, r in runs]}
-        if "mergekit" in row:
+                wall, cpu, rss = run_child(cmd, env)
+                runs.append((wall, cpu, rss))
+                print(f"{tool:<10} {method:<16} wall {wall:7.2f} s  cpu {cpu:7.2f} s  peak RSS {rss:6.0f} MB  "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            row[tool] = {"wall_s": min(r[0] for r in runs), "cpu_s": min(r[1] for r in runs),
+                         "peak_rss_mb": min(r[2] for r in runs),
+                         "runs": [{"wall_s": round(w, 2), "cpu_s": round(c, 2), "peak_rss_mb": round(r)}
+                                  for w, c, r in runs]}
+        if "mergekit" in row and "mergesweep" in row:
             row["speedup"] = row["mergekit"]["wall_s"] / row["mergesweep"]["wall_s"]
+            row["cpu_speedup"] = row["mergekit"]["cpu_s"] / row["mergesweep"]["cpu_s"]
             row["rss_ratio"] = row["mergesweep"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"]
             row["max_abs_diff"] = max_abs_diff(args.work / f"out-mergesweep-{method}", args.work / f"out-mergekit-{method}")
         results.append(row)
 
     print()
-    print(f"{'method':<16} {'mergesweep s':>12} {'mergekit s':>10} {'speed-up':>9} {'target':>7}   "
-          f"{'ms RSS MB':>9} {'mk RSS MB':>9} {'RSS ratio':>9}   {'max |diff|':>10}")
+    print(f"{'method':<16} {'tool':<10} {'wall s':>8} {'cpu s':>8} {'peak RSS MB':>12}")
     for r in results:
-        ms = r["mergesweep"]
-        mk = r.get("mergekit")
-        if mk:
-            print(f"{r['method']:<16} {ms['wall_s']:12.2f} {mk['wall_s']:10.2f} {r['speedup']:8.1f}x "
-                  f"{TARGETS[r['method']]:6.1f}x   {ms['peak_rss_mb']:9.0f} {mk['peak_rss_mb']:9.0f} "
-                  f"{r['rss_ratio']:9.2f}   {r['max_abs_diff']:10.2e}")
-        else:
-            print(f"{r['method']:<16} {ms['wall_s']:12.2f} {'-':>10} {'-':>9} {'-':>7}   {ms['peak_rss_mb']:9.0f}")
-    print(f"\n(os.cpu_count() = {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end; "
-          f"best of {args.repeats} runs per tool)")
+        for tool in ("mergesweep", "mergekit"):
+            if tool in r:
+                t = r[tool]
+                print(f"{r['method']:<16} {tool:<10} {t['wall_s']:8.2f} {t['cpu_s']:8.2f} {t['peak_rss_mb']:12.0f}")
+        if "speedup" in r:
+            print(f"{'':<16} ratio      wall {r['speedup']:.1f}x (target {TARGETS[r['method']]:.1f}x), "
+                  f"cpu {r['cpu_speedup']:.1f}x, RSS {r['rss_ratio']:.2f} (target <= {RSS_TARGET}), "
+                  f"max |mergesweep - mergekit| = {r['max_abs_diff']:.2e}")
+    print(f"\n(os.cpu_count() = {os.cpu_count()}, OMP_NUM_THREADS = {args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end; best of {args.repeats} runs per tool)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -261,6 +261,16 @@ def test_sharded_output_and_sharded_input(family, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_positional_reads_give_the_same_merge_as_mapped_reads(family, tmp_path, monkeypatch):
+    from mergesweep.merge.io import SafetensorsInput
+
+    base, experts = family
+    merge_checkpoints("ties", base, experts, {"density": 0.3}, tmp_path / "mapped")
+    monkeypatch.setattr(SafetensorsInput, "use_mmap", False)
+    merge_checkpoints("ties", base, experts, {"density": 0.3}, tmp_path / "pread")
+    assert _digest(tmp_path / "mapped") == _digest(tmp_path / "pread")
+
+
 def test_merged_checkpoint_loads_in_transformers_and_generates(family, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -23,8 +23,10 @@ import logging
 import math
 import os
 import platform
+import queue
 import re
 import resource
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -264,6 +266,45 @@ class _Loader:
         return t
 
 
+def _prefetched(items, load, depth: int = 1):
+    """Yield ``(item, load(item))`` with ``load`` running one item ahead in a background thread
+    (reads, dtype conversion and input checks overlap the kernel). Exceptions are re-raised in
+    the caller, in order; leaving the loop early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, load(item), None))
+        except BaseException as e:  # handed to the consumer
+            q.put((None, None, e))
+            return
+        q.put((done, None, None))
+
+    thread = threading.Thread(target=work, name="mergesweep-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, value, err = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item, value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
 def nonfinite(t: torch.Tensor) -> str | None:
     """``"NaN"``/``"inf"`` if ``t`` has such values, else None. One summing pass; the exact check
     runs only when the sum is not finite (NaN/inf present, or a float32 overflow)."""
@@ -285,10 +326,12 @@ def _statistics(spec, kparams, requests, plan, loader, uses_base, n_experts, num
         accs = {(r.key, i): StreamingKth(device) for r in reqs for i in range(n_experts)}
         needs_pass2 = any(r.kind == "kth" for r in reqs)
 
+        def load_all(tp):
+            return (loader.load(tp, 0) if uses_base else None), [loader.load(tp, i + 1) for i in range(n_experts)]
+
         def stream(pass_no: int):
-            for tp in tqdm(work, desc=f"{spec.name}: statistics stage {stage} pass {pass_no}", leave=False, disable=None):
-                base_t = loader.load(tp, 0) if uses_base else None
-                exps = [loader.load(tp, i + 1) for i in range(n_experts)]
+            bar = tqdm(work, desc=f"{spec.name}: statistics stage {stage} pass {pass_no}", leave=False, disable=None)
+            for tp, (base_t, exps) in _prefetched(bar, load_all):
                 ctx = TensorContext(tp.name, n_experts, layer_index(tp.name), num_layers, seed, stats, device)
                 values = spec.stat_values(stage, base_t, exps, kparams, ctx)
                 for r in reqs:
@@ -520,15 +563,21 @@ def merge_checkpoints(
                 writer = PlannedShardWriter(tmp, [(tp.name, tp.shape, tp.dtype) for tp in plan], shard_bytes)
                 writer.start(fingerprint=True)
                 try:
-                    for tp in tqdm(plan, desc=f"merge {spec.name}", leave=False, disable=None):
+                    def load_inputs(tp):
                         if not tp.merge:
-                            writer.write(tp.name, reference.read(tp.name))
-                            continue
+                            return reference.read(tp.name), None
                         needed = set(spec.inputs_for(tp.name, kparams, n)) if spec.inputs_for else None
                         base_t = loader.load(tp, 0) if uses_base else None
                         exps = [
                             loader.load(tp, i + 1) if needed is None or i in needed else None for i in range(n)
                         ]
+                        return base_t, exps
+
+                    bar = tqdm(plan, desc=f"merge {spec.name}", leave=False, disable=None)
+                    for tp, (base_t, exps) in _prefetched(bar, load_inputs):
+                        if not tp.merge:
+                            writer.write(tp.name, base_t)  # non-floating tensor copied from the reference
+                            continue
                         ctx = TensorContext(tp.name, n, layer_index(tp.name), num_layers, seed, stats, dev)
                         out = spec.merge(base_t, exps, kparams, ctx)
                         del base_t, exps

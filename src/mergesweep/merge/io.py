@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import queue
 import re
@@ -157,6 +158,8 @@ class SafetensorsInput:
             )
         self._fds: dict[str, int] = {}
 
+    use_mmap = True
+
     # -- metadata ---------------------------------------------------------------------------
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -185,7 +188,14 @@ class SafetensorsInput:
 
     # -- reads -------------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor (CPU, stored dtype) with positional reads; no memory map."""
+        """Read one tensor (CPU, stored dtype).
+
+        The tensor's bytes are mapped on their own (a private mapping of just that range, released
+        when the tensor is freed), which costs a third of the CPU of copying them out of the page
+        cache; with ``use_mmap = False``, or when the data is not aligned for its dtype, they are
+        copied with ``pread`` into a fresh buffer instead. Either way nothing outlives the tensor.
+        The input files must not be truncated while a merge reads them.
+        """
         e = self.entries.get(name)
         if e is None:
             raise MergeError(f"{self.label}: tensor '{name}' is missing in {self.path}")
@@ -194,6 +204,15 @@ class SafetensorsInput:
             fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
+        itemsize = torch.empty((), dtype=e.dtype).element_size()
+        delta = e.offset % mmap.ALLOCATIONGRANULARITY
+        if self.use_mmap and delta % itemsize == 0:
+            try:
+                mm = mmap.mmap(fd, e.nbytes + delta, offset=e.offset - delta, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):
+                pass
+            else:
+                return torch.frombuffer(mm, dtype=e.dtype, count=e.nbytes // itemsize, offset=delta).reshape(e.shape)
         raw = torch.empty(e.nbytes, dtype=torch.uint8)  # uninitialised: no zero-fill pass
         view = memoryview(raw.numpy())
         done = 0

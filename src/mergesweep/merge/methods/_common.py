@@ -94,20 +94,49 @@ def elect_and_merge(
     entry ``i`` takes part where ``sign(s_i) == gamma`` (zeros never take part). The result is
     ``sum_i [agree_i] s_i`` divided, when ``normalize``, by ``sum_i [agree_i] w_i`` (1 where no
     expert agrees) - the weighted disjoint mean of the TIES paper.
+
+    With non-negative weights this runs on float arithmetic only (CPU boolean kernels are slow):
+    ``relu(gamma * d_i)`` is ``|d_i|`` where expert i agrees and 0 elsewhere, so
+    ``num = gamma * sum_i w_i relu(gamma d_i)`` and ``den = sum_i w_i sign(relu(gamma d_i))``.
     """
+    ws = [float(w) for w in weights]
+    if any(w < 0 for w in ws):
+        return _elect_and_merge_signed(deltas, ws, normalize)
     total = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights):
-        total.add_(d, alpha=float(w))
+    for d, w in zip(deltas, ws):
+        total.add_(d, alpha=w)
+    gamma = torch.ones_like(total).copysign_(total)  # +1 where the sum is +0
+    del total
+    num = torch.zeros_like(gamma)
+    den = torch.zeros_like(gamma) if normalize else None
+    for d, w in zip(deltas, ws):
+        if w == 0.0:
+            continue
+        agreeing = torch.mul(d, gamma).relu_()
+        num.add_(agreeing, alpha=w)
+        if den is not None:
+            den.add_(agreeing.sign_(), alpha=w)
+    num.mul_(gamma)
+    if den is not None:
+        positive = [w for w in ws if w > 0]
+        if positive:
+            # den is 0 exactly where num is 0; any sum of kept weights is >= the smallest weight
+            num.div_(den.clamp_min_(min(positive)))
+    return num
+
+
+def _elect_and_merge_signed(deltas: Sequence[torch.Tensor], ws: Sequence[float], normalize: bool) -> torch.Tensor:
+    total = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, ws):
+        total.add_(d, alpha=w)
     sign = torch.where(total >= 0, 1.0, -1.0)
     del total
     out = torch.zeros_like(deltas[0])
     den = torch.zeros_like(deltas[0]) if normalize else None
-    for d, w in zip(deltas, weights):
-        w = float(w)
+    for d, w in zip(deltas, ws):
         if w == 0.0:
             continue
-        # sign(w * d) == gamma  <=>  w * d * gamma > 0
-        prod = d * sign
+        prod = d * sign  # sign(w * d) == gamma  <=>  w * d * gamma > 0
         agree = (prod > 0 if w > 0 else prod < 0).to(d.dtype)
         del prod
         out.addcmul_(d, agree, value=w)

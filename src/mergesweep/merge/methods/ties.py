@@ -61,7 +61,10 @@ def ties(
         for e, thr in zip(flats, thresholds):
             d = e[sl] - bc
             if thr is not None:
-                d = d.zero_() if thr == float("inf") else d.mul_(d.abs() >= thr)
+                if thr == float("inf"):
+                    d.zero_()
+                else:  # keep |d| >= thr; a float mask (CPU boolean kernels are slow)
+                    d.mul_(torch.ge(d.abs(), thr, out=torch.empty_like(d)))
             deltas.append(d)
         merged = elect_and_merge(deltas, weights, normalize)
         torch.add(bc, merged, alpha=lam, out=o[sl])
