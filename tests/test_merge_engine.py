@@ -196,9 +196,10 @@ def test_dare_is_bit_identical_across_runs_and_thread_counts(family, tmp_path):
     merge_checkpoints("dare_ties", base, experts, params, tmp_path / "b")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     code = (
-        "import sys, torch; torch.set_num_threads(2);"
+        "import sys;"
         "from mergesweep.merge.engine import merge_checkpoints;"
-        f"merge_checkpoints('dare_ties', {str(base)!r}, {[str(e) for e in experts]!r}, {params!r}, sys.argv[1])"
+        f"merge_checkpoints('dare_ties', {str(base)!r}, {[str(e) for e in experts]!r}, {params!r}, sys.argv[1],"
+        " threads=2)"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], check=True, cwd=ROOT,
                    env={**os.environ, "OMP_NUM_THREADS": "2"})
