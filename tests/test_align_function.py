@@ -34,6 +34,15 @@ ARCHS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are overhead-bound; one thread is faster (and steadier) on the shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _tiny(model_type: str, seed: int = 0):
     """A tiny GQA model (6 query / 2 kv heads) with every weight, norms included, randomised."""
     from transformers import AutoModelForCausalLM

@@ -50,7 +50,7 @@ def test_tiny_bases_from_different_seeds_alignment_lowers_barrier(tiny, capsys):
     plot = root / "lmc" / "bases.png"
     assert main(["lmc", "--model-a", str(root / "base1"), "--model-b", str(root / "base2"), "--perm", str(perm),
                  "--data", str(root / "validation.jsonl"), "--points", "11", "--out", str(out),
-                 "--plot", str(plot)]) == 0
+                 "--plot", str(plot), "--threads", "1"]) == 0
     res = json.loads(out.read_text())
     assert res["alphas"] == pytest.approx([i / 10 for i in range(11)])
     assert len(res["loss"]) == len(res["loss_aligned"]) == 11
@@ -73,10 +73,11 @@ def test_tiny_bases_activation_matching_lowers_barrier(tiny):
     perm = root / "align" / "am.safetensors"
     data = root / "validation.jsonl"
     assert main(["align", "--model", str(root / "base2"), "--reference", str(root / "base1"),
-                 "--method", "activation_matching", "--data", str(data), "--out", str(perm), "--no-progress"]) == 0
+                 "--method", "activation_matching", "--data", str(data), "--out", str(perm), "--no-progress",
+                 "--threads", "1"]) == 0
     out = root / "lmc" / "am.json"
     assert main(["lmc", "--model-a", str(root / "base1"), "--model-b", str(root / "base2"), "--perm", str(perm),
-                 "--data", str(data), "--points", "5", "--out", str(out)]) == 0
+                 "--data", str(data), "--points", "5", "--out", str(out), "--threads", "1"]) == 0
     res = json.loads(out.read_text())
     assert res["barrier_aligned"] < res["barrier"]
 
@@ -92,7 +93,7 @@ def test_same_base_experts_align_to_identity(tiny):
     assert meta["iterations"] == 1  # the first sweep already changes nothing
     out = root / "lmc" / "experts.json"
     assert main(["lmc", "--model-a", str(root / "expert-grammar"), "--model-b", str(root / "expert-arithmetic"),
-                 "--data", str(root / "validation.jsonl"), "--points", "5", "--out", str(out)]) == 0
+                 "--data", str(root / "validation.jsonl"), "--points", "5", "--out", str(out), "--threads", "1"]) == 0
     res = json.loads(out.read_text())
     assert "loss_aligned" not in res
     assert res["barrier"] < 0.05  # fine-tuned from one base: linearly mode-connected

@@ -86,7 +86,8 @@ rule align:
         data=_align_data_arg,
         seed=ALIGN_CFG.get("seed", config.get("seed", 0)),
         max_iter=ALIGN_CFG.get("max_iter", 100),
-    threads: THREADS
+    # weight matching is fastest single-threaded (docs/align.md); activation matching runs models
+    threads: lambda w: 1 if w.align_method == "weight_matching" else THREADS
     resources:
         mem_mb=8000,
     log:

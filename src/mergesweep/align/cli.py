@@ -29,23 +29,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-batches", type=int, default=4, help="activation matching: batches of data")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads for the search (default: 1 for weight_matching, torch's choice otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from mergesweep.align.pipeline import align_checkpoints, summary
     from mergesweep.atomic import write_json
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pm = align_checkpoints(
         args.model, args.reference, args.method, seed=args.seed, data=args.data, max_iter=args.max_iter,
         num_batches=args.num_batches, batch_size=args.batch_size, max_length=args.max_length,
-        progress=not args.no_progress,
+        progress=not args.no_progress, threads=args.threads,
     )
     pm.save(args.out)
     if args.summary:

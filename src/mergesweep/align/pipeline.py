@@ -70,6 +70,7 @@ def align_checkpoints(
     batch_size: int = 8,
     max_length: int = 128,
     progress: bool = True,
+    threads: int | None = None,
 ) -> PermMap:
     """Compute the map that moves ``model_dir``'s hidden units into ``reference_dir``'s basis.
 
@@ -89,7 +90,7 @@ def align_checkpoints(
     if method == "weight_matching":
         from mergesweep.align.weight_matching import weight_matching
 
-        res = weight_matching(spec_r, sd_r, sd_m, seed=seed, max_iter=max_iter, progress=progress)
+        res = weight_matching(spec_r, sd_r, sd_m, seed=seed, max_iter=max_iter, progress=progress, threads=threads or 1)
     else:
         from mergesweep.align.activation_matching import activation_matching
 
@@ -99,7 +100,10 @@ def align_checkpoints(
         batches = tokenize_batches(load_tokenizer(reference_dir), texts, batch_size, max_length)
         ref_model, model = load_causal_lm(reference_dir), load_causal_lm(model_dir)
         torch.manual_seed(seed)
-        res = activation_matching(spec_r, ref_model, model, batches, progress=progress)
+        from mergesweep.align.weight_matching import torch_threads
+
+        with torch_threads(threads):
+            res = activation_matching(spec_r, ref_model, model, batches, progress=progress)
         del ref_model, model
     pm = res.perm_map
     after = weight_stats(sd_r, sd_m, pm, cfg_m)
