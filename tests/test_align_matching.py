@@ -158,3 +158,27 @@ def test_perm_map_file_validation(tmp_path):
             "llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=48, head_dim=8).to_dict())
     with pytest.raises(AlignError, match="different architectures"):
         permute_tensor("model.norm.weight", torch.zeros(64), pm, tiny_config("llama").to_dict())
+
+
+def test_merge_engine_applies_the_map_while_streaming(tmp_path):
+    """`align:` in a merge config: averaging a model with a permuted copy of itself gives the model
+    back exactly when the copy is aligned first, and something else when it is not."""
+    pytest.importorskip("mergesweep.merge.engine")
+    cfg = tiny_config("llama", num_hidden_layers=2)
+    save_random(tmp_path / "ref", cfg, seed=0, scale=0.05)
+    _permuted_copy(tmp_path / "ref", tmp_path / "perm", PermMap.random(arch_spec(cfg.to_dict()), seed=4))
+    perm = tmp_path / "perm.safetensors"
+    assert main(["align", "--model", str(tmp_path / "perm"), "--reference", str(tmp_path / "ref"),
+                 "--out", str(perm), "--no-progress"]) == 0
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    for with_align in (True, False):
+        doc = {"method": "linear", "base": str(tmp_path / "ref"), "experts": [str(tmp_path / "ref"), str(tmp_path / "perm")],
+               "params": {}, "expert_names": ["ref", "perm"]}
+        if with_align:
+            doc["align"] = {"perm": str(perm)}
+        (tmp_path / "m.yaml").write_text(json.dumps(doc))  # JSON is YAML
+        out = tmp_path / f"merged-{with_align}"
+        assert main(["merge", "--config", str(tmp_path / "m.yaml"), "--out", str(out)]) == 0
+        merged = load_file(str(out / "model.safetensors"))
+        same = all(torch.allclose(merged[k], ref[k], atol=1e-6) for k in ref)
+        assert same is with_align
