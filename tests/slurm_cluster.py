@@ -276,6 +276,7 @@ rule flaky:
     shell: "echo flaky {resources.att} >> runs.log; [ {resources.att} -ge 2 ] || exit 3; echo attempt={resources.att} > {output}"
 
 rule gpu:
+    input: "out/preempt_slurm.txt"  # after the job that holds all GPUs
     output: "out/gpu.txt"
     resources: gpu=1, runtime=5
     shell: "echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} > {output}"
@@ -301,17 +302,17 @@ rule gen:
 rule victim:          # scancel'ed mid-run on attempt 1, retried by Snakemake
     output: "out/victim.txt"
     resources: att=ATT
-    shell: produce("victim", 15)
+    shell: produce("victim", 20)
 
 rule preempt_sig:     # gets submitit's USR2 mid-run: checkpoint + requeue, same attempt
     output: "out/preempt_sig.txt"
     resources: att=ATT, runtime=10
-    shell: produce("preempt_sig", 15)
+    shell: produce("preempt_sig", 20)
 
 rule preempt_slurm:   # preempted by a job in the higher-priority partition: SLURM requeues it
     output: "out/preempt_slurm.txt"
     resources: att=ATT, gpu=4, runtime=10
-    shell: produce("preempt_slurm", 15)
+    shell: produce("preempt_slurm", 20)
 
 rule timeout:         # needs ~62 s: times out with runtime=1 (attempt 1), fits 2 min (attempt 2)
     output: "out/timeout.txt"

@@ -54,34 +54,40 @@ def fault_sweep(slurm, tmp_path_factory):
         def partial(name):
             return (workdir / "out" / f"{name}.txt").exists() and _running(name)
 
-        # 1. scancel a running job that has written half of its output
-        victim = sc.wait_for(lambda: partial("victim"), 120, "victim to run")
-        sc.sh("scancel", victim)
-        events["victim"] = victim
-
-        # 2. submitit's checkpoint signal (USR2) = preemption notice; the job requeues itself
-        sig_job = sc.wait_for(lambda: partial("preempt_sig"), 120, "preempt_sig to run")
-        sc.sh("scancel", "--signal=USR2", sig_job)
-        sc.wait_for(lambda: (_state(sig_job) or {}).get("state") == "PENDING", 60,
-                    "preempt_sig to be requeued by submitit")
-        sc.Cluster.release(sig_job)
-        events["preempt_sig"] = sig_job
-
-        # 3. real preemption by the higher-priority partition; 4. node drained meanwhile
-        pre_job = sc.wait_for(lambda: partial("preempt_slurm"), 120, "preempt_slurm to run")
-        urgent = sc.sh("sbatch", "--parsable", "-p", "urgent", "--gpus=4", "-c", "1", "--mem=100M",
-                       "-J", "urgent-preemptor", "-o", "/dev/null", "--wrap", "sleep 3").strip()
-        sc.wait_for(lambda: (_state(pre_job) or {}).get("state") == "PENDING", 60,
-                    "preempt_slurm to be preempted and requeued by SLURM")
-        events["preempt_slurm"] = pre_job
-        events["urgent"] = urgent
-        slurm.drain("mergesweep fault test")
-        sc.Cluster.release(pre_job)
-        time.sleep(6)
-        events["drained_state"] = slurm.node_state()
-        events["pending_while_drained"] = _state(pre_job)
-        events["snakemake_alive_while_drained"] = smk.proc.poll() is None
-        slurm.resume()
+        # each target gets its fault as soon as it runs and has written half of its output
+        step = {"victim": 0, "preempt_sig": 0, "preempt_slurm": 0}
+        deadline = time.time() + 300
+        while any(v >= 0 for v in step.values()):
+            assert time.time() < deadline, f"fault injection stuck at {step}\n{smk.log[-3000:]}"
+            assert smk.proc.poll() is None, smk.log[-3000:]
+            # 1. scancel a running job
+            if step["victim"] == 0 and (job := partial("victim")):
+                sc.sh("scancel", job)
+                events["victim"], step["victim"] = job, -1
+            # 2. submitit's checkpoint signal (USR2) = preemption notice: the job requeues itself
+            if step["preempt_sig"] == 0 and (job := partial("preempt_sig")):
+                sc.sh("scancel", "--signal=USR2", job)
+                events["preempt_sig"], step["preempt_sig"] = job, 1
+            elif step["preempt_sig"] == 1 and (_state(events["preempt_sig"]) or {}).get("state") == "PENDING":
+                sc.Cluster.release(events["preempt_sig"])
+                step["preempt_sig"] = -1
+            # 3. real preemption by the higher-priority partition, 4. then the node drained
+            if step["preempt_slurm"] == 0 and (job := partial("preempt_slurm")):
+                events["urgent"] = sc.sh(
+                    "sbatch", "--parsable", "-p", "urgent", "--gpus=4", "-c", "1", "--mem=100M",
+                    "-J", "urgent-preemptor", "-o", "/dev/null", "--wrap", "sleep 3").strip()
+                events["preempt_slurm"], step["preempt_slurm"] = job, 1
+            elif step["preempt_slurm"] == 1 and (_state(events["preempt_slurm"]) or {}).get("state") == "PENDING":
+                slurm.drain("mergesweep fault test")
+                sc.Cluster.release(events["preempt_slurm"])
+                drained_at, step["preempt_slurm"] = time.time(), 2
+            elif step["preempt_slurm"] == 2 and time.time() - drained_at > 6:
+                events["drained_state"] = slurm.node_state()
+                events["pending_while_drained"] = _state(events["preempt_slurm"])
+                events["snakemake_alive_while_drained"] = smk.proc.poll() is None
+                slurm.resume()
+                step["preempt_slurm"] = -1
+            time.sleep(0.5)
 
         rc = smk.wait(timeout=360)
         log = smk.log

@@ -83,7 +83,7 @@ AccountingStorageHost=localhost
 AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=5,sched_min_interval=100000
+SchedulerParameters=bf_interval=2,bf_continue,sched_interval=10,sched_min_interval=100000
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 GresTypes=gpu
