@@ -140,9 +140,12 @@ def build_plan(config: dict) -> Plan:
         except ConfigError as err:
             raise ConfigError(f"{key}.params: {err}") from None
         align = m.get("align")
+        out_dtype = (config.get("merge") or {}).get("dtype")
         for point in points:
             _check_params(method, point, names, key)
-            mid = merge_model_id(method, point, base_uid, [experts[n]["uid"] for n in names], align)
+            # the output dtype changes the weights, so it is part of the content id when set
+            id_params = {**point, "__dtype__": out_dtype} if out_dtype else point
+            mid = merge_model_id(method, id_params, base_uid, [experts[n]["uid"] for n in names], align)
             if mid not in plan.merges:
                 plan.merges[mid] = Merge(mid, method, point, names, align, i)
     return plan

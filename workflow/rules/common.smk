@@ -47,4 +47,4 @@ def eval_jsons():
 
 def shell_json(obj):
     """Quote a mapping for the shell (single quotes; JSON never contains them unescaped here)."""
-    return "'" + json.dumps(obj).replace("'", "'\\''") + "'"
+    return "'" + json.dumps(obj, sort_keys=True).replace("'", "'\\''") + "'"

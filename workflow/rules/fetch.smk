@@ -7,13 +7,16 @@ rule make_data:
         data=directory("resources/data/{data_suite}"),
         tasks=directory("resources/tasks/{data_suite}"),
     params:
-        sizes=lambda w: {"train": 0, **(HELDOUT_SIZES if w.data_suite in PLAN.heldout else SIZES)},
+        # scalars, not mappings: a reordered config must not look like a changed one
+        train=lambda w: 0 if w.data_suite in PLAN.heldout else SIZES["train"],
+        validation=lambda w: (HELDOUT_SIZES if w.data_suite in PLAN.heldout else SIZES)["validation"],
+        test=lambda w: (HELDOUT_SIZES if w.data_suite in PLAN.heldout else SIZES)["test"],
         seed=config.get("seed", 0),
     log:
         "results/logs/make_data/{data_suite}.log",
     shell:
         "{MS} make-data --suite {wildcards.data_suite} --seed {params.seed}"
-        " --train {params.sizes[train]} --validation {params.sizes[validation]} --test {params.sizes[test]}"
+        " --train {params.train} --validation {params.validation} --test {params.test}"
         " --data-dir {output.data} --tasks-dir {output.tasks} 2> {log}"
 
 
@@ -23,7 +26,7 @@ if "source" in config["base"]:
         output:
             directory(f"resources/checkpoints/{PLAN.base}"),
         params:
-            source=shell_json(config["base"]["source"]),
+            source=shell_json(config["base"]["source"]),  # sorted keys (shell_json)
         log:
             f"results/logs/fetch/{PLAN.base}.log",
         resources:
@@ -39,7 +42,7 @@ else:
         output:
             directory(f"resources/checkpoints/{PLAN.base}"),
         params:
-            args=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in config["base"]["pretrain"].items()),
+            args=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(config["base"]["pretrain"].items())),
         threads: THREADS
         log:
             f"results/logs/pretrain/{PLAN.base}.log",

@@ -9,7 +9,11 @@ rule finetune:
         directory("resources/experts/{expert}"),
     params:
         skill=lambda w: PLAN.experts[w.expert]["skill"],
-        ft=lambda w: PLAN.experts[w.expert]["finetune"],
+        steps=lambda w: PLAN.experts[w.expert]["finetune"]["steps"],
+        batch_size=lambda w: PLAN.experts[w.expert]["finetune"]["batch_size"],
+        lr=lambda w: PLAN.experts[w.expert]["finetune"]["lr"],
+        warmup=lambda w: PLAN.experts[w.expert]["finetune"]["warmup"],
+        seed=lambda w: PLAN.experts[w.expert]["finetune"]["seed"],
         emb=lambda w: "--train-embeddings" if PLAN.experts[w.expert]["finetune"].get("train_embeddings") else "",
     threads: THREADS
     resources:
@@ -18,6 +22,6 @@ rule finetune:
         "results/logs/finetune/{expert}.log",
     shell:
         "{MS} finetune --base {input.base} --data {input.data}/train.jsonl --domain {params.skill}"
-        " --name {wildcards.expert} --steps {params.ft[steps]} --batch-size {params.ft[batch_size]}"
-        " --lr {params.ft[lr]} --warmup {params.ft[warmup]} --seed {params.ft[seed]} {params.emb}"
+        " --name {wildcards.expert} --steps {params.steps} --batch-size {params.batch_size}"
+        " --lr {params.lr} --warmup {params.warmup} --seed {params.seed} {params.emb}"
         " --threads {threads} --out {output} 2> {log}"

@@ -13,16 +13,18 @@ rule merge_spec:
     output:
         "results/merges/{merge_id}.yaml",
     params:
-        doc=lambda w: PLAN.merges[w.merge_id].yaml_doc(
-            model_dir(PLAN.base), [model_dir(e) for e in PLAN.merges[w.merge_id].experts], MERGE_CFG,
-            align_maps(PLAN.merges[w.merge_id]),
-        ),
+        # the merge id already hashes the content; the id is the parameter Snakemake tracks
+        merge_id=lambda w: w.merge_id,
     localrule: True
     run:
         from mergesweep.atomic import atomic_file
 
+        doc = PLAN.merges[wildcards.merge_id].yaml_doc(
+            model_dir(PLAN.base), [model_dir(e) for e in PLAN.merges[wildcards.merge_id].experts], MERGE_CFG,
+            align_maps(PLAN.merges[wildcards.merge_id]),
+        )
         with atomic_file(output[0]) as f:
-            yaml.safe_dump(params.doc, f, sort_keys=False)
+            yaml.safe_dump(doc, f, sort_keys=False)
 
 
 rule merge:
