@@ -86,6 +86,11 @@ def bench_snakemake(n: int, array_max_size: int, workdir: Path) -> dict:
             if proc.poll() is not None:
                 break
             time.sleep(0.2)
+        # let the executor log its last submission before stopping Snakemake
+        pattern = re.compile(r"submitit: (\d+) job\(s\)")
+        deadline = time.time() + 30
+        while time.time() < deadline and sum(map(int, pattern.findall(log_path.read_text()))) < n:
+            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the executor cancels what it submitted
         try:
             proc.wait(300)
