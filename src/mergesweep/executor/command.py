@@ -79,6 +79,7 @@ class ShellCommand(submitit.helpers.Checkpointable):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_proc"] = None
+        state.pop("_stopping", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -145,6 +146,9 @@ class ShellCommand(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        if getattr(self, "_stopping", False):  # SLURM may signal twice; the first one handles it
+            return
+        self._stopping = True
         _say(f"caught {signal.Signals(signum).name}: stopping the command")
         self._stop_child()
         raise SystemExit(128 + signum)
