@@ -62,6 +62,7 @@ def test_tiny_bases_from_different_seeds_alignment_lowers_barrier(tiny, capsys):
     assert res["barrier"] > 0.3
     assert res["barrier_aligned"] < 0.9 * res["barrier"]
     assert res["perm_method"] == "weight_matching" and res["n_tokens"] > 500
+    assert (res["model_a_id"], res["model_b_id"]) == ("base1", "base2")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with capsys.disabled():
         print(f"\n[tiny preset] barrier naive {res['barrier']:.3f} -> aligned {res['barrier_aligned']:.3f}; "

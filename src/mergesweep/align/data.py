@@ -92,3 +92,14 @@ def read_state(model_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
 
     with CheckpointReader(model_dir) as ckpt:
         return dict(ckpt.config), {k: ckpt.get(k).to(torch.float32) for k in ckpt.keys()}
+
+
+def model_id_of(model_dir: str | os.PathLike) -> str:
+    """The ``model_id`` from the checkpoint's ``mergesweep.json``, else the directory name."""
+    import json as _json
+
+    meta = Path(model_dir) / "mergesweep.json"
+    try:
+        return str(_json.loads(meta.read_text()).get("model_id") or Path(model_dir).name)
+    except (OSError, ValueError):
+        return Path(model_dir).name

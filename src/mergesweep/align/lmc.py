@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergesweep.align.apply import load_perm_map, permute_tensor
-from mergesweep.align.data import load_causal_lm, load_tokenizer, read_texts, tokenize_batches
+from mergesweep.align.data import load_causal_lm, load_tokenizer, model_id_of, read_texts, tokenize_batches
 from mergesweep.align.permmap import PermMap
 from mergesweep.align.spec import AlignError, arch_spec, check_compatible
 
@@ -85,7 +85,10 @@ def linear_mode_connectivity(
     del mb
     if state_a.keys() != state_b.keys() or any(state_a[k].shape != state_b[k].shape for k in state_a):
         raise AlignError(f"{model_a} and {model_b} do not have the same parameters; no linear path between them")
-    out: dict[str, Any] = {"model_a": str(model_a), "model_b": str(model_b), "data": str(data), "alphas": alphas}
+    out: dict[str, Any] = {
+        "model_a": str(model_a), "model_b": str(model_b), "model_a_id": model_id_of(model_a),
+        "model_b_id": model_id_of(model_b), "data": str(data), "alphas": alphas,
+    }
     out["loss"] = interpolation_losses(ma, state_a, state_b, alphas, batches, "lmc")
     out["barrier"] = barrier(alphas, out["loss"])
     if perm is not None:

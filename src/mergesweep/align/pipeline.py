@@ -12,7 +12,14 @@ from typing import Any, Mapping
 import torch
 
 from mergesweep.align.apply import permute_tensor
-from mergesweep.align.data import load_causal_lm, load_tokenizer, read_state, read_texts, tokenize_batches
+from mergesweep.align.data import (
+    load_causal_lm,
+    load_tokenizer,
+    model_id_of,
+    read_state,
+    read_texts,
+    tokenize_batches,
+)
 from mergesweep.align.permmap import PermMap
 from mergesweep.align.spec import AlignError, arch_spec, check_compatible
 
@@ -111,6 +118,8 @@ def align_checkpoints(
         {
             "model": str(model_dir),
             "reference": str(reference_dir),
+            "model_id": model_id_of(model_dir),
+            "reference_id": model_id_of(reference_dir),
             "seed": seed,
             "data": None if data is None else str(data),
             "iterations": res.iterations,
