@@ -36,4 +36,5 @@ rule all:
         "results/leaderboard.md",
         "results/report/report.html",
         ALIGN_TARGETS,
+        ["results/tables/lmc.parquet"] if ALIGN_TARGETS else [],
     default_target: True

@@ -50,3 +50,16 @@ def test_bad_config_is_named(tmp_path, mutate, expected):
     assert proc.returncode != 0
     assert expected in proc.stderr + proc.stdout
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.json"))
+
+
+def test_aligned_merge_adds_align_and_lmc_jobs(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/presets/tiny.yaml").read_text())
+    cfg["merges"].append({"method": "task_arithmetic", "params": {"lambda": 1.0},
+                          "align": {"method": "weight_matching", "reference": "base"}})
+    proc = dry_run(tmp_path, cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for expert in ("tiny-arithmetic", "tiny-reverse", "tiny-dateformat"):
+        assert f"results/align/{expert}--tiny-base--weight_matching/perm.safetensors" in out
+        assert f"results/lmc/{expert}--tiny-base--weight_matching.json" in out
+    assert "results/tables/lmc.parquet" in out

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "lmc": ("mergesweep.align.cli_lmc", "linear mode connectivity: loss along the path between two models"),
     "evaluate": ("mergesweep.evaluate.cli", "evaluate one model on one suite with lm-eval"),
     "aggregate": ("mergesweep.aggregate.cli", "collect evaluation JSONs into results/tables/scores.parquet"),
+    "lmc-table": ("mergesweep.aggregate.lmc", "collect linear-mode-connectivity results into a parquet table"),
     "leaderboard": ("mergesweep.aggregate.cli_leaderboard", "regenerate tables, leaderboard and report from scores.parquet"),
     "slurm-submit": ("mergesweep.executor.cli", "submit Snakemake jobs via submitit (used by profiles/slurm)"),
 }

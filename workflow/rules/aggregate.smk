@@ -45,3 +45,14 @@ rule leaderboard:
         "results/logs/leaderboard.log",
     shell:
         "{MS} leaderboard --scores {input.scores} --provenance {input.provenance} --out-dir results 2> {log}"
+
+
+rule lmc_table:
+    input:
+        [p for p in ALIGN_TARGETS if p.startswith("results/lmc/") and p.endswith(".json")],
+    output:
+        report("results/tables/lmc.parquet", caption="../report/tables.rst", category="Alignment"),
+    log:
+        "results/logs/lmc_table.log",
+    shell:
+        "{MS} lmc-table --lmc {input} --out {output} 2> {log}"
