@@ -126,17 +126,93 @@ def mergekit_cmd(method: str, base: Path, experts: list[Path], params: dict, out
     return [str(mergekit_bin), str(cfg), str(out), "--copy-tokenizer"]
 
 
-def max_abs_diff(a: Path, b: Path) -> float:
-    import torch
+def compare(a: Path, b: Path) -> tuple[float, int, int]:
+    """(max |a - b|, number of differing entries, number of entries) over the tensors both have."""
     from mergesweep.merge.io import SafetensorsInput
 
-    worst = 0.0
+    worst, differing, total = 0.0, 0, 0
     with SafetensorsInput(a, "mergesweep") as x, SafetensorsInput(b, "mergekit") as y:
         for name in x.keys():
             if name not in y:
                 continue
-            worst = max(worst, float((x.read(name).float() - y.read(name).float()).abs().max()))
-    return worst
+            d = (x.read(name).float() - y.read(name).float()).abs()
+            worst = max(worst, float(d.max()))
+            differing += int(torch_count_nonzero(d))
+            total += d.numel()
+    return worst, differing, total
+
+
+def torch_count_nonzero(t) -> int:
+    import torch
+
+    return int(torch.count_nonzero(t))
+
+
+CROSSCHECK = [
+    # (mergesweep method, mergesweep params, mergekit method, per-model params, global params, uses base)
+    ("linear", {"weight": [0.5, 0.3, 0.2]}, "linear", [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], {}, False),
+    ("task_arithmetic", {"weight": [1.0, 0.5, 0.25]}, "task_arithmetic",
+     [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.25}], {}, True),
+    ("ties", {"density": 0.3, "weight": [1.0, 0.7, 0.4]}, "ties",
+     [{"density": 0.3, "weight": 1.0}, {"density": 0.3, "weight": 0.7}, {"density": 0.3, "weight": 0.4}], {}, True),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, "breadcrumbs",
+     [{"density": 0.6, "gamma": 0.05, "weight": 1.0}] * 3, {}, True),
+    ("slerp", {"t": 0.3}, "slerp", None, {"t": 0.3}, True),
+    ("model_stock", {}, "model_stock", [{}] * 3, {}, True),
+]
+
+
+def crosscheck(work: Path, mergekit_bin: Path) -> int:
+    """Same merges with both tools on a tiny Llama family; print the largest difference."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergesweep.merge.engine import merge_checkpoints
+
+    root = work / "crosscheck"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    base_state = load_file(root / "base" / "model.safetensors")
+    experts = []
+    g = torch.Generator().manual_seed(10)
+    common = {k: torch.randn(v.shape, generator=g) for k, v in base_state.items()}  # shared direction
+    for i in range(3):
+        d = root / f"expert{i}"
+        d.mkdir()
+        shutil.copy(root / "base" / "config.json", d / "config.json")
+        save_file({k: v + 0.01 * (common[k] + torch.randn(v.shape, generator=g)) for k, v in base_state.items()},
+                  str(d / "model.safetensors"), metadata={"format": "pt"})
+        experts.append(d)
+    worst_all = 0.0
+    for ms_method, ms_params, mk_method, per_model, global_params, uses_base in CROSSCHECK:
+        n = 1 if ms_method == "slerp" else 3
+        ours = root / f"ours-{ms_method}"
+        merge_checkpoints(ms_method, root / "base" if uses_base else None, experts[:n], ms_params, ours,
+                          dtype="float32")
+        doc = {"merge_method": mk_method, "dtype": "float32"}
+        if ms_method == "slerp":
+            doc["base_model"] = str(root / "base")
+            doc["models"] = [{"model": str(root / "base")}, {"model": str(experts[0])}]
+        else:
+            doc["models"] = [{"model": str(e), "parameters": p} for e, p in zip(experts[:n], per_model)]
+            if uses_base:
+                doc["base_model"] = str(root / "base")
+        if global_params:
+            doc["parameters"] = global_params
+        (root / f"{mk_method}.yaml").write_text(yaml.safe_dump(doc))
+        theirs = root / f"mergekit-{ms_method}"
+        run_child([str(mergekit_bin), str(root / f"{mk_method}.yaml"), str(theirs), "--no-copy-tokenizer"])
+        worst, differing, total = compare(ours, theirs)
+        worst_all = max(worst_all, worst)
+        print(f"{ms_method:<16} max |mergesweep - mergekit| = {worst:.2e} ({differing} of {total} entries differ)",
+              flush=True)
+    return 0 if worst_all < 1e-4 else 1
 
 
 def main(argv=None) -> int:
@@ -150,7 +226,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for both tools' processes (default: inherit)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--crosscheck", action="store_true",
+                    help="instead: compare both tools' results for several methods on a tiny Llama")
     args = ap.parse_args(argv)
+    if args.crosscheck:
+        return crosscheck(args.work, args.mergekit)
 
     base, experts = prepare(args.base, args.work)
     warm([base, *experts])
@@ -158,31 +238,32 @@ def main(argv=None) -> int:
     cfg_dir.mkdir(exist_ok=True)
     params = {"ties": {"weight": 1.0, "density": 0.2}, "task_arithmetic": {"weight": 1.0}}
     results = []
+    builders = {"mergesweep": mergesweep_cmd, "mergekit": mergekit_cmd}
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
     for method in args.methods:
         row = {"method": method, "params": params[method]}
-        builders = {"mergesweep": mergesweep_cmd, "mergekit": mergekit_cmd}
-        env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
-        for tool in args.tools:
-            build = builders[tool]
-            out = args.work / f"out-{tool}-{method}"
-            runs = []
-            for _ in range(args.repeats):
+        runs: dict[str, list] = {tool: [] for tool in args.tools}
+        for _ in range(args.repeats):  # interleaved, so both tools see the same background load
+            for tool in args.tools:
+                out = args.work / f"out-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 extra = (args.mergekit,) if tool == "mergekit" else ()
-                cmd = build(method, base, experts, params[method], out, cfg_dir, *extra)
+                cmd = builders[tool](method, base, experts, params[method], out, cfg_dir, *extra)
                 wall, cpu, rss = run_child(cmd, env)
-                runs.append((wall, cpu, rss))
+                runs[tool].append((wall, cpu, rss))
                 print(f"{tool:<10} {method:<16} wall {wall:7.2f} s  cpu {cpu:7.2f} s  peak RSS {rss:6.0f} MB  "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-            row[tool] = {"wall_s": min(r[0] for r in runs), "cpu_s": min(r[1] for r in runs),
-                         "peak_rss_mb": min(r[2] for r in runs),
+        for tool, rs in runs.items():
+            row[tool] = {"wall_s": min(r[0] for r in rs), "cpu_s": min(r[1] for r in rs),
+                         "peak_rss_mb": min(r[2] for r in rs),
                          "runs": [{"wall_s": round(w, 2), "cpu_s": round(c, 2), "peak_rss_mb": round(r)}
-                                  for w, c, r in runs]}
+                                  for w, c, r in rs]}
         if "mergekit" in row and "mergesweep" in row:
             row["speedup"] = row["mergekit"]["wall_s"] / row["mergesweep"]["wall_s"]
             row["cpu_speedup"] = row["mergekit"]["cpu_s"] / row["mergesweep"]["cpu_s"]
             row["rss_ratio"] = row["mergesweep"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"]
-            row["max_abs_diff"] = max_abs_diff(args.work / f"out-mergesweep-{method}", args.work / f"out-mergekit-{method}")
+            worst, differing, total = compare(args.work / f"out-mergesweep-{method}", args.work / f"out-mergekit-{method}")
+            row.update(max_abs_diff=worst, differing_entries=differing, entries=total)
         results.append(row)
 
     print()
@@ -195,7 +276,8 @@ def main(argv=None) -> int:
         if "speedup" in r:
             print(f"{'':<16} ratio      wall {r['speedup']:.1f}x (target {TARGETS[r['method']]:.1f}x), "
                   f"cpu {r['cpu_speedup']:.1f}x, RSS {r['rss_ratio']:.2f} (target <= {RSS_TARGET}), "
-                  f"max |mergesweep - mergekit| = {r['max_abs_diff']:.2e}")
+                  f"max |mergesweep - mergekit| = {r['max_abs_diff']:.2e} "
+                  f"({r['differing_entries']} of {r['entries']} entries differ)")
     print(f"\n(os.cpu_count() = {os.cpu_count()}, OMP_NUM_THREADS = {args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"load average {os.getloadavg()[0]:.1f} at the end; best of {args.repeats} runs per tool)")
     if args.json:

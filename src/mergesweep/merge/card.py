@@ -29,7 +29,7 @@ def render_model_card(spec: MethodSpec, meta: dict, base: Path | None, experts: 
         front["base_model"] = meta["base"]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
     lines += [f"# {meta['model_id']}", ""]
-    lines += [f"A merge made with [mergesweep](https://github.com/) using **{spec.name}**: {spec.summary}.", ""]
+    lines += [f"A merge made with mergesweep using **{spec.name}**: {spec.summary}.", ""]
     lines += [f"Method reference: {spec.paper}."]
     if spec.deviations:
         lines += ["", f"Implementation notes: {spec.deviations}."]

@@ -28,6 +28,7 @@ import re
 import resource
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -337,19 +338,22 @@ def _statistics(spec, kparams, requests, plan, loader, uses_base, n_experts, num
 
         def stream(pass_no: int):
             bar = tqdm(work, desc=f"{spec.name}: statistics stage {stage} pass {pass_no}", leave=False, disable=None)
-            for tp, (base_t, exps) in _prefetched(bar, load_all):
-                ctx = TensorContext(tp.name, n_experts, layer_index(tp.name), num_layers, seed, stats, device)
-                values = spec.stat_values(stage, base_t, exps, kparams, ctx)
-                for r in reqs:
-                    for i, v in enumerate(values[r.key]):
-                        if v is None:
-                            continue
-                        acc = accs[(r.key, i)]
-                        if pass_no == 1:
-                            acc.add_pass1(v)
-                        elif r.kind == "kth":
-                            acc.add_pass2(v)
-                del values, exps, base_t
+            with closing(_prefetched(bar, load_all)) as items:
+                for tp, (base_t, exps) in items:
+                    _stat_step(tp, base_t, exps, pass_no)
+
+        def _stat_step(tp, base_t, exps, pass_no):
+            ctx = TensorContext(tp.name, n_experts, layer_index(tp.name), num_layers, seed, stats, device)
+            values = spec.stat_values(stage, base_t, exps, kparams, ctx)
+            for r in reqs:
+                for i, v in enumerate(values[r.key]):
+                    if v is None:
+                        continue
+                    acc = accs[(r.key, i)]
+                    if pass_no == 1:
+                        acc.add_pass1(v)
+                    elif r.kind == "kth":
+                        acc.add_pass2(v)
 
         stream(1)
         ranks: dict[tuple[str, int], int] = {}
@@ -570,6 +574,7 @@ def merge_checkpoints(
                 copied = copy_non_weight_files(reference.path, tmp)
                 writer = PlannedShardWriter(tmp, [(tp.name, tp.shape, tp.dtype) for tp in plan], shard_bytes)
                 writer.start(fingerprint=True)
+                items = None
                 try:
                     def load_inputs(tp):
                         if not tp.merge:
@@ -582,7 +587,8 @@ def merge_checkpoints(
                         return base_t, exps
 
                     bar = tqdm(plan, desc=f"merge {spec.name}", leave=False, disable=None)
-                    for tp, (base_t, exps) in _prefetched(bar, load_inputs):
+                    items = _prefetched(bar, load_inputs)
+                    for tp, (base_t, exps) in items:
                         if not tp.merge:
                             writer.write(tp.name, base_t)  # non-floating tensor copied from the reference
                             continue
@@ -594,15 +600,19 @@ def merge_checkpoints(
                                 f"tensor '{tp.name}': method '{spec.name}' returned shape {list(out.shape)}, "
                                 f"expected {list(tp.shape)}"
                             )
+                        out = out.to(tp.dtype)
                         if nonfinite(out):
                             raise MergeError(
-                                f"tensor '{tp.name}': method '{spec.name}' produced NaN/inf values "
-                                f"with params {rparams} (inputs are finite)"
+                                f"tensor '{tp.name}': method '{spec.name}' produced NaN/inf values (or values "
+                                f"beyond the range of {dtype_name(tp.dtype)}) with params {rparams}; inputs are finite"
                             )
-                        writer.write(tp.name, out.to(tp.dtype).cpu())
+                        writer.write(tp.name, out.cpu())
                         del out
+                    items.close()
                     files = writer.close()
                 except BaseException:
+                    if items is not None:
+                        items.close()
                     writer.abort()
                     raise
                 fingerprint = writer.digest or checkpoint_fingerprint(tmp)
