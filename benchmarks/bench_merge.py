@@ -116,7 +116,7 @@ def mergekit_cmd(method: str, base: Path, experts: list[Path], params: dict, out
     doc = {
         "merge_method": method,
         "base_model": str(base),
-        "models": [{"model": str(e), "parameters": per_model} for e in experts],
+        "models": [{"model": str(e), "parameters": dict(per_model)} for e in experts],
         "dtype": "float32",
     }
     if global_params:
