@@ -140,20 +140,26 @@ def test_nothing_to_redo_then_only_new_jobs(tiny_run):
 
 
 def test_failing_suite_is_recorded_and_the_rest_survive(tiny_run):
-    """A suite whose lm-eval task cannot load records an error; every other score stays."""
+    """A task YAML that cannot load records an error for that (model, suite); every other score
+    stays in the tables and the failure shows in the report. (Runs last: it breaks a task.)"""
     work, cfg_path = tiny_run
     before = pd.read_parquet(work / "results/tables/scores.parquet")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["suites"]["lm_eval"] = {"broken": ["ms_no_such_task"]}
-    bad_cfg = work / "tiny_broken.yaml"
-    bad_cfg.write_text(yaml.safe_dump(cfg))
-    snakemake(work, bad_cfg)
+    task_yaml = work / "resources/tasks/capitals/ms_capitals_test.yaml"
+    spec = yaml.safe_load(task_yaml.read_text())
+    spec["dataset_kwargs"]["data_files"]["test"] = str(work / "resources/data/capitals/missing.jsonl")
+    task_yaml.write_text(yaml.safe_dump(spec))
+    target = "results/evals/tiny-base/capitals.json"
+    snakemake(work, cfg_path, target, "--force")  # re-evaluate one (model, suite) on the broken task
+    result = json.loads((work / target).read_text())
+    assert result["status"] == "error" and "missing.jsonl" in result["error"]
+    snakemake(work, cfg_path)  # aggregation and report pick the failure up
     after = pd.read_parquet(work / "results/tables/scores.parquet")
-    errors = after[after.suite == "broken"]
-    assert set(errors.status) == {"error"} and errors.model_id.nunique() == before.model_id.nunique()
-    assert errors.error.str.contains("ms_no_such_task").all()
+    failed = after[after.status == "error"]
+    assert set(zip(failed.model_id, failed.suite)) == {("tiny-base", "capitals")}
     key = ["model_id", "suite", "metric", "split"]
-    kept = after[after.suite != "broken"].sort_values(key).reset_index(drop=True)
-    ref = before.sort_values(key).reset_index(drop=True)
-    pd.testing.assert_series_equal(kept.value, ref.value)
-    assert "broken" in (work / "results/report/report.html").read_text()
+    untouched = ~((before.model_id == "tiny-base") & (before.suite == "capitals"))
+    ref = before[untouched].sort_values(key).reset_index(drop=True)
+    kept = after[after.status == "ok"].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[key + ["value"]], ref[key + ["value"]])
+    html = (work / "results/report/report.html").read_text()
+    assert "missing.jsonl" in html or "error" in html.lower()
