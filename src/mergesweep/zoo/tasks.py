@@ -23,13 +23,20 @@ def task_name(suite: str, split: str) -> str:
     return f"ms_{suite}_{split}"
 
 
-def _skill_task(suite: str, split: str, data_file: Path) -> dict:
+def _common(suite: str, split: str, data_file: Path) -> dict:
     return {
         "task": task_name(suite, split),
         "tag": [f"ms_{suite}"],
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {split: str(data_file.resolve())}},
         "test_split": split,
+        "metadata": {"version": TASK_VERSION, "suite": suite, "split": split},
+    }
+
+
+def _skill_task(suite: str, split: str, data_file: Path) -> dict:
+    return {
+        **_common(suite, split, data_file),
         "output_type": "loglikelihood",
         "doc_to_text": "{{prompt}}",
         "doc_to_target": "{{target}}",
@@ -40,17 +47,12 @@ def _skill_task(suite: str, split: str, data_file: Path) -> dict:
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
             {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
         ],
-        "metadata": {"version": TASK_VERSION, "suite": suite, "split": split},
     }
 
 
 def _choice_task(suite: str, split: str, data_file: Path) -> dict:
     return {
-        "task": task_name(suite, split),
-        "tag": [f"ms_{suite}"],
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {split: str(data_file.resolve())}},
-        "test_split": split,
+        **_common(suite, split, data_file),
         "output_type": "multiple_choice",
         "doc_to_text": "{{question}}",
         "doc_to_choice": "{{choices}}",
@@ -59,7 +61,6 @@ def _choice_task(suite: str, split: str, data_file: Path) -> dict:
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
         ],
-        "metadata": {"version": TASK_VERSION, "suite": suite, "split": split},
     }
 
 
