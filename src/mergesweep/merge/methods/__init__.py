@@ -1,8 +1,8 @@
 """The merge-method library: one module per method, each a pure tensor kernel plus a
 :class:`~mergesweep.merge.spec.MethodSpec`. ``REGISTRY`` maps method name -> spec.
 
-Adding a method = one module exporting ``SPEC`` (or ``SPECS`` for variants) + its tests, and
-one line in ``_MODULES`` below.
+Adding a method = one module exporting ``SPEC`` + its tests, and one line in ``_MODULES`` below
+(kernels shared by several methods live in helper modules such as ``dare``/``_common``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ _MODULES = (
     "linear",
     "task_arithmetic",
     "ties",
-    "dare",
+    "dare_linear",
+    "dare_ties",
     "della",
+    "della_linear",
     "breadcrumbs",
     "slerp",
     "model_stock",
@@ -32,11 +34,10 @@ def _build() -> dict[str, MethodSpec]:
     registry: dict[str, MethodSpec] = {}
     for mod_name in _MODULES:
         mod = importlib.import_module(f"{__name__}.{mod_name}")
-        specs = getattr(mod, "SPECS", None) or (mod.SPEC,)
-        for spec in specs:
-            if spec.name in registry:
-                raise RuntimeError(f"merge method '{spec.name}' is registered twice")
-            registry[spec.name] = spec
+        spec = mod.SPEC
+        if spec.name != mod_name or spec.name in registry:
+            raise RuntimeError(f"merge method module '{mod_name}' registers '{spec.name}'")
+        registry[spec.name] = spec
     return registry
 
 

@@ -11,9 +11,12 @@ Paper: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Hom
 as a Free Lunch", ICML 2024 (arXiv:2311.03099).
 
 Randomness: the mask of expert ``i`` on tensor ``name`` is drawn on the CPU from a generator
-seeded with ``sha256(seed, name, i)``, so a merge is bit-identical across runs, thread counts,
-tensor order and devices. ``density: 1`` keeps everything (``dare_linear`` is then exactly
-task arithmetic).
+seeded with ``sha256(seed, name, i)``, so a merge is bit-identical across runs, thread counts and
+tensor order, and the masks are the same on every device. ``density: 1`` keeps everything
+(``dare_linear`` is then exactly task arithmetic).
+
+The methods are ``dare_linear`` and ``dare_ties`` (their own modules); this module holds the
+kernels.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from typing import Sequence
 import torch
 
 from mergesweep.merge.methods._common import (
-    check_weight_sum,
     density_param,
     elect_and_merge,
     lambda_param,
@@ -34,7 +36,7 @@ from mergesweep.merge.methods._common import (
     weight_param,
     weighted_sum,
 )
-from mergesweep.merge.spec import MethodSpec, TensorContext
+from mergesweep.merge.spec import TensorContext
 
 
 def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
@@ -70,7 +72,7 @@ def dare(
     return merged.mul_(lam).add_(base)
 
 
-def _make(sign_consensus: bool):
+def make_merge(sign_consensus: bool):
     def _merge(base, experts, p, ctx: TensorContext):
         gens = [ctx.generator(i) for i in range(len(experts))]
         return dare(base, experts, p["weight"], p["density"], gens, p["lambda"], p["normalize"], p["rescale"], sign_consensus)
@@ -78,25 +80,9 @@ def _make(sign_consensus: bool):
     return _merge
 
 
-_COMMON = dict(paper="Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)", base="required",
-               validate=check_weight_sum, doc=__doc__)
+def dare_params(normalize: bool):
+    return (weight_param(), density_param(0.5, "keep probability (1 - drop rate)"), lambda_param(),
+            normalize_param(normalize), rescale_param(), seed_param())
 
-SPEC_LINEAR = MethodSpec(
-    name="dare_linear",
-    summary="random drop + rescale of task vectors, then task arithmetic",
-    params=(weight_param(), density_param(0.5, "keep probability (1 - drop rate)"), lambda_param(),
-            normalize_param(False), rescale_param(), seed_param()),
-    merge=_make(False),
-    **_COMMON,
-)
 
-SPEC_TIES = MethodSpec(
-    name="dare_ties",
-    summary="random drop + rescale of task vectors, then TIES sign election and disjoint merge",
-    params=(weight_param(), density_param(0.5, "keep probability (1 - drop rate)"), lambda_param(),
-            normalize_param(True), rescale_param(), seed_param()),
-    merge=_make(True),
-    **_COMMON,
-)
-
-SPECS = (SPEC_LINEAR, SPEC_TIES)
+PAPER = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"

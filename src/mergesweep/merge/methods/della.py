@@ -86,7 +86,7 @@ def della(
     return merged.mul_(lam).add_(base)
 
 
-def _validate(p, n, has_base):
+def validate(p, n, has_base):
     check_weight_sum(p, n, has_base)
     for i, (d, e) in enumerate(zip(p["density"], p["epsilon"])):
         if not (d - e > 0 and d + e <= 1 + 1e-12):
@@ -96,7 +96,7 @@ def _validate(p, n, has_base):
             )
 
 
-def _make(sign_consensus: bool):
+def make_merge(sign_consensus: bool):
     def _merge(base, experts, p, ctx: TensorContext):
         gens = [ctx.generator(i) for i in range(len(experts))]
         return della(base, experts, p["weight"], p["density"], p["epsilon"], gens, p["lambda"],
@@ -105,7 +105,7 @@ def _make(sign_consensus: bool):
     return _merge
 
 
-def _params(normalize: bool):
+def della_params(normalize: bool):
     return (
         weight_param(),
         density_param(0.5, "mean keep probability"),
@@ -118,25 +118,14 @@ def _params(normalize: bool):
     )
 
 
-_COMMON = dict(paper="Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)", base="required",
-               validate=_validate, doc=__doc__)
-
 SPEC = MethodSpec(
     name="della",
     summary="magnitude-ranked random drop + rescale, then sign election and disjoint merge",
-    params=_params(True),
-    merge=_make(True),
+    paper="Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
+    params=della_params(normalize=True),
+    merge=make_merge(sign_consensus=True),
+    base="required",
+    validate=validate,
     deviations="magnitude ranks are taken within each row of each tensor (as mergekit)",
-    **_COMMON,
+    doc=__doc__,
 )
-
-SPEC_LINEAR = MethodSpec(
-    name="della_linear",
-    summary="magnitude-ranked random drop + rescale, then task arithmetic",
-    params=_params(False),
-    merge=_make(False),
-    deviations="magnitude ranks are taken within each row of each tensor (as mergekit)",
-    **_COMMON,
-)
-
-SPECS = (SPEC, SPEC_LINEAR)

@@ -18,7 +18,6 @@ from mergesweep.merge.methods._common import (
     lambda_param,
     normalize_param,
     weight_param,
-    weighted_sum,
 )
 from mergesweep.merge.select import blocks
 from mergesweep.merge.spec import MethodSpec
