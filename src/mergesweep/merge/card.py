@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +36,7 @@ def render_model_card(spec: MethodSpec, meta: dict, base: Path | None, experts: 
         lines += ["", f"Implementation notes: {spec.deviations}."]
     lines += ["", "## Parameters", "", "| parameter | value |", "|---|---|"]
     for k, v in meta["params"].items():
-        lines.append(f"| `{k}` | `{v}` |")
+        lines.append(f"| `{k}` | `{json.dumps(v)}` |")
     lines += ["", "## Inputs", "", "| role | name | path | id | revision / source | fingerprint (sha256) |",
               "|---|---|---|---|---|---|"]
     for d in meta["inputs"]:
