@@ -152,6 +152,9 @@ class Executor(RemoteExecutor):
         if s.account:
             self.defaults["slurm_account"] = s.account
         self._backend_lock = threading.Lock()
+        # every submitted, unfinished job (also those a status check has in hand right now,
+        # which the base class's active_jobs list does not hold meanwhile)
+        self._live: dict = {}
         self.registry = JobRegistry(REGISTRY_PATH)
         self._cancel_orphans(keep=s.keep_orphans)
         self.logger.info(f"submitit executor: {self.backend.describe()}")
@@ -224,6 +227,7 @@ class Executor(RemoteExecutor):
                 handles = getattr(e, "handles", [])
             n_submissions = self.backend.submissions - before
             self.registry.add(handles, label_of=lambda h: self._label(h.key))
+            self._live.update((h.job_id, h) for h in handles)
         for h in handles:
             self.report_job_submission(
                 SubmittedJobInfo(job=h.key, external_jobid=h.job_id, aux={"handle": h})
@@ -264,15 +268,19 @@ class Executor(RemoteExecutor):
         if finished:
             with self._backend_lock:
                 self.registry.remove(finished)
+                for h in finished:
+                    self._live.pop(h.job_id, None)
 
     # -- stopping -------------------------------------------------------------------------------
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]) -> None:
-        handles = [info.aux["handle"] for info in active_jobs if info.aux]
-        if handles:
-            self.logger.info(f"submitit: cancelling {len(handles)} job(s)")
-            with self._backend_lock:
-                self.backend.cancel(handles)
-                self.registry.remove(handles)
+        with self._backend_lock:
+            handles = {info.aux["handle"].job_id: info.aux["handle"] for info in active_jobs if info.aux}
+            handles.update(self._live)
+            if handles:
+                self.logger.info(f"submitit: cancelling {len(handles)} job(s)")
+                self.backend.cancel(list(handles.values()))
+                self.registry.remove(handles.values())
+                self._live.clear()
 
     def shutdown(self) -> None:
         super().shutdown()

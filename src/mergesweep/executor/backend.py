@@ -209,7 +209,8 @@ class SubmititBackend:
             else:
                 with ex.batch():
                     jobs = [ex.submit(fn) for fn in fns]
-        except (subprocess.CalledProcessError, submitit_utils.FailedJobError, OSError) as e:
+        except (subprocess.CalledProcessError, submitit_utils.FailedJobError,
+                submitit_utils.FailedSubmissionError, OSError) as e:
             raise ExecutorError(
                 f"sbatch refused {len(fns)} job(s) of {request.name!r} ({request.describe()}): "
                 f"{_error_text(e)}"
