@@ -31,7 +31,9 @@ rule evaluate:
         device=EVAL.get("device", "cpu"),
         limit=f"--limit {EVAL['limit']}" if EVAL.get("limit") else "",
         samples="--log-samples" if EVAL.get("log_samples") else "",
-    threads: THREADS
+    # evaluation of a small model is dominated by per-process start-up: by default one thread per
+    # job, so two jobs share a 2-core machine (evaluation.threads overrides)
+    threads: int(EVAL.get("threads", 1))
     resources:
         mem_mb=4000,
     log:
