@@ -106,7 +106,12 @@ rule lmc:
         data=lambda w: f"resources/data/{_skill_of(w.align_model)}",
     output:
         json="results/lmc/{align_model}--{align_ref}--{align_method}.json",
-        plot="results/lmc/{align_model}--{align_ref}--{align_method}.png",
+        plot=report(
+            "results/lmc/{align_model}--{align_ref}--{align_method}.png",
+            caption="../report/lmc.rst",
+            category="Alignment",
+            subcategory="{align_model} onto {align_ref}",
+        ),
     wildcard_constraints:
         align_model=_alt([PLAN.base, *PLAN.experts]),
         align_ref=_alt([PLAN.base, *PLAN.experts]),
