@@ -155,8 +155,12 @@ def test_drained_node_holds_jobs_until_resumed(fault_sweep):
 def test_timed_out_job_is_retried_with_more_time(fault_sweep):
     rows = sc.by_name(fault_sweep["sacct"], "smk-timeout")
     by_state = {r["State"].split()[0]: r for r in rows}
-    assert "TIMEOUT" in by_state and "COMPLETED" in by_state, rows
-    assert by_state["TIMEOUT"]["Timelimit"] == "00:01:00", rows
+    # the first attempt ends at its 1-minute limit: sacct says TIMEOUT, or FAILED when the job's
+    # command exits on SLURM's SIGTERM before the controller records the timeout (seen on a loaded
+    # machine); either way Snakemake must retry it with twice the time
+    first = by_state.get("TIMEOUT") or by_state.get("FAILED")
+    assert first is not None and "COMPLETED" in by_state, rows
+    assert first["Timelimit"] == "00:01:00", rows
     assert by_state["COMPLETED"]["Timelimit"] == "00:02:00", rows
     assert "attempt=2" in _output(fault_sweep, "timeout")
 
