@@ -1,12 +1,30 @@
-"""Content-derived ids: the same merge (method, parameters, inputs, alignment) gets the same id,
-so Snakemake never computes it twice."""
+"""Content-derived ids: the same merge gets the same id wherever it is computed.
+
+:func:`merge_model_id` is the one function that names a merged model. The workflow's plan
+(:mod:`mergesweep.plan`) and ``mergesweep merge`` (:func:`mergesweep.merge.config.planned_model_id`)
+both call it with
+
+- the *resolved* parameters (defaults filled in, per-expert values as lists in expert order,
+  numbers canonical: ``1`` and ``1.0`` hash alike), so ``linear {}`` and
+  ``linear {weight: 1.0, normalize: true}`` are one merge;
+- the inputs' *uids*: a base's or expert's uid is recorded in its ``mergesweep.json`` by the stage
+  that wrote it (see :mod:`mergesweep.record`), so a merge run by hand on the workflow's
+  checkpoints gets the workflow's id; a checkpoint without a record is identified by its
+  content fingerprint;
+- every setting that changes the weights: output dtype, vocabulary policy, alignment.
+
+For a method whose result does not depend (mathematically) on expert order
+(``MethodSpec.order_invariant``), experts are sorted by uid together with their per-expert
+parameter values, so listing the experts in another order gives the same id. A method that
+does not use the base (``base: unused``) does not hash it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 
 def canonical_json(obj: Any) -> str:
@@ -35,23 +53,49 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "x"
 
 
+def definition_uid(name: str, definition: Any) -> str:
+    """``name@hash`` of a base's or expert's definition (source or recipe, and its base's uid)."""
+    return f"{name}@{short_hash(definition, 8)}"
+
+
 def merge_model_id(
     method: str,
     params: Mapping[str, Any],
     base: str | None,
     experts: Sequence[str],
-    align: Mapping[str, Any] | None = None,
+    *,
+    per_expert: Collection[str] = (),
+    order_invariant: bool = False,
+    align: Sequence[str | None] | None = None,
+    dtype: str | None = None,
+    vocab_policy: str = "error",
 ) -> str:
-    """``<method>-<hash>`` where the hash covers method, params, base id, expert ids and alignment.
+    """``<method>-<hash>`` of everything that defines a merged model's weights.
 
-    Expert order matters only where the method is order-sensitive, which the params encode
-    (per-expert lists), so the ids are kept in the given order.
+    ``params`` are the resolved parameters; ``per_expert`` names those whose value may be a list
+    in expert order; ``experts`` the inputs' uids; ``align`` one alignment uid (or ``None``) per
+    expert; ``dtype`` the output dtype name (``None``: the base's); ``vocab_policy`` as given.
     """
+    params = dict(params)
+    rows = [
+        {
+            "uid": uid,
+            "align": (align[i] if align else None),
+            # a scalar applies to every expert: [1, 1] and 1 hash alike
+            "params": {k: (params[k][i] if isinstance(params[k], (list, tuple)) else params[k])
+                       for k in sorted(per_expert) if k in params},
+        }
+        for i, uid in enumerate(experts)
+    ]
+    if order_invariant:
+        rows.sort(key=canonical_json)
+    shared = {k: v for k, v in params.items() if k not in per_expert}
     payload = {
         "method": method,
-        "params": dict(params),
+        "params": shared,
         "base": base,
-        "experts": list(experts),
-        "align": dict(align) if align else None,
+        "experts": rows,
+        "dtype": dtype,
+        "vocab_policy": vocab_policy,
     }
     return f"{slug(method)}-{short_hash(payload)}"

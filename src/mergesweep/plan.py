@@ -1,191 +1,344 @@
-"""The sweep plan: from a validated workflow config to the concrete models, merges and suites.
+"""The sweep plan: from a workflow config to every job, path and id of the run, computed once.
 
-The Snakemake rules (``workflow/rules/common.smk``) call :func:`build_plan` once; everything that
-decides *what* is computed lives here, is importable without Snakemake, and is unit-tested.
+The Snakemake rules (``workflow/rules/*.smk``) call :func:`build_plan` once and only look things
+up in it; everything that decides *what* is computed lives here, is importable without
+Snakemake (and without torch), and is unit-tested.
 
-Ids:
-
-- the base and experts keep their configured names as model ids, and get a *uid*
-  (``name@hash``) that covers their whole definition (source or recipe, and the base's uid);
-- a merge's model id is ``<method>-<hash>`` of (method, parameters, input uids, alignment), see
-  :func:`mergesweep.ids.merge_model_id`, so the same merge is computed once even when two
-  entries of ``merges`` expand to the same point.
+- :func:`mergesweep.config.validate_config` checks every key and fills the defaults (the schema
+  owns them); :func:`build_plan` then checks what a schema cannot: cross-references (an expert's
+  skill, a merge's experts, an alignment reference), merge parameters against each method's
+  spec, merge settings with the parsers ``mergesweep merge`` uses, paths of local sources.
+- Paths come from :class:`mergesweep.layout.Layout`.
+- Ids: the base and experts keep their configured names as model ids and get a *uid*
+  (``name@hash``) covering their whole definition (source or recipe, and the base's uid), which
+  the stage that writes them records in their ``mergesweep.json``. A merged model's id comes
+  from :func:`mergesweep.merge.identity.merge_identity` over the *resolved* parameters, the
+  inputs' uids, the alignment jobs' uids, dtype and vocabulary policy: the function
+  ``mergesweep merge`` uses too, so the same merge has one id wherever it is run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergesweep.config import validate_config
 from mergesweep.errors import ConfigError
-from mergesweep.ids import merge_model_id, short_hash
+from mergesweep.ids import definition_uid, short_hash
+from mergesweep.layout import Layout, safe_name
 
-FINETUNE_DEFAULTS = {"steps": 60, "batch_size": 8, "lr": 1e-4, "warmup": 5, "train_embeddings": False}
-PRETRAIN_DEFAULTS = {"steps": 150, "batch_size": 32, "lr": 3e-3, "hidden": 64, "layers": 2, "heads": 4,
-                     "kv_heads": 2, "intermediate": 128, "vocab_size": 512}
+ALIGN_METHODS = ("weight_matching", "activation_matching")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Checkpoint:
+    """The base or an expert: where it comes from and where it lives."""
+
+    name: str
+    role: str  # base | expert
+    stage: str  # fetch | pretrain | finetune: the rule that makes it
+    uid: str
+    dir: str
+    domain: str | None = None
+    source: dict | None = None
+    recipe: dict | None = None  # pretrain or finetune settings
+
+
+@dataclass(frozen=True)
+class AlignJob:
+    """Permutation map of ``model`` onto ``reference`` (and its LMC curve)."""
+
+    model: str
+    reference: str
+    method: str
+    uid: str
+    perm: str
+    summary: str
+    lmc_json: str
+    lmc_plot: str
+    data: str | None  # split file for activation matching
+    lmc_data: str
+    seed: int
+    max_iter: int
+
+
+@dataclass(frozen=True)
 class Merge:
     model_id: str
     method: str
-    params: dict
-    experts: list[str]
-    align: dict | None
+    params: dict  # resolved: defaults filled, per-expert values as lists
+    experts: tuple[str, ...]
+    align: tuple[AlignJob | None, ...] | None  # per expert (None: the reference itself)
     entry: int  # index in config["merges"]
-
-    def yaml_doc(self, base_dir: str, expert_dirs: list[str], merge_cfg: dict,
-                 align_maps: dict[str, str] | None = None) -> dict:
-        doc = {
-            "method": self.method,
-            "base": base_dir,
-            "experts": expert_dirs,
-            "expert_names": list(self.experts),
-            "params": self.params,
-            "device": merge_cfg.get("device", "cpu"),
-            "shard_size": merge_cfg.get("shard_size", "2GB"),
-            "vocab_policy": merge_cfg.get("vocab_policy", "error"),
-        }
-        if merge_cfg.get("dtype"):
-            doc["dtype"] = merge_cfg["dtype"]
-        if align_maps:
-            doc["align"] = align_maps
-        return doc
+    dir: str
+    yaml: str
 
 
 @dataclass
 class Plan:
-    base: str
-    base_uid: str
-    experts: dict[str, dict]  # name -> {"skill", "source"|None, "finetune", "uid"}
+    config: dict  # validated, defaults filled
+    layout: Layout
+    base: Checkpoint
+    experts: dict[str, Checkpoint]
     skills: list[str]
     heldout: list[str]
     lm_eval_suites: dict[str, Any]  # name -> mergesweep.evaluate.suites.Suite
     merges: dict[str, Merge] = field(default_factory=dict)
+    align_jobs: dict[tuple[str, str, str], AlignJob] = field(default_factory=dict)
 
+    # -- what is in the run ----------------------------------------------------------------------
     @property
     def suites(self) -> list[str]:
         return [*self.skills, *self.heldout, *self.lm_eval_suites]
 
     @property
+    def data_suites(self) -> list[str]:
+        """Suites whose data and task YAMLs the workflow generates."""
+        return [*self.skills, *self.heldout]
+
+    @property
     def models(self) -> list[str]:
-        return [self.base, *self.experts, *self.merges]
+        return [self.base.name, *self.experts, *self.merges]
+
+    @property
+    def fetched(self) -> list[Checkpoint]:
+        return [c for c in (self.base, *self.experts.values()) if c.stage == "fetch"]
+
+    @property
+    def trained_experts(self) -> list[str]:
+        return [n for n, e in self.experts.items() if e.stage == "finetune"]
+
+    def checkpoint(self, name: str) -> Checkpoint:
+        if name == self.base.name:
+            return self.base
+        if name in self.experts:
+            return self.experts[name]
+        raise ConfigError(f"'{name}' is neither the base nor an expert of this plan")
 
     def model_dir(self, model_id: str) -> str:
-        if model_id == self.base:
-            return f"resources/checkpoints/{model_id}"
-        if model_id in self.experts:
-            e = self.experts[model_id]
-            return f"resources/checkpoints/{model_id}" if e["source"] else f"resources/experts/{model_id}"
         if model_id in self.merges:
-            return f"results/models/{model_id}"
-        raise ConfigError(f"unknown model id '{model_id}'")
+            return self.merges[model_id].dir
+        return self.checkpoint(model_id).dir
 
     def role(self, model_id: str) -> str:
-        return "base" if model_id == self.base else "expert" if model_id in self.experts else "merged"
+        return "merged" if model_id in self.merges else self.checkpoint(model_id).role
+
+    def uid(self, model_id: str) -> str:
+        return model_id if model_id in self.merges else self.checkpoint(model_id).uid
+
+    # -- settings (validated, defaults filled) ---------------------------------------------------
+    @property
+    def threads(self) -> int:
+        return self.config["threads"]
+
+    @property
+    def merge_settings(self) -> dict:
+        return self.config["merge"]
+
+    @property
+    def evaluation(self) -> dict:
+        return self.config["evaluation"]
+
+    def data_sizes(self, suite: str) -> dict:
+        """Examples per split of a generated suite (held-out suites have no train split)."""
+        s = self.config["suites"]
+        if suite in self.heldout:
+            return {"train": 0, **s["heldout_sizes"]}
+        return dict(s["sizes"])
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def eval_jsons(self) -> list[str]:
+        return [self.layout.eval_json(m, s) for m in self.models for s in self.suites]
+
+    def merge_yaml_doc(self, model_id: str) -> dict:
+        """The merge YAML of one merge: exactly what ``mergesweep merge --config`` takes."""
+        m = self.merges[model_id]
+        s = self.merge_settings
+        doc: dict[str, Any] = {
+            "method": m.method,
+            "base": self.base.dir,
+            "experts": [self.model_dir(e) for e in m.experts],
+            "expert_names": list(m.experts),
+            "params": m.params,
+            "device": s["device"],
+            "shard_size": s["shard_size"],
+            "vocab_policy": s["vocab_policy"],
+            "dtype": s["dtype"],
+        }
+        if m.align:
+            doc["align"] = {e: job.perm for e, job in zip(m.experts, m.align) if job is not None}
+        return doc
 
 
-def _uid(name: str, definition: Any) -> str:
-    return f"{name}@{short_hash(definition, 8)}"
+def build_plan(config: dict, layout: Layout | None = None) -> Plan:
+    """Validate ``config`` and expand it into every job of the run.
 
-
-def build_plan(config: dict) -> Plan:
-    """Expand the config's merge grids into concrete merges and check cross-references.
-
-    Raises ConfigError naming the key (``merges[1].method``, ``experts[0].skill``...)."""
-    from mergesweep.merge.grid import expand_grid
-    from mergesweep.merge.methods import REGISTRY
-
-    base = config["base"]
-    base_def = {"source": base.get("source"), "pretrain": base.get("pretrain"), "seed": config.get("seed", 0)}
-    base_uid = _uid(base["name"], base_def)
-    suites = config["suites"]
-    skills = list(suites["skills"])
-    heldout = list(suites.get("heldout") or [])
+    Raises ConfigError naming the key (``merges[1].params.density``, ``experts[0].skill``...)."""
     from mergesweep.evaluate.suites import resolve
+    from mergesweep.merge.settings import canonical_dtype, check_device, check_vocab_policy, parse_size
 
-    lm_eval_suites = {name: resolve(name, v) for name, v in (suites.get("lm_eval") or {}).items()}
-    ft_defaults = {**FINETUNE_DEFAULTS, **(config.get("finetune") or {})}
+    cfg = validate_config(config)
+    layout = layout or Layout()
+    seed = cfg["seed"]
+    suites = cfg["suites"]
+    skills, heldout = list(suites["skills"]), list(suites["heldout"])
+    lm_eval = {name: resolve(name, v) for name, v in suites["lm_eval"].items()}
+    clash = set(lm_eval) & set(skills + heldout)
+    if clash:
+        raise ConfigError(f"suites.lm_eval.{sorted(clash)[0]}: the name is already a skill or held-out suite")
 
-    experts: dict[str, dict] = {}
-    for i, e in enumerate(config["experts"]):
-        name = e["name"]
-        if name in experts or name == base["name"]:
-            raise ConfigError(f"experts[{i}].name: '{name}' is used twice")
+    # merge settings, parsed as `mergesweep merge` parses them
+    ms = cfg["merge"]
+    ms["dtype"] = canonical_dtype(ms["dtype"], "merge.dtype")
+    check_device(ms["device"], "merge.device")
+    check_vocab_policy(ms["vocab_policy"], "merge.vocab_policy")
+    parse_size(ms["shard_size"], "merge.shard_size")
+    check_device(cfg["evaluation"]["device"], "evaluation.device")
+
+    base = _base(cfg, layout)
+    experts: dict[str, Checkpoint] = {}
+    for i, e in enumerate(cfg["experts"]):
+        key = f"experts[{i}]"
+        name = safe_name(e["name"], f"{key}.name")
+        if name in experts or name == base.name:
+            raise ConfigError(f"{key}.name: '{name}' is used twice")
         if e["skill"] not in skills:
-            raise ConfigError(f"experts[{i}].skill: '{e['skill']}' is not one of suites.skills ({', '.join(skills)})")
-        ft = {**ft_defaults, **(e.get("finetune") or {})}
-        ft.setdefault("seed", config.get("seed", 0))
-        definition = {"skill": e["skill"], "source": e.get("source"), "finetune": None if e.get("source") else ft,
-                      "base": base_uid, "sizes": suites.get("sizes")}
-        experts[name] = {"skill": e["skill"], "source": e.get("source"), "finetune": ft,
-                         "uid": _uid(name, definition)}
+            raise ConfigError(f"{key}.skill: '{e['skill']}' is not one of suites.skills ({', '.join(skills)})")
+        experts[name] = _expert(cfg, e, key, base, layout)
 
-    plan = Plan(base=base["name"], base_uid=base_uid, experts=experts, skills=skills, heldout=heldout,
-                lm_eval_suites=lm_eval_suites)
-    for i, m in enumerate(config.get("merges") or []):
-        key = f"merges[{i}]"
-        method = m["method"]
-        if method not in REGISTRY:
-            raise ConfigError(f"{key}.method: unknown merge method '{method}' (known: {', '.join(sorted(REGISTRY))})")
-        names = list(m.get("experts") or experts)
-        for n in names:
-            if n not in experts:
-                raise ConfigError(f"{key}.experts: '{n}' is not a configured expert ({', '.join(experts)})")
-        try:
-            points = expand_grid(m.get("params") or {})
-        except ConfigError as err:
-            raise ConfigError(f"{key}.params: {err}") from None
-        align = m.get("align")
-        out_dtype = (config.get("merge") or {}).get("dtype")
-        for point in points:
-            _check_params(method, point, names, key)
-            # the output dtype changes the weights, so it is part of the content id when set
-            id_params = {**point, "__dtype__": out_dtype} if out_dtype else point
-            mid = merge_model_id(method, id_params, base_uid, [experts[n]["uid"] for n in names], align)
-            if mid not in plan.merges:
-                plan.merges[mid] = Merge(mid, method, point, names, align, i)
+    plan = Plan(config=cfg, layout=layout, base=base, experts=experts, skills=skills, heldout=heldout,
+                lm_eval_suites=lm_eval)
+    for i, m in enumerate(cfg["merges"]):
+        _plan_merges(plan, m, f"merges[{i}]", i)
     return plan
 
 
-def _check_params(method: str, params: dict, names: list[str], key: str) -> None:
-    """Validate one grid point against the method spec (types, ranges, expert count)."""
-    from mergesweep.merge.methods import get_method
-    from mergesweep.merge.spec import resolve_params
+def _check_local_source(src: dict | None, key: str) -> None:
+    if src and src["type"] == "local":
+        if "path" not in src:
+            raise ConfigError(f"{key}.path: a local source needs a path")
+        if not Path(src["path"]).expanduser().is_dir():
+            raise ConfigError(f"{key}.path: directory {src['path']} not found")
+    if src and src["type"] == "hub" and "repo_id" not in src:
+        raise ConfigError(f"{key}.repo_id: a hub source needs a repo_id")
 
-    spec = get_method(method)
+
+def _base(cfg: dict, layout: Layout) -> Checkpoint:
+    b = cfg["base"]
+    name = safe_name(b["name"], "base.name")
+    source = b.get("source")
+    _check_local_source(source, "base.source")
+    pretrain = None if source else {**b["pretrain"], "seed": b["pretrain"].get("seed", cfg["seed"])}
+    definition = {"source": source, "pretrain": pretrain}
+    if pretrain:  # a pretrained base also depends on the data it is trained on
+        definition["data"] = {"skills": cfg["suites"]["skills"], "heldout": cfg["suites"]["heldout"],
+                              "sizes": cfg["suites"]["sizes"], "seed": cfg["seed"]}
+    return Checkpoint(name=name, role="base", stage="fetch" if source else "pretrain",
+                      uid=definition_uid(name, definition), dir=layout.checkpoint(name),
+                      source=source, recipe=pretrain)
+
+
+def _expert(cfg: dict, e: dict, key: str, base: Checkpoint, layout: Layout) -> Checkpoint:
+    name = e["name"]
+    source = e.get("source")
+    _check_local_source(source, f"{key}.source")
+    if source:
+        definition = {"source": source, "skill": e["skill"], "base": base.uid}
+        return Checkpoint(name=name, role="expert", stage="fetch", uid=definition_uid(name, definition),
+                          dir=layout.checkpoint(name), domain=e["skill"], source=source)
+    recipe = {**cfg["finetune"], **(e.get("finetune") or {})}
+    recipe.setdefault("seed", cfg["seed"])
+    definition = {"skill": e["skill"], "finetune": recipe, "base": base.uid,
+                  "data": {"sizes": cfg["suites"]["sizes"], "seed": cfg["seed"]}}
+    return Checkpoint(name=name, role="expert", stage="finetune", uid=definition_uid(name, definition),
+                      dir=layout.trained_expert(name), domain=e["skill"], recipe=recipe)
+
+
+def _align_job(plan: Plan, model: str, reference: str, method: str) -> AlignJob:
+    key = (model, reference, method)
+    if key in plan.align_jobs:
+        return plan.align_jobs[key]
+    acfg = plan.config["align"]
+    seed = acfg.get("seed", plan.config["seed"])
+    skill = plan.experts[model].domain if model in plan.experts else plan.skills[0]
+    uid = "align@" + short_hash({"model": plan.uid(model), "reference": plan.uid(reference), "method": method,
+                                 "seed": seed, "max_iter": acfg["max_iter"],
+                                 "data": [skill, acfg["data_split"]] if method == "activation_matching" else None})
+    L = plan.layout
+    job = AlignJob(
+        model=model, reference=reference, method=method, uid=uid,
+        perm=L.perm_map(model, reference, method), summary=L.align_summary(model, reference, method),
+        lmc_json=L.lmc(model, reference, method, "json"), lmc_plot=L.lmc(model, reference, method, "png"),
+        data=L.data_split(skill, acfg["data_split"]) if method == "activation_matching" else None,
+        lmc_data=L.data_split(skill, acfg["lmc_split"]), seed=seed, max_iter=acfg["max_iter"],
+    )
+    plan.align_jobs[key] = job
+    return job
+
+
+def _plan_merges(plan: Plan, m: dict, key: str, entry: int) -> None:
+    from mergesweep.merge.grid import expand_grid
+    from mergesweep.merge.identity import merge_identity
+    from mergesweep.merge.methods import REGISTRY
+
+    method = m["method"]
+    if method not in REGISTRY:
+        raise ConfigError(f"{key}.method: unknown merge method '{method}' (known: {', '.join(sorted(REGISTRY))})")
+    names = list(m.get("experts") or plan.experts)
+    for n in names:
+        if n not in plan.experts:
+            raise ConfigError(f"{key}.experts: '{n}' is not a configured expert ({', '.join(plan.experts)})")
+    align = None
+    if m.get("align") is not None:
+        a = m["align"]
+        ref = a.get("reference", "base")
+        ref = plan.base.name if ref == "base" else ref
+        if ref != plan.base.name and ref not in plan.experts:
+            raise ConfigError(f"{key}.align.reference: '{ref}' is neither 'base' nor an expert")
+        align = tuple(None if e == ref else _align_job(plan, e, ref, a["method"]) for e in names)
     try:
-        spec.check_inputs(len(names), True)
-        resolve_params(spec, params, len(names), names, has_base=True)
+        points = expand_grid(m["params"])
     except ConfigError as err:
-        raise ConfigError(f"{key}.params: {err}") from None
+        raise ConfigError(f"{key}.{err}") from None
+    ms = plan.merge_settings
+    for point in points:
+        try:
+            mid, params = merge_identity(
+                method, point, names, plan.base.uid, [plan.experts[n].uid for n in names],
+                align_uids=[j.uid if j else None for j in align] if align else None,
+                dtype=ms["dtype"], vocab_policy=ms["vocab_policy"],
+            )
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{err}") from None
+        if mid not in plan.merges:
+            plan.merges[mid] = Merge(mid, method, params, tuple(names), align, entry,
+                                     plan.layout.merged_model(mid), plan.layout.merge_yaml(mid))
 
 
 def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return short_hash(config, 16)
 
 
-def provenance(config: dict, plan: Plan, root: str | Path = ".") -> dict:
-    """The run's provenance: config hash, checkpoint ids/revisions/fingerprints, versions."""
-    import importlib.metadata as md
+def provenance(plan: Plan, root: str | Path = ".") -> dict:
+    """The run's provenance: config hash, each base's/expert's record (uid, source, its own
+    fingerprint), library versions."""
+    from mergesweep.record import library_versions, read_record
 
     root = Path(root)
     ckpts = {}
-    for mid in [plan.base, *plan.experts]:
-        meta_path = root / plan.model_dir(mid) / "mergesweep.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        src = meta.get("source") or {}
-        ckpts[mid] = {"role": plan.role(mid), "uid": plan.base_uid if mid == plan.base else plan.experts[mid]["uid"],
-                      "source": src.get("type"), "revision": src.get("revision") or src.get("repo_id"),
-                      "sha256": src.get("sha256"), "fingerprint": meta.get("fingerprint") or meta.get("base_fingerprint")}
-    versions = {}
-    for pkg in ("mergesweep", "torch", "transformers", "lm_eval", "snakemake", "safetensors", "pandas"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {"config_hash": config_hash(config), "config": config, "checkpoints": ckpts, "versions": versions,
-            "merges": {k: {"method": m.method, "params": m.params, "experts": m.experts} for k, m in plan.merges.items()}}
+    for c in (plan.base, *plan.experts.values()):
+        rec = read_record(root / c.dir)
+        if rec.uid != c.uid:
+            raise ConfigError(
+                f"{c.dir}: its record has uid {rec.uid!r} but the plan expects {c.uid!r} "
+                "(the checkpoint was made from another definition: delete it to rebuild)"
+            )
+        src = rec.source or {}
+        ckpts[c.name] = {"role": rec.role, "uid": rec.uid, "stage": rec.stage, "source": src.get("type"),
+                         "revision": src.get("revision") or src.get("repo_id"), "sha256": src.get("sha256"),
+                         "fingerprint": rec.fingerprint}
+    return {"config_hash": config_hash(plan.config), "config": plan.config, "checkpoints": ckpts,
+            "versions": library_versions(),
+            "merges": {k: {"method": m.method, "params": m.params, "experts": list(m.experts)}
+                       for k, m in plan.merges.items()}}

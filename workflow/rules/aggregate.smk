@@ -1,58 +1,62 @@
 # Evaluation JSONs -> results/tables/scores.parquet -> leaderboard tables, markdown and report.
 # `mergesweep leaderboard` regenerates everything downstream of scores.parquet by itself.
+LB = L.leaderboard_outputs()
 
 
 rule provenance:
     input:
-        [model_dir(m) for m in [PLAN.base, *PLAN.experts]],
+        [c.dir for c in (PLAN.base, *PLAN.experts.values())],
     output:
-        "results/tables/provenance.json",
+        L.provenance,
     localrule: True
     run:
         from mergesweep.atomic import write_json
         from mergesweep.plan import provenance
 
-        write_json(output[0], provenance(config, PLAN))
+        write_json(output[0], provenance(PLAN))
 
 
 rule aggregate:
     input:
-        evals=eval_jsons(),
-        provenance="results/tables/provenance.json",
+        evals=PLAN.eval_jsons(),
+        provenance=L.provenance,
     output:
-        report("results/tables/scores.parquet", caption="../report/scores.rst", category="Tables"),
+        report(L.table("scores"), caption="../report/scores.rst", category="Tables"),
     log:
-        "results/logs/aggregate.log",
+        L.log("aggregate", "aggregate"),
     shell:
-        "{MS} aggregate --evals {input.evals} --provenance {input.provenance} --out {output} 2> {log}"
+        "{MS} aggregate --evals {input.evals:q} --provenance {input.provenance:q} --out {output:q} 2> {log:q}"
 
 
 rule leaderboard:
     input:
-        scores="results/tables/scores.parquet",
-        provenance="results/tables/provenance.json",
+        scores=L.table("scores"),
+        provenance=L.provenance,
     output:
-        lb=report("results/tables/leaderboard.parquet", caption="../report/tables.rst", category="Tables"),
-        sel="results/tables/selection.parquet",
-        par="results/tables/pareto.parquet",
-        md=report("results/leaderboard.md", caption="../report/leaderboard_md.rst", category="Leaderboard"),
-        html=report("results/report/report.html", caption="../report/report_html.rst", category="Leaderboard"),
-        bars=report("results/report/bars.png", caption="../report/bars.rst", category="Figures"),
-        heat=report("results/report/heatmap.png", caption="../report/heatmap.rst", category="Figures"),
-        sens=report("results/report/sensitivity.png", caption="../report/sensitivity.rst", category="Figures"),
-        pareto=report("results/report/pareto.png", caption="../report/pareto.rst", category="Figures"),
+        lb=report(LB["leaderboard"], caption="../report/tables.rst", category="Tables"),
+        sel=LB["selection"],
+        par=LB["pareto"],
+        md=report(LB["markdown"], caption="../report/leaderboard_md.rst", category="Leaderboard"),
+        html=report(LB["report"], caption="../report/report_html.rst", category="Leaderboard"),
+        bars=report(LB["fig_bars"], caption="../report/bars.rst", category="Figures"),
+        heat=report(LB["fig_heatmap"], caption="../report/heatmap.rst", category="Figures"),
+        sens=report(LB["fig_sensitivity"], caption="../report/sensitivity.rst", category="Figures"),
+        pareto=report(LB["fig_pareto"], caption="../report/pareto.rst", category="Figures"),
+    params:
+        out_dir=L.results,
     log:
-        "results/logs/leaderboard.log",
+        L.log("aggregate", "leaderboard"),
     shell:
-        "{MS} leaderboard --scores {input.scores} --provenance {input.provenance} --out-dir results 2> {log}"
+        "{MS} leaderboard --scores {input.scores:q} --provenance {input.provenance:q} --out-dir {params.out_dir:q}"
+        " 2> {log:q}"
 
 
 rule lmc_table:
     input:
-        [p for p in ALIGN_TARGETS if p.startswith("results/lmc/") and p.endswith(".json")],
+        [job.lmc_json for job in PLAN.align_jobs.values()],
     output:
-        report("results/tables/lmc.parquet", caption="../report/tables.rst", category="Alignment"),
+        report(L.table("lmc"), caption="../report/tables.rst", category="Alignment"),
     log:
-        "results/logs/lmc_table.log",
+        L.log("aggregate", "lmc_table"),
     shell:
-        "{MS} lmc-table --lmc {input} --out {output} 2> {log}"
+        "{MS} lmc-table --lmc {input:q} --out {output:q} 2> {log:q}"

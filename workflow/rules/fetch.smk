@@ -1,64 +1,58 @@
-# Base and fetched experts -> resources/checkpoints/<name>/ (verified HF layout).
+# Base and fetched experts -> resources/checkpoints/<name>/ (verified HF layout + model record).
 # Skill data and lm-eval task YAMLs -> resources/data/<suite>/, resources/tasks/<suite>/.
+import json
 
 
 rule make_data:
     output:
-        data=directory("resources/data/{data_suite}"),
-        tasks=directory("resources/tasks/{data_suite}"),
+        data=directory(L.data("{data_suite}")),
+        tasks=directory(L.tasks("{data_suite}")),
     params:
         # scalars, not mappings: a reordered config must not look like a changed one
-        train=lambda w: 0 if w.data_suite in PLAN.heldout else SIZES["train"],
-        validation=lambda w: (HELDOUT_SIZES if w.data_suite in PLAN.heldout else SIZES)["validation"],
-        test=lambda w: (HELDOUT_SIZES if w.data_suite in PLAN.heldout else SIZES)["test"],
-        seed=config.get("seed", 0),
+        train=lambda w: PLAN.data_sizes(w.data_suite)["train"],
+        validation=lambda w: PLAN.data_sizes(w.data_suite)["validation"],
+        test=lambda w: PLAN.data_sizes(w.data_suite)["test"],
+        seed=PLAN.config["seed"],
     log:
-        "results/logs/make_data/{data_suite}.log",
+        L.log("make_data", "{data_suite}"),
     shell:
-        "{MS} make-data --suite {wildcards.data_suite} --seed {params.seed}"
+        "{MS} make-data --suite {wildcards.data_suite:q} --seed {params.seed}"
         " --train {params.train} --validation {params.validation} --test {params.test}"
-        " --data-dir {output.data} --tasks-dir {output.tasks} 2> {log}"
+        " --data-dir {output.data:q} --tasks-dir {output.tasks:q} 2> {log:q}"
 
 
-if "source" in config["base"]:
+rule fetch:
+    output:
+        directory(L.checkpoint("{fetched}")),
+    params:
+        source=lambda w: json.dumps(PLAN.checkpoint(w.fetched).source, sort_keys=True),
+        role=lambda w: PLAN.checkpoint(w.fetched).role,
+        domain=lambda w: PLAN.checkpoint(w.fetched).domain or "",
+        uid=lambda w: PLAN.checkpoint(w.fetched).uid,
+        cache=L.downloads,
+    resources:
+        mem_mb=4000,
+    log:
+        L.log("fetch", "{fetched}"),
+    shell:
+        "{MS} fetch --name {wildcards.fetched:q} --role {params.role:q} --domain {params.domain:q}"
+        " --uid {params.uid:q} --source {params.source:q} --cache-dir {params.cache:q} --out {output:q} 2> {log:q}"
 
-    rule fetch_base:
-        output:
-            directory(f"resources/checkpoints/{PLAN.base}"),
-        params:
-            source=shell_json(config["base"]["source"]),  # sorted keys (shell_json)
-        log:
-            f"results/logs/fetch/{PLAN.base}.log",
-        resources:
-            mem_mb=4000,
-        shell:
-            "{MS} fetch --name {PLAN.base} --role base --source {params.source} --out {output} 2> {log}"
 
-else:
+if PLAN.base.stage == "pretrain":
 
     rule pretrain_base:
         input:
-            expand("resources/data/{s}", s=DATA_SUITES),
+            [L.data(s) for s in PLAN.data_suites],
         output:
-            directory(f"resources/checkpoints/{PLAN.base}"),
+            directory(PLAN.base.dir),
         params:
-            args=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(config["base"]["pretrain"].items())),
+            args=[f"--{k.replace('_', '-')}={v}" for k, v in sorted(PLAN.base.recipe.items())],
+            name=PLAN.base.name,
+            uid=PLAN.base.uid,
         threads: THREADS
         log:
-            f"results/logs/pretrain/{PLAN.base}.log",
+            L.log("pretrain", PLAN.base.name),
         shell:
-            "{MS} pretrain --name {PLAN.base} --data-dirs {input} {params.args} --threads {threads}"
-            " --out {output} 2> {log}"
-
-
-rule fetch_expert:
-    output:
-        directory("resources/checkpoints/{fetched}"),
-    params:
-        source=lambda w: shell_json(PLAN.experts[w.fetched]["source"]),
-        domain=lambda w: PLAN.experts[w.fetched]["skill"],
-    log:
-        "results/logs/fetch/{fetched}.log",
-    shell:
-        "{MS} fetch --name {wildcards.fetched} --role expert --domain {params.domain}"
-        " --source {params.source} --out {output} 2> {log}"
+            "{MS} pretrain --name {params.name:q} --uid {params.uid:q} --data-dirs {input:q} {params.args:q}"
+            " --threads {threads} --out {output:q} 2> {log:q}"

@@ -1,27 +1,33 @@
 # Experts fine-tuned from the base on their skill's train split -> resources/experts/<name>/.
 
 
+def _recipe(w):
+    return PLAN.experts[w.expert].recipe
+
+
 rule finetune:
     input:
-        base=f"resources/checkpoints/{PLAN.base}",
-        data=lambda w: f"resources/data/{PLAN.experts[w.expert]['skill']}",
+        base=PLAN.base.dir,
+        data=lambda w: L.data(PLAN.experts[w.expert].domain),
     output:
-        directory("resources/experts/{expert}"),
+        directory(L.trained_expert("{expert}")),
     params:
-        skill=lambda w: PLAN.experts[w.expert]["skill"],
-        steps=lambda w: PLAN.experts[w.expert]["finetune"]["steps"],
-        batch_size=lambda w: PLAN.experts[w.expert]["finetune"]["batch_size"],
-        lr=lambda w: PLAN.experts[w.expert]["finetune"]["lr"],
-        warmup=lambda w: PLAN.experts[w.expert]["finetune"]["warmup"],
-        seed=lambda w: PLAN.experts[w.expert]["finetune"]["seed"],
-        emb=lambda w: "--train-embeddings" if PLAN.experts[w.expert]["finetune"].get("train_embeddings") else "",
+        skill=lambda w: PLAN.experts[w.expert].domain,
+        train=lambda w: L.data_split(PLAN.experts[w.expert].domain, "train"),
+        uid=lambda w: PLAN.experts[w.expert].uid,
+        steps=lambda w: _recipe(w)["steps"],
+        batch_size=lambda w: _recipe(w)["batch_size"],
+        lr=lambda w: _recipe(w)["lr"],
+        warmup=lambda w: _recipe(w)["warmup"],
+        seed=lambda w: _recipe(w)["seed"],
+        emb=lambda w: "--train-embeddings" if _recipe(w)["train_embeddings"] else "",
     threads: THREADS
     resources:
         mem_mb=6000,
     log:
-        "results/logs/finetune/{expert}.log",
+        L.log("finetune", "{expert}"),
     shell:
-        "{MS} finetune --base {input.base} --data {input.data}/train.jsonl --domain {params.skill}"
-        " --name {wildcards.expert} --steps {params.steps} --batch-size {params.batch_size}"
+        "{MS} finetune --base {input.base:q} --data {params.train:q} --domain {params.skill:q}"
+        " --name {wildcards.expert:q} --uid {params.uid:q} --steps {params.steps} --batch-size {params.batch_size}"
         " --lr {params.lr} --warmup {params.warmup} --seed {params.seed} {params.emb}"
-        " --threads {threads} --out {output} 2> {log}"
+        " --threads {threads} --out {output:q} 2> {log:q}"

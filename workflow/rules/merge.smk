@@ -1,42 +1,42 @@
-# Merges: one job per grid point -> results/models/<model_id>/ (HF layout + model card).
-# The merge YAML is exactly what `mergesweep merge --config` takes, so any merge can be re-run by hand.
-import yaml
+# Merges: one job per planned merge -> results/models/<model_id>/ (HF layout + model record/card).
+# The merge YAML is exactly what `mergesweep merge --config` takes, so any merge can be re-run by
+# hand; `--model-id` makes the merge fail if the id it computes from its inputs' records differs
+# from the plan's (the two would have drifted).
 
 
 def merge_inputs(w):
     m = PLAN.merges[w.merge_id]
-    return {"base": model_dir(PLAN.base), "experts": [model_dir(e) for e in m.experts],
-            "align_maps": list(align_maps(m).values())}
+    maps = [job.perm for job in (m.align or ()) if job is not None]
+    return {"base": PLAN.base.dir, "experts": [model_dir(e) for e in m.experts], "align_maps": maps}
 
 
-rule merge_spec:
+rule merge_yaml:
     output:
-        "results/merges/{merge_id}.yaml",
+        L.merge_yaml("{merge_id}"),
     params:
-        # the merge id already hashes the content; the id is the parameter Snakemake tracks
+        # the merge id hashes the content; the id is the parameter Snakemake tracks
         merge_id=lambda w: w.merge_id,
     localrule: True
     run:
+        import yaml
+
         from mergesweep.atomic import atomic_file
 
-        doc = PLAN.merges[wildcards.merge_id].yaml_doc(
-            model_dir(PLAN.base), [model_dir(e) for e in PLAN.merges[wildcards.merge_id].experts], MERGE_CFG,
-            align_maps(PLAN.merges[wildcards.merge_id]),
-        )
         with atomic_file(output[0]) as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
+            yaml.safe_dump(PLAN.merge_yaml_doc(wildcards.merge_id), f, sort_keys=False)
 
 
 rule merge:
     input:
         unpack(merge_inputs),
-        spec="results/merges/{merge_id}.yaml",
+        spec=L.merge_yaml("{merge_id}"),
     output:
-        directory("results/models/{merge_id}"),
+        directory(L.merged_model("{merge_id}")),
     threads: THREADS
     resources:
         mem_mb=4000,
     log:
-        "results/logs/merge/{merge_id}.log",
+        L.log("merge", "{merge_id}"),
     shell:
-        "{MS} merge --config {input.spec} --model-id {wildcards.merge_id} --out {output} 2> {log}"
+        "{MS} merge --config {input.spec:q} --model-id {wildcards.merge_id:q} --threads {threads}"
+        " --out {output:q} 2> {log:q}"

@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="weight_matching", choices=METHODS)
     p.add_argument("--out", required=True, type=Path, help="permutation map (.safetensors)")
     p.add_argument("--summary", type=Path, help="also write the map's report as JSON")
+    p.add_argument("--uid", help="the align job's uid in the plan, recorded in the map (merge ids hash it)")
     p.add_argument("--seed", type=int, default=0, help="order of the coordinate-descent steps")
     p.add_argument("--data", type=Path, help="jsonl ('text' or 'prompt'+'target'); activation_matching")
     p.add_argument("--max-iter", type=int, default=100, help="weight matching: at most this many sweeps")
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         num_batches=args.num_batches, batch_size=args.batch_size, max_length=args.max_length,
         progress=not args.no_progress, threads=args.threads,
     )
+    if args.uid:
+        pm.meta["uid"] = args.uid
     pm.save(args.out)
     if args.summary:
         write_json(args.summary, summary(pm) | {"perm": str(args.out)})

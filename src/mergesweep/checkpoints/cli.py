@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--role", default="base", choices=["base", "expert"])
     p.add_argument("--domain", help="for experts: the suite it is an expert of")
+    p.add_argument("--uid", help="the uid of the checkpoint's definition in the plan (recorded for merge ids)")
     p.add_argument("--cache-dir", default="resources/downloads", type=Path)
     p.add_argument("--no-value-check", action="store_true", help="skip the NaN/inf scan of every tensor")
 
@@ -37,7 +38,7 @@ def parse_source(text: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from mergesweep.checkpoints.sources import fetch
 
-    meta = fetch(args.name, parse_source(args.source), args.out, role=args.role, domain=args.domain,
-                 cache_dir=args.cache_dir, check_values=not args.no_value_check)
-    print(json.dumps({"model_id": meta["model_id"], "fingerprint": meta["fingerprint"], **meta["summary"]}))
+    rec = fetch(args.name, parse_source(args.source), args.out, role=args.role, domain=args.domain or None,
+                uid=args.uid, cache_dir=args.cache_dir, check_values=not args.no_value_check)
+    print(json.dumps({"model_id": rec.model_id, "fingerprint": rec.fingerprint, **rec.extra["summary"]}))
     return 0

@@ -33,21 +33,14 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from mergesweep.atomic import atomic_dir, write_json
-from mergesweep.checkpoints.layout import CheckpointError, CheckpointReader, checkpoint_fingerprint
+from mergesweep.atomic import atomic_dir
+from mergesweep.checkpoints.layout import CheckpointError, CheckpointReader
+from mergesweep.record import ModelRecord, peak_rss_mb, sha256_file, write_record
 from mergesweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("pypi_gguf", "hub", "local")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_checkpoint(path: Path, *, check_values: bool = False) -> dict:
@@ -204,9 +197,10 @@ def fetch_local(src: Mapping[str, Any], out_dir: Path, where: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 def fetch(name: str, src: Mapping[str, Any], out: str | os.PathLike, *, role: str = "base",
-          domain: str | None = None, cache_dir: str | os.PathLike = "resources/downloads",
-          check_values: bool = True, where: str | None = None) -> dict:
-    """Fetch checkpoint ``name`` from source mapping ``src`` into ``out`` (atomically) and verify it."""
+          domain: str | None = None, uid: str | None = None, cache_dir: str | os.PathLike = "resources/downloads",
+          check_values: bool = True, where: str | None = None) -> ModelRecord:
+    """Fetch checkpoint ``name`` from source mapping ``src`` into ``out`` (atomically), verify it and
+    write its model record (``uid``: the plan's uid of its definition, recorded for merge ids)."""
     where = where or f"checkpoints.{name}.source"
     kind = src.get("type")
     if kind not in KINDS:
@@ -221,19 +215,9 @@ def fetch(name: str, src: Mapping[str, Any], out: str | os.PathLike, *, role: st
         else:
             info = fetch_local(src, tmp, where)
         summary = verify_checkpoint(tmp, check_values=check_values)
-        meta = {
-            "model_id": name,
-            "role": role,
-            "domain": domain,
-            "method": None,
-            "params": None,
-            "base": None if role == "base" else src.get("base"),
-            "experts": [],
-            "source": info,
-            "fingerprint": checkpoint_fingerprint(tmp),
-            "summary": summary,
-            "runtime_s": round(time.time() - t0, 2),
-        }
-        write_json(tmp / "mergesweep.json", meta)
+        record = write_record(tmp, ModelRecord(
+            model_id=name, role=role, stage="fetch", uid=uid, domain=domain, source=info,
+            runtime_s=round(time.time() - t0, 2), peak_rss_mb=peak_rss_mb(), extra={"summary": summary},
+        ))
     log.info("fetched %s (%s, %d tensors) into %s", name, kind, summary["tensors"], out)
-    return meta
+    return record

@@ -25,14 +25,14 @@ from typing import Any, Mapping
 import yaml
 
 from mergesweep.errors import ConfigError, MergesweepError
-from mergesweep.merge.engine import VOCAB_POLICIES, parse_dtype
-from mergesweep.merge.io import parse_size
 from mergesweep.merge.methods import get_method
+from mergesweep.merge.settings import (DEFAULT_SHARD_SIZE, canonical_dtype, check_device, check_vocab_policy,
+                                       parse_size)
 from mergesweep.merge.spec import resolve_params
 
 KEYS = ("method", "base", "experts", "params", "dtype", "device", "shard_size", "vocab_policy", "align",
         "expert_names")
-DEFAULTS = {"base": None, "params": {}, "dtype": None, "device": "cpu", "shard_size": "2GB",
+DEFAULTS = {"base": None, "params": {}, "dtype": None, "device": "cpu", "shard_size": DEFAULT_SHARD_SIZE,
             "vocab_policy": "error", "align": None, "expert_names": None}
 
 
@@ -70,15 +70,52 @@ def validate_merge_config(doc: Any, source: str = "config") -> dict:
         raise ConfigError(f"params: expected a mapping of parameter -> value, got {cfg['params']!r}")
     spec.check_inputs(len(experts), cfg["base"] is not None)
     resolve_params(spec, cfg["params"], len(experts), names, has_base=cfg["base"] is not None)
-    parse_dtype(cfg["dtype"])
-    if not isinstance(cfg["device"], str):
-        raise ConfigError(f"device: expected 'cpu' or 'cuda', got {cfg['device']!r}")
+    canonical_dtype(cfg["dtype"])
+    check_device(cfg["device"])
     parse_size(cfg["shard_size"])
-    if cfg["vocab_policy"] not in VOCAB_POLICIES:
-        raise ConfigError(f"vocab_policy: {cfg['vocab_policy']!r} is not one of {', '.join(VOCAB_POLICIES)}")
-    if cfg["align"] is not None and not isinstance(cfg["align"], Mapping):
-        raise ConfigError("align: expected a mapping {expert index or name: permutation map file}")
+    check_vocab_policy(cfg["vocab_policy"])
+    cfg["expert_names"] = list(names)
+    cfg["align"] = align_by_index(cfg["align"], names)
     return cfg
+
+
+def align_by_index(align: Any, names: list[str]) -> dict[int, Path] | None:
+    """``{expert index or name: map file}`` -> ``{index: Path}``; errors name ``align.<key>``."""
+    if align is None:
+        return None
+    if not isinstance(align, Mapping):
+        raise ConfigError("align: expected a mapping {expert index or name: permutation map file}")
+    out: dict[int, Path] = {}
+    for key, path in align.items():
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+            idx = int(key)
+            if not 0 <= idx < len(names):
+                raise ConfigError(f"align.{key}: no expert with index {idx}")
+        elif str(key) in names:
+            idx = names.index(str(key))
+        else:
+            raise ConfigError(f"align.{key}: not an expert index or name (experts: {', '.join(names)})")
+        if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+            raise ConfigError(f"align.{key}: permutation map {path} not found")
+        out[idx] = Path(path)
+    return out or None
+
+
+def planned_model_id(cfg: Mapping[str, Any]) -> str:
+    """The model id this merge will get (a validated config from :func:`validate_merge_config`):
+    the same function the workflow's plan uses, fed with the inputs' recorded uids."""
+    from mergesweep.merge.identity import checkpoint_uid, merge_identity, perm_map_uid
+
+    names = list(cfg["expert_names"])
+    align = cfg.get("align") or {}
+    model_id, _ = merge_identity(
+        cfg["method"], cfg["params"], names,
+        checkpoint_uid(cfg["base"]) if cfg["base"] is not None else None,
+        [checkpoint_uid(e) for e in cfg["experts"]],
+        align_uids=[perm_map_uid(align[i]) if i in align else None for i in range(len(names))],
+        dtype=cfg["dtype"], vocab_policy=cfg["vocab_policy"],
+    )
+    return model_id
 
 
 def load_merge_yaml(path: str | os.PathLike) -> dict:

@@ -8,14 +8,13 @@ recipe and the training summary).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import resource
 import time
 from pathlib import Path
 
-from mergesweep.atomic import atomic_dir, write_json
+from mergesweep.atomic import atomic_dir
 from mergesweep.errors import ConfigError
+from mergesweep.record import ModelRecord, peak_rss_mb, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="train.jsonl of the skill")
     p.add_argument("--domain", required=True, help="the skill / suite this expert is for")
     p.add_argument("--name", required=True, help="expert name (its model id)")
+    p.add_argument("--uid", help="the uid of the expert's definition in the plan (recorded for merge ids)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
@@ -46,20 +46,21 @@ def load_model(path: Path):
     return model, tok
 
 
-def save_model(model, tok, out: Path, meta: dict, dtype=None) -> None:
-    """Save as safetensors into ``out`` atomically, with ``mergesweep.json``."""
+def save_model(model, tok, out: Path, record: ModelRecord, dtype=None) -> ModelRecord:
+    """Save as safetensors into ``out`` atomically, with its model record (whose fingerprint is
+    this checkpoint's own, computed from the files just written)."""
     with atomic_dir(out) as tmp:
         if dtype is not None:
             model = model.to(dtype)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_json(tmp / "mergesweep.json", meta)
+        record.peak_rss_mb = peak_rss_mb()
+        return write_record(tmp, record)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mergesweep.checkpoints.layout import checkpoint_fingerprint
     from mergesweep.zoo.train import TrainConfig, read_jsonl, train
 
     if args.threads:
@@ -68,27 +69,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.data}: training data not found")
     t0 = time.time()
     model, tok = load_model(args.base)
-    base_meta_path = args.base / "mergesweep.json"
-    base_meta = json.loads(base_meta_path.read_text()) if base_meta_path.exists() else {}
+    base_rec = read_record(args.base, required=False)
     stored_dtype = getattr(torch, str(model.config.to_dict().get("dtype") or "float32").replace("torch.", ""), torch.float32)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       seed=args.seed, freeze_embeddings=not args.train_embeddings)
     summary = train(model, tok, read_jsonl(args.data), cfg, desc=f"finetune {args.name}")
-    meta = {
-        "model_id": args.name,
-        "role": "expert",
-        "domain": args.domain,
-        "method": None,
-        "params": None,
-        "base": base_meta.get("model_id", args.base.name),
-        "experts": [],
-        "source": {"type": "finetune", "base": str(args.base), "data": str(args.data)},
-        "base_fingerprint": checkpoint_fingerprint(args.base),
-        "train": summary,
-        "runtime_s": round(time.time() - t0, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "versions": {"torch": torch.__version__},
-    }
-    save_model(model, tok, args.out, meta, dtype=stored_dtype)
+    record = ModelRecord(
+        model_id=args.name, role="expert", stage="finetune", uid=args.uid, domain=args.domain,
+        base=base_rec.model_id if base_rec else args.base.name,
+        source={"type": "finetune", "base": str(args.base), "base_uid": base_rec.uid if base_rec else None,
+                "base_fingerprint": base_rec.fingerprint if base_rec else None, "data": str(args.data),
+                "recipe": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                           "warmup": args.warmup, "seed": args.seed, "train_embeddings": args.train_embeddings}},
+        runtime_s=round(time.time() - t0, 2), extra={"train": summary},
+    )
+    save_model(model, tok, args.out, record, dtype=stored_dtype)
     log.info("expert %s written to %s", args.name, args.out)
     return 0

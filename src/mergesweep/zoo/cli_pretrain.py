@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dirs", nargs="+", required=True, type=Path, help="suite data dirs (train.jsonl each)")
     p.add_argument("--name", required=True)
+    p.add_argument("--uid", help="the uid of the base's definition in the plan (recorded for merge ids)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=150)
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from mergesweep.checkpoints.layout import checkpoint_fingerprint
+    from mergesweep.record import ModelRecord
     from mergesweep.zoo.cli_finetune import save_model
     from mergesweep.zoo.tiny import read_records, tiny_llama_config, train_tokenizer
     from mergesweep.zoo.train import TrainConfig, train
@@ -54,15 +55,12 @@ def run(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=10, seed=args.seed,
                        freeze_embeddings=False, loss_on="all")
     summary = train(model, tok, records, tcfg, desc=f"pretrain {args.name}")
-    meta = {"model_id": args.name, "role": "base", "domain": None, "method": None, "params": None,
-            "base": None, "experts": [],
-            "source": {"type": "tiny", "seed": args.seed, "data": [str(d) for d in args.data_dirs],
-                       "config": cfg.to_diff_dict()},
-            "train": summary, "runtime_s": round(time.time() - t0, 2), "versions": {"torch": torch.__version__}}
-    save_model(model, tok, args.out, meta)
-    from mergesweep.atomic import write_json
-
-    meta["fingerprint"] = checkpoint_fingerprint(args.out)
-    write_json(args.out / "mergesweep.json", meta)
+    record = ModelRecord(
+        model_id=args.name, role="base", stage="pretrain", uid=args.uid,
+        source={"type": "tiny", "seed": args.seed, "data": [str(d) for d in args.data_dirs],
+                "config": cfg.to_diff_dict()},
+        runtime_s=round(time.time() - t0, 2), extra={"train": summary},
+    )
+    save_model(model, tok, args.out, record)
     log.info("tiny base %s written to %s", args.name, args.out)
     return 0

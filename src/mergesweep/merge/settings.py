@@ -1,0 +1,71 @@
+"""Merge settings that do not depend on torch: the one place that says which output dtypes,
+vocabulary policies, devices and shard sizes are valid, with parsers whose errors name the key.
+
+The workflow checks a config with these parsers at start-up (:mod:`mergesweep.plan`), and
+``mergesweep merge`` checks its YAML with the same ones (:mod:`mergesweep.merge.config`), so a
+bad value fails before any job runs, naming the key. The engine maps the canonical dtype names
+to torch dtypes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from mergesweep.errors import ConfigError
+
+#: canonical output dtype names, and the spellings accepted for each
+DTYPES = {
+    "float32": ("float32", "fp32", "float"),
+    "float16": ("float16", "fp16", "half"),
+    "bfloat16": ("bfloat16", "bf16"),
+}
+_DTYPE_ALIASES = {alias: name for name, aliases in DTYPES.items() for alias in aliases}
+#: what to do when inputs' vocabularies (embedding rows) differ
+VOCAB_POLICIES = ("error", "base", "truncate")
+#: devices a stage may be given; ``auto`` is CUDA when visible, else CPU
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+DEFAULT_SHARD_SIZE = "2GB"
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def canonical_dtype(value: Any, key: str = "dtype") -> str | None:
+    """``bf16`` -> ``bfloat16``; ``None`` stays ``None`` (the base's dtype)."""
+    if value is None:
+        return None
+    name = str(value).replace("torch.", "").lower()
+    if name not in _DTYPE_ALIASES:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(DTYPES)}")
+    return _DTYPE_ALIASES[name]
+
+
+def check_vocab_policy(value: Any, key: str = "vocab_policy") -> str:
+    if value not in VOCAB_POLICIES:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(VOCAB_POLICIES)}")
+    return value
+
+
+def check_device(value: Any, key: str = "device") -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is there is checked when the job runs)."""
+    if not isinstance(value, str) or not DEVICE_RE.match(value):
+        raise ConfigError(f"{key}: {value!r} is not a device (auto, cpu, cuda, cuda:N)")
+    return value
+
+
+def parse_size(value: int | str, key: str = "shard_size") -> int:
+    """``2GB`` -> 2_000_000_000 (decimal units as in transformers; ``GiB`` for binary)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size such as '2GB', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        unit = m.group(2).upper() if m else None
+        if not m or unit not in _UNITS:
+            raise ConfigError(f"{key}: expected a size such as '2GB' or '500MB', got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value!r}")
+    return n
