@@ -28,7 +28,7 @@ PRESET = sc.REPO / "config" / "presets" / "tiny.yaml"
 #: 2 real cores: one thread per job here (the profile's set-threads is for real clusters)
 THREADS = ["--set-threads", "pretrain_base=1", "finetune=1", "merge=1", "evaluate=1"]
 REMOTE_RULES = {"make_data", "pretrain_base", "finetune", "merge", "evaluate", "aggregate", "leaderboard"}
-LOCAL_RULES = {"merge_spec", "provenance", "all"}
+LOCAL_RULES = {"merge_yaml", "provenance", "all"}
 
 
 @pytest.fixture(scope="module")

@@ -66,14 +66,18 @@ def _message(err) -> str:
     if v == "required":
         return f"{where}: {err.message}"
     if v == "pattern":
-        return f"{where}: {err.instance!r} is not allowed (must match {err.validator_value})"
+        why = err.schema.get("description") or f"must match {err.validator_value}"
+        return f"{where}: {err.instance!r} is not allowed ({why})"
     if v == "propertyNames":
         return f"{where}: key {err.instance!r} is not a safe name (letters, digits, '_.-'; no leading dot)"
-    if v in ("oneOf", "anyOf") and err.context:
-        best = min(err.context, key=lambda e: len(e.absolute_path))
-        if best.validator == "required" and where == "base":
-            return "base: give exactly one of 'source' (fetch) or 'pretrain' (build a tiny base)"
-        return f"{where}: {err.instance!r} is not valid ({best.message})"
+    if v in ("oneOf", "anyOf"):
+        if where == "base":
+            return "base: give exactly one of 'source' (fetch a checkpoint) or 'pretrain' (build a tiny base)"
+        if err.schema.get("description"):
+            return f"{where}: {err.instance!r} is not valid (expected {err.schema['description']})"
+        if err.context:
+            best = min(err.context, key=lambda e: len(e.absolute_path))
+            return f"{where}: {err.instance!r} is not valid ({best.message})"
     return f"{where}: {err.message}"
 
 
