@@ -120,3 +120,27 @@ def test_dotdot_expert_stops_before_touching_resources(tmp_path):
     assert "experts[0].name: '..' is not allowed (a safe name" in proc.stderr + proc.stdout
     assert keep.read_bytes() == b"weights"
     assert not (tmp_path / "results").exists()
+
+
+def test_shell_metacharacters_in_a_path_are_quoted(tmp_path):
+    """A real fetch job whose source path holds shell syntax: the path is passed as one quoted
+    argument (nothing runs), and the checkpoint's record carries the plan's uid."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers_merge import make_base
+
+    from mergesweep.record import read_record
+
+    src = tmp_path / "ck $(touch PWNED) `touch PWNED2`; touch PWNED3 'q"
+    make_base(src)
+    cfg = copy.deepcopy(TINY)
+    cfg["base"] = {"name": "b", "source": {"type": "local", "path": str(src)}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([*SNAKEMAKE, "resources/checkpoints/b", "--directory", str(work),
+                           "--configfile", str(tmp_path / "cfg.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(tmp_path.rglob("PWNED*")), "a config value was executed by the shell"
+    rec = read_record(work / "resources/checkpoints/b")
+    assert rec.uid == build_plan(cfg).base.uid and rec.role == "base" and rec.stage == "fetch"
+    assert rec.source["path"] == str(src.resolve())

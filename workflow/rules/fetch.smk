@@ -27,7 +27,7 @@ rule fetch:
     params:
         source=lambda w: json.dumps(PLAN.checkpoint(w.fetched).source, sort_keys=True),
         role=lambda w: PLAN.checkpoint(w.fetched).role,
-        domain=lambda w: PLAN.checkpoint(w.fetched).domain or "",
+        domain=lambda w: ["--domain", PLAN.checkpoint(w.fetched).domain] if PLAN.checkpoint(w.fetched).domain else [],
         uid=lambda w: PLAN.checkpoint(w.fetched).uid,
         cache=L.downloads,
     resources:
@@ -35,7 +35,7 @@ rule fetch:
     log:
         L.log("fetch", "{fetched}"),
     shell:
-        "{MS} fetch --name {wildcards.fetched:q} --role {params.role:q} --domain {params.domain:q}"
+        "{MS} fetch --name {wildcards.fetched:q} --role {params.role:q} {params.domain:q}"
         " --uid {params.uid:q} --source {params.source:q} --cache-dir {params.cache:q} --out {output:q} 2> {log:q}"
 
 
