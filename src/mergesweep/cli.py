@@ -26,7 +26,6 @@ SUBCOMMANDS = {
     "aggregate": ("mergesweep.aggregate.cli", "collect evaluation JSONs into results/tables/scores.parquet"),
     "lmc-table": ("mergesweep.aggregate.lmc", "collect linear-mode-connectivity results into a parquet table"),
     "leaderboard": ("mergesweep.aggregate.cli_leaderboard", "regenerate tables, leaderboard and report from scores.parquet"),
-    "slurm-submit": ("mergesweep.executor.cli", "submit Snakemake jobs via submitit (used by profiles/slurm)"),
 }
 
 
