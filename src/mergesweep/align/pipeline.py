@@ -51,18 +51,10 @@ def weight_stats(
     return {"inner": inner, "cosine": inner / math.sqrt(max(nr * nm, 1e-300)), "l2": math.sqrt(d2)}
 
 
-def _versions() -> dict[str, str]:
-    import scipy
-    import transformers
+def _versions() -> dict[str, str | None]:
+    from mergesweep.record import library_versions
 
-    import mergesweep
-
-    return {
-        "mergesweep": getattr(mergesweep, "__version__", "0"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "scipy": scipy.__version__,
-    }
+    return library_versions(("mergesweep", "torch", "transformers", "scipy"))
 
 
 def align_checkpoints(
