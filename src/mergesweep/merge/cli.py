@@ -1,40 +1,252 @@
-"""``mergesweep merge --config FILE.yaml --out DIR``: one merge, outside any workflow."""
+"""``mergesweep merge --config FILE.yaml --out DIR``: one merge, outside any workflow.
+
+Outputs are never lost: ``--out`` may be absent, an empty directory, or this very merge's model
+(then nothing is done: "up to date"). Another model or a directory with other files in it is
+replaced only with ``--force``; an ``--out`` that is, contains or lies inside an input (the base,
+an expert, a permutation map, the config file) or that is not a directory is refused even then.
+The model is written to a temporary sibling and renamed into place when complete; SIGTERM,
+SIGINT and SIGHUP remove the temporary and exit with ``128 + signal`` (143 for SIGTERM).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+#: the record a merged model carries (written by the engine)
+RECORD = "mergesweep.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="merge YAML (method, base, experts, params, ...)")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    parser.add_argument("--out", required=True,
+                        help="output checkpoint directory (written atomically; must be absent, empty or this "
+                             "merge's model unless --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even if it holds another model or other files (never an input)")
     parser.add_argument("--device", default=None, help="override the YAML's device (cpu, cuda)")
     parser.add_argument("--dtype", default=None, help="override the YAML's output dtype")
     parser.add_argument("--model-id", default=None, help="model id to record (default: derived from the inputs)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads for the merge (default: torch's; 1 is often fastest on a busy CPU)")
+                        help="torch intra-op threads (default on CPU: 1, fastest for the streaming engine; "
+                             "on CUDA: torch's default)")
 
 
+# --------------------------------------------------------------------------------------------
+# where the output may go
+# --------------------------------------------------------------------------------------------
+def _real(p: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(p))
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or lies below it (symbolic links resolved; bind mounts and other
+    aliases of an existing ``outer`` detected by device and inode)."""
+    ri, ro = _real(inner), _real(outer)
+    if ri == ro or ro in ri.parents:
+        return True
+    try:
+        so = os.stat(ro)
+    except OSError:
+        return False
+    for p in (ri, *ri.parents):
+        try:
+            if os.path.samestat(os.stat(p), so):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def input_paths(cfg: Mapping[str, Any], config_path: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """``(label, path)`` of everything a merge reads: base, experts, permutation maps, config."""
+    out: list[tuple[str, Path]] = []
+    if cfg.get("base") is not None:
+        out.append(("base", Path(cfg["base"])))
+    out += [(f"experts[{i}]", Path(e)) for i, e in enumerate(cfg["experts"])]
+    for key, path in (cfg.get("align") or {}).items():
+        out.append((f"align.{key}", Path(path)))
+    if config_path is not None:
+        out.append(("--config", Path(config_path)))
+    return out
+
+
+def check_not_an_input(out: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an ``out`` that is, contains or lies inside one of ``inputs``."""
+    from mergesweep.atomic import OutputError
+
+    for label, path in inputs:
+        if not os.path.lexists(path):
+            continue
+        if _is_within(out, path):
+            same = _is_within(path, out)
+            rel = "is" if same else "is inside"
+            raise OutputError(f"--out {out} {rel} the input {label} ({path}); refusing to write "
+                              f"{'over' if same else 'into'} an input (even with --force)")
+        if _is_within(path, out):
+            raise OutputError(f"--out {out} contains the input {label} ({path}); replacing it would delete "
+                              f"that input (even with --force)")
+
+
+def _read_record(out: Path) -> dict | None:
+    try:
+        rec = json.loads((out / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _listing(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def existing_output(out: Path, planned_id: str | None, force: bool) -> str | None:
+    """What to do with an existing ``out``: ``None`` (merge), ``"up-to-date"`` (it is this merge's
+    model, complete), or raise :class:`~mergesweep.atomic.OutputError`. With ``force`` any
+    directory may be replaced (and "up-to-date" becomes a re-merge)."""
+    from mergesweep.atomic import OutputError
+
+    if not os.path.lexists(out):
+        return None
+    if not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a directory; refusing to replace it "
+                          "(even with --force; remove it yourself)")
+    try:
+        entries = sorted(os.listdir(out))
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot list the existing directory ({e.strerror})") from e
+    if not entries:
+        return None
+    rec = _read_record(out)
+    other = rec.get("model_id") if rec else None
+    if other and planned_id and other == planned_id:
+        missing = [f for f in rec.get("files") or [] if isinstance(f, str) and not (out / f).is_file()]
+        if force:
+            return None
+        if not missing:
+            return "up-to-date"
+        raise OutputError(f"--out {out}: holds model {other} but {_listing(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} missing; use --force to merge it again")
+    if force:
+        return None
+    if other:
+        raise OutputError(f"--out {out}: holds another model ({other}; this merge is "
+                          f"{planned_id or 'not known before merging'}); refusing to replace it without --force")
+    raise OutputError(f"--out {out}: directory is not empty and holds no mergesweep model "
+                      f"({_listing(entries)}); refusing to replace it without --force")
+
+
+def _planned_id(cfg: dict, dtype: str | None) -> str | None:
+    try:
+        from mergesweep.merge.config import planned_model_id
+    except ImportError:  # older tree: the id is known only after merging
+        return None
+    return planned_model_id({**cfg, "dtype": dtype} if dtype is not None else cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# process-wide tuning (belongs to the command, not to the library)
+# --------------------------------------------------------------------------------------------
+def _tune_process(device: str, threads: int | None) -> int | None:
+    """torch intra-op threads (default 1 on CPU) and glibc malloc tuning; returns the threads set."""
+    from mergesweep.errors import ConfigError
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads: expected a positive integer, got {threads}")
+    if threads is None and str(device).startswith("cpu"):
+        # The engine reads, computes and writes in three threads and its block-wise kernels issue
+        # many small ops, for which OpenMP fork/join costs more than it gains: on a busy 2-core
+        # machine a TIES merge of SmolLM2-135M took 40 s with one intra-op thread, 370 s with two.
+        threads = 1
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    tune = None
+    for module in ("mergesweep.runtime", "mergesweep.merge.engine"):
+        try:
+            tune = getattr(__import__(module, fromlist=["tune_malloc"]), "tune_malloc", None)
+        except ImportError:
+            continue
+        if tune is not None:
+            break
+    if tune is not None:
+        tune()
+    else:
+        log.debug("no tune_malloc available; glibc malloc left at its defaults")
+    return threads
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+    from mergesweep.atomic import SignalExit, signal_cleanup
+
+    out = Path(args.out)
+    try:
+        with signal_cleanup():
+            return _run(args, out)
+    except SignalExit as e:
+        print(f"mergesweep merge: interrupted by {e.signame}; no partial output left at {out}", file=sys.stderr)
+        raise
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    from mergesweep.atomic import check_writable
     from mergesweep.merge.config import load_merge_yaml
-    from mergesweep.merge.engine import merge_checkpoints
 
     cfg = load_merge_yaml(args.config)
+    check_not_an_input(out, input_paths(cfg, args.config))
+    dtype = args.dtype or cfg["dtype"]
+    device = args.device or cfg["device"]
+    if out.is_symlink():  # the model goes where the link points; the link stays
+        out = _real(out)
+    planned = args.model_id
+    if planned is None and os.path.isfile(out / RECORD):  # only needed to recognise an existing model
+        planned = _planned_id(cfg, dtype)
+    action = existing_output(out, planned, args.force)
+    if action == "up-to-date":
+        rec = _read_record(out) or {}
+        print(f"mergesweep merge: {out} is up to date (model {planned}); nothing to do "
+              "(--force merges again)", file=sys.stderr)
+        print(json.dumps({"model_id": planned, "method": rec.get("method"), "params": rec.get("params"),
+                          "up_to_date": True}))
+        return 0
+    if out.is_dir() and os.listdir(out):
+        print(f"mergesweep merge: replacing {out} (--force)", file=sys.stderr)
+    check_writable(out)
+
+    threads = _tune_process(device, args.threads)
+    from mergesweep.merge.engine import merge_checkpoints
+
+    kwargs: dict[str, Any] = {}
+    import inspect
+
+    if "threads" in inspect.signature(merge_checkpoints).parameters:
+        kwargs["threads"] = threads  # transitional: older engines set the threads themselves
     meta = merge_checkpoints(
         cfg["method"],
         cfg["base"],
         cfg["experts"],
         cfg["params"],
-        args.out,
-        dtype=args.dtype or cfg["dtype"],
-        device=args.device or cfg["device"],
+        out,
+        dtype=dtype,
+        device=device,
         shard_size=cfg["shard_size"],
         align=cfg["align"],
         vocab_policy=cfg["vocab_policy"],
         expert_names=cfg["expert_names"],
         extra_meta={"model_id": args.model_id} if args.model_id else None,
-        threads=args.threads,
+        **kwargs,
     )
-    print(json.dumps({k: meta[k] for k in ("model_id", "method", "params", "runtime_s", "peak_rss_mb")}))
+    print(json.dumps({k: meta.get(k) for k in ("model_id", "method", "params", "runtime_s", "peak_rss_mb")}))
     return 0
