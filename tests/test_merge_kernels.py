@@ -7,10 +7,15 @@ import math
 import pytest
 import torch
 
+from mergesweep.errors import ConfigError
+from mergesweep.merge.context import TensorContext, seeded_generator
+from mergesweep.merge.methods import REGISTRY
+from mergesweep.merge.methods._parts import dare_drop, magprune, magprune_probabilities
 from mergesweep.merge.methods.breadcrumbs import breadcrumbs, breadcrumbs_mask
 from mergesweep.merge.methods.consensus import consensus
-from mergesweep.merge.methods.dare import dare, dare_drop
-from mergesweep.merge.methods.della import della, magprune, magprune_probabilities
+from mergesweep.merge.methods.dare_linear import dare_linear
+from mergesweep.merge.methods.dare_ties import dare_ties
+from mergesweep.merge.methods.della import della
 from mergesweep.merge.methods.layer_swap import layer_index, parse_ranges, source_of
 from mergesweep.merge.methods.linear import linear
 from mergesweep.merge.methods.model_stock import model_stock
@@ -19,8 +24,8 @@ from mergesweep.merge.methods.slerp import slerp
 from mergesweep.merge.methods.task_arithmetic import task_arithmetic
 from mergesweep.merge.methods.ties import ties
 from mergesweep.merge.methods.tsv import tsv
-from mergesweep.merge.select import StreamingKth, count_for_fraction, kth_smallest, topk_mask
-from mergesweep.merge.spec import seeded_generator
+from mergesweep.merge.select import CHUNK, StreamingKth, count_for_fraction, kth_smallest, topk_mask
+from mergesweep.merge.spec import resolve_params
 
 T = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
 
@@ -97,8 +102,8 @@ def test_dare_drop_rate_zero_is_task_arithmetic():
     base = torch.randn(100, generator=g)
     experts = [base + torch.randn(100, generator=g) for _ in range(2)]
     ta = task_arithmetic(base, experts, [0.7, 0.3], lam=1.5)
-    out = dare(base, experts, [0.7, 0.3], [1.0, 1.0], gens(2), lam=1.5)
-    torch.testing.assert_close(out, ta)
+    out = dare_linear(base, experts, [0.7, 0.3], [1.0, 1.0], gens(2), lam=1.5)
+    assert torch.equal(out, ta)  # the same parts: bit for bit
 
 
 def test_breadcrumbs_hand():
@@ -204,8 +209,8 @@ ONE_EXPERT = {
     "linear": lambda b, e: linear([e], [1.0]),
     "task_arithmetic": lambda b, e: task_arithmetic(b, [e], [1.0]),
     "ties": lambda b, e: ties(b, [e], [1.0], [1.0]),
-    "dare_linear": lambda b, e: dare(b, [e], [1.0], [1.0], gens(1)),
-    "dare_ties": lambda b, e: dare(b, [e], [1.0], [1.0], gens(1), normalize=True, sign_consensus=True),
+    "dare_linear": lambda b, e: dare_linear(b, [e], [1.0], [1.0], gens(1)),
+    "dare_ties": lambda b, e: dare_ties(b, [e], [1.0], [1.0], gens(1), normalize=True),
     "della": lambda b, e: della(b, [e], [1.0], [1.0], [0.0], gens(1)),
     "breadcrumbs": lambda b, e: breadcrumbs(b, [e], [1.0], [1.0], [0.0]),
     "model_stock": lambda b, e: model_stock(b, [e]),
@@ -225,7 +230,7 @@ def test_one_expert_with_weight_one_reproduces_it(method):
 IDENTICAL = {
     **{k: v for k, v in ONE_EXPERT.items()},
     "ties_sparse": lambda b, e: ties(b, [e, e], [1, 1], [0.2, 0.2]),
-    "dare_sparse": lambda b, e: dare(b, [e, e], [1, 1], [0.3, 0.3], gens(2)),
+    "dare_sparse": lambda b, e: dare_linear(b, [e, e], [1, 1], [0.3, 0.3], gens(2)),
     "della_sparse": lambda b, e: della(b, [e, e], [1, 1], [0.5, 0.5], [0.1, 0.1], gens(2)),
     "pcb": lambda b, e: pcb(b, [e, e], [0.1, 0.1]),
     "model_stock_3": lambda b, e: model_stock(b, [e, e, e]),
@@ -300,6 +305,164 @@ def test_pcb_keeps_density_fraction():
     kept = out != 0
     torch.testing.assert_close(out[kept], d[kept])
     assert float(d.abs()[kept].min()) > float(d.abs()[~kept].max())
+
+
+# ---------------------------------------------------------------------------------------------
+# the task-vector family: composed kernels against a plain whole-tensor reference
+# ---------------------------------------------------------------------------------------------
+def _reference_family(name, base, experts, p, ctx):
+    """Straightforward whole-tensor implementation of the task-vector family (independent of
+    the block-wise parts): sparsify, rescale, elect, combine, filter, theta_0 + lambda tau."""
+    spec = REGISTRY[name]
+    sparsify = spec.composition["sparsify"].split(":")[0].split(" ")[0]
+    taus = []
+    for i, e in enumerate(experts):
+        t = e - base
+        mag = t.abs()
+        desc = torch.sort(mag.reshape(-1), descending=True).values
+        n = t.numel()
+        if sparsify == "magnitude":
+            k = count_for_fraction(p["density"][i], n)
+            t = t * (mag >= desc[k - 1]) if 0 < k < n else (t * 0 if k == 0 else t)
+        elif sparsify == "breadcrumbs":
+            n_top = count_for_fraction(p["gamma"][i], n)
+            n_keep = min(count_for_fraction(p["density"][i], n), n - n_top)
+            high = desc[n_top - 1] if n_top else math.inf
+            t = t * ((mag >= desc[n_top + n_keep - 1]) & (mag < high))
+        elif sparsify == "DARE":
+            d = p["density"][i]
+            keep = torch.rand(t.shape, generator=ctx.generator(i)) < d
+            t = t * keep / (d if p["rescale"] else 1.0)
+        elif sparsify == "DELLA":
+            d, eps = p["density"][i], p["epsilon"][i]
+            rows = mag.reshape(t.shape[0], -1) if t.dim() > 1 else mag.reshape(1, -1)
+            ranks = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1).float()
+            prob = (d - eps + 2 * eps * ranks / (rows.shape[1] - 1)).reshape(t.shape)
+            keep = torch.rand(t.shape, generator=ctx.generator(i)) < prob
+            t = t * keep / (prob if p["rescale"] else 1.0)
+        taus.append(t)
+    w = torch.tensor(p["weight"]).reshape(-1, *([1] * base.dim()))
+    s = torch.stack(taus) * w
+    normalize = p.get("normalize", False)
+    if spec.composition["sign election"] != "none":
+        gamma = torch.where(s.sum(0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(s) == gamma).float()
+        tau = (s * agree).sum(0)
+        if normalize:
+            den = (w * agree).sum(0)
+            tau = tau / torch.where(den == 0, 1.0, den)
+    else:
+        tau = s.sum(0) / (float(w.sum()) if normalize else 1.0)
+    if "filter" in spec.composition and p["k"] > 0:
+        votes = sum((t.abs() > lam * (tau - t).abs()).int() for t, lam in zip(taus, p["mask_lambda"]))
+        tau = tau * (votes >= p["k"])
+    return base + p["lambda"] * tau
+
+
+FAMILY_PARAMS = {
+    "task_arithmetic": {},
+    "ties": {"density": [0.3, 0.5, 0.7]},
+    "dare_linear": {"density": [0.3, 0.5, 0.7], "seed": 3},
+    "dare_ties": {"density": [0.3, 0.5, 0.7], "seed": 3},
+    "della": {"density": [0.3, 0.5, 0.7], "epsilon": [0.1, 0.2, 0.25], "seed": 3},
+    "della_linear": {"density": [0.3, 0.5, 0.7], "epsilon": [0.1, 0.2, 0.25], "seed": 3},
+    "breadcrumbs": {"density": [0.3, 0.5, 0.7], "gamma": [0.01, 0.05, 0.1]},
+    "consensus": {"mask_lambda": [0.3, 0.4, 0.5]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_PARAMS))
+def test_family_matches_the_whole_tensor_reference(name):
+    spec = REGISTRY[name]
+    assert spec.composition is not None  # built by task_vector_method
+    # more elements than one block, so the block-wise kernels cross a block boundary
+    shape = (CHUNK // 512 + 8, 512)
+    base = _rand(30, *shape)
+    experts = [base + 0.1 * _rand(31 + i, *shape) for i in range(3)]
+    has_normalize = any(p.name == "normalize" for p in spec.params)
+    for extra in ({}, {"weight": [1.0, -0.4, 0.7], "lambda": 0.8}, {"weight": [0.6, 1.0, 1.4], "normalize": True}):
+        if "normalize" in extra and not has_normalize:
+            continue
+        kp, _ = resolve_params(spec, {**FAMILY_PARAMS[name], **extra}, 3)
+        ctx = TensorContext("model.layers.0.self_attn.q_proj.weight", 3, 0, 2, kp.get("seed", 0))
+        got = spec.merge(base, experts, kp, ctx)
+        want = _reference_family(name, base, experts, kp, ctx)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=f"{name} {extra}")
+
+
+# ---------------------------------------------------------------------------------------------
+# faithfulness fixes
+# ---------------------------------------------------------------------------------------------
+def test_consensus_tall_mask_is_strict_on_exact_values():
+    # entry 0: tau = 1, 1 -> tau_MTL = 2, |tau_MTL - tau_i| = 1: with mask_lambda 1 both sides are
+    # exactly 1, and the reference's strict > gives no vote (>= gave two votes and kept the entry);
+    # entry 1: 1 > 0.5 votes, 0.5 > 1 does not; entry 2: 0.5 > 0.5 gives no vote
+    base = torch.zeros(3)
+    taus = [T(1, 1, 0.5), T(1, 0.5, 0.5)]
+    assert torch.equal(consensus(base, taus, [1, 1], [1.0, 1.0], k=1), T(0, 1.5, 0))
+    # mask_lambda 0.75: entry 0 has two votes (1 > 0.75), entry 1 one, entry 2 two (0.5 > 0.375)
+    assert torch.equal(consensus(base, taus, [1, 1], [0.75, 0.75], k=2), T(2, 0, 1))
+    # through the spec: an entry no expert changes gets no vote even at mask_lambda 0
+    kp, _ = resolve_params(REGISTRY["consensus"], {"mask_lambda": 0.0, "k": 1}, 2)
+    out = REGISTRY["consensus"].merge(base, [T(0, 1, 0), T(0, 0, 2)], kp, TensorContext("w", 2))
+    assert torch.equal(out, T(0, 1, 2))
+
+
+def test_breadcrumbs_ties_go_with_the_rank_they_tie():
+    tau = T(3, -3, 2, -2, 2, 1, 1, 1, 0.5, 0.5)
+    # gamma 0.1 -> n_top = 1: the largest magnitude is 3, tied: both 3s are removed as outliers;
+    # density 0.2 -> n_keep = 2: the 3rd largest magnitude is 2, tied: all three 2s are kept
+    mask = breadcrumbs_mask(tau, 0.2, 0.1)
+    assert mask.tolist() == [False, False, True, True, True, False, False, False, False, False]
+    out = breadcrumbs(torch.zeros(10), [tau], [1.0], [0.2], [0.1])
+    assert torch.equal(out, tau * mask)
+    # no outliers, density 0.6: the 6th largest is 1, tied with two more: 8 entries kept, not 6
+    assert int(breadcrumbs_mask(tau, 0.6, 0.0).sum()) == 8
+    # distinct magnitudes: exactly the rank rule
+    assert int(breadcrumbs_mask(_rand(40, 1000), 0.3, 0.05).sum()) == 300
+
+
+def test_normalize_after_sign_election_rejects_only_weights_that_can_divide_by_zero():
+    ties_spec = REGISTRY["ties"]
+    # [1, -1]: where the task vectors have opposite signs both experts agree with the elected
+    # sign, and the sum of their weights - the divisor - is 0
+    taus = [T(1.0, 2.0), T(-1.0, 3.0)]
+    out = ties(torch.zeros(2), taus, [1.0, -1.0], [1.0, 1.0], normalize=False)
+    # entry 0: s = (1, (-1)(-1)) = (1, 1): both agree, divisor 1 - 1 = 0; entry 1: s = (2, -3), only
+    # expert 1 agrees with the elected minus
+    assert torch.equal(out, T(2.0, -3.0))
+    with pytest.raises(ConfigError, match=r"params\.weight: the weights of experts 0, 1 sum to 0"):
+        resolve_params(ties_spec, {"weight": [1, -1]}, 2)
+    with pytest.raises(ConfigError, match=r"experts 0, 2 sum to 0"):
+        resolve_params(ties_spec, {"weight": [1, 0.5, -1]}, 3)
+    with pytest.raises(ConfigError, match=r"experts 0, 1, 2 sum to 0"):
+        resolve_params(ties_spec, {"weight": [0.5, 0.5, -1]}, 3)
+    resolve_params(ties_spec, {"weight": [1, -1], "normalize": False}, 2)
+    resolve_params(ties_spec, {"weight": [1, -0.5]}, 2)
+    resolve_params(ties_spec, {"weight": [1, -0.4, 0.7]}, 3)
+    resolve_params(ties_spec, {"weight": [2, 0, 1]}, 3)
+    with pytest.raises(ConfigError, match="sum to 0"):
+        resolve_params(REGISTRY["della"], {"weight": [1, -1]}, 2)
+    resolve_params(REGISTRY["dare_ties"], {"weight": [1, -1]}, 2)  # normalize: false by default
+    # the weighted-sum methods divide by the sum of all weights
+    resolve_params(REGISTRY["task_arithmetic"], {"weight": [1, -0.5, -0.5]}, 3)
+    with pytest.raises(ConfigError, match="the weights sum to 0"):
+        resolve_params(REGISTRY["task_arithmetic"], {"weight": [1, -0.5, -0.5], "normalize": True}, 3)
+    # accepted signed weights: the disjoint mean divides by the agreeing weights
+    out = ties(torch.zeros(3), [T(1, 2, -1), T(-1, 3, 1)], [1.0, -0.5], [1.0, 1.0])
+    # entry 0: both agree, (1 + 0.5) / 0.5; entry 1: sum 2 - 1.5 > 0, expert 0 alone: 2;
+    # entry 2: sum -1 - 0.5 < 0, both agree, (-1 - 0.5) / 0.5
+    torch.testing.assert_close(out, T(3.0, 2.0, -3.0))
+
+
+def test_dare_ties_defaults_follow_mergekit():
+    spec = REGISTRY["dare_ties"]
+    assert spec.param("normalize").default is False
+    base = torch.zeros(50)
+    experts = [_rand(41, 50), _rand(42, 50)]
+    kp, _ = resolve_params(spec, {}, 2)
+    got = spec.merge(base, experts, kp, TensorContext("w", 2))
+    assert torch.equal(got, dare_ties(base, experts, [1.0, 1.0], [0.5, 0.5], gens(2), normalize=False))
 
 
 # ---------------------------------------------------------------------------------------------

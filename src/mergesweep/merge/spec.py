@@ -6,6 +6,10 @@ how many experts?), and decide whether extra streaming passes are needed for who
 statistics (a global top-k threshold, a global quantile), and then calls
 ``spec.merge(base, experts, params, ctx)`` once per parameter name.
 
+This module and the method registry import no torch: the workflow plan validates every merge's
+parameters on each snakemake call, and loading torch for that cost seconds. Kernels import
+torch when first called; the per-tensor context lives in :mod:`mergesweep.merge.context`.
+
 Parameter values given by users are resolved by :func:`resolve_params`:
 
 * a scalar applies to every expert;
@@ -17,12 +21,9 @@ Parameter values given by users are resolved by :func:`resolve_params`:
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
-
-import torch
 
 from mergesweep.errors import ConfigError
 
@@ -124,34 +125,43 @@ class StatRequest:
 
 
 # --------------------------------------------------------------------------------------------
-# per-tensor context handed to kernels
+# identity points
 # --------------------------------------------------------------------------------------------
-@dataclass
-class TensorContext:
-    """What a kernel may know beyond the tensors: name, layer, global statistics, randomness."""
+@dataclass(frozen=True)
+class Identity:
+    """A parameter point at which a method returns one of its inputs unchanged.
 
-    name: str
-    n_experts: int
-    layer: int | None = None
-    num_layers: int | None = None
-    seed: int = 0
-    stats: dict = field(default_factory=dict)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ``params`` (merged over the defaults) applied to ``n_experts`` experts returns the base
+    (``returns="base"``) or expert 0 (``returns="expert"``). ``atol``: 0 means bit for bit;
+    otherwise the largest absolute error allowed on standard-normal test tensors (float32
+    rounding: ``base + (expert - base)`` is not always ``expert``; an SVD is not exact). The
+    registry tests check every declared point on random tensors.
+    """
 
-    def generator(self, expert: int) -> torch.Generator:
-        """A CPU generator seeded from (seed, tensor name, expert index).
+    params: Mapping[str, Any]
+    returns: str
+    n_experts: int = 1
+    atol: float = 0.0
 
-        Random masks are always drawn on the CPU from this generator (then moved to the compute
-        device), so a merge is bit-identical across runs, thread counts and devices.
-        """
-        return seeded_generator(self.seed, self.name, expert)
+    def __post_init__(self):
+        if self.returns not in ("base", "expert"):
+            raise ValueError(f"Identity.returns must be 'base' or 'expert', not {self.returns!r}")
+
+    def describe(self) -> str:
+        pts = ", ".join(f"{k} {_short(v)}" for k, v in self.params.items()) or "defaults"
+        who = "the base" if self.returns == "base" else ("the expert" if self.n_experts == 1 else "expert 0")
+        experts = "one expert" if self.n_experts == 1 else f"{self.n_experts} experts"
+        return f"{pts}, {experts}: {who}" + ("" if self.atol == 0 else f" (to {self.atol:g})")
 
 
-def seeded_generator(seed: int, name: str, expert: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{int(seed)}\x00{name}\x00{int(expert)}".encode()).digest()
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
+def _short(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value) if not isinstance(value, str) else repr(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,10 +169,12 @@ def seeded_generator(seed: int, name: str, expert: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodSpec:
-    """Everything the engine and the CLI need to know about a method.
+    """Everything the engine, the planner, the CLI and the tests need to know about a method.
 
     ``base``: ``"required"``, ``"optional"`` or ``"unused"``. ``merge(base, experts, params, ctx)``
-    is the kernel adapter: float32 tensors in, one float32 tensor out. ``statistics(params, n)``
+    is the kernel adapter: float32 tensors in, one float32 tensor out (``ctx`` is a
+    :class:`mergesweep.merge.context.TensorContext`). It must import torch only when called:
+    the registry is imported to validate parameters, without torch. ``statistics(params, n)``
     lists the whole-model quantities needed (may be empty for some parameter values) and
     ``stat_values(key, base, experts, params, ctx)`` returns, per expert, the tensor whose
     elements enter statistic ``key`` for one parameter name. ``validate(params, n_experts,
@@ -170,6 +182,21 @@ class MethodSpec:
     ``check_layout(params, num_layers)`` checks parameters against the model (layer indices).
     ``inputs_for(name, params, n_experts)``, when given, lists the experts whose tensor ``name``
     the kernel reads (the others are not read and arrive as ``None``).
+
+    Declarations checked over the whole registry by ``tests/test_methods_registry.py`` (a method
+    without them fails it):
+
+    * ``formula``: one line for the methods table; ``doc``: the module docstring (formula and
+      paper in full);
+    * ``order_invariant``: whether the merged tensor is (mathematically) the same when the
+      experts are permuted together with their per-expert parameters. Methods whose random
+      masks are seeded by expert index are not;
+    * ``identities``: parameter points at which the method returns the base or the expert
+      unchanged (:class:`Identity`).
+
+    ``composition`` names the shared parts a task-vector method is built from (sparsify, sign
+    election, combine, rescale); ``mergekit`` lists where it departs from mergekit 0.1.5's
+    method of the same name (``""``: no such method in mergekit).
     """
 
     name: str
@@ -187,6 +214,11 @@ class MethodSpec:
     inputs_for: Callable[[str, dict, int], Sequence[int]] | None = None
     deviations: str = ""
     doc: str = ""
+    formula: str = ""
+    order_invariant: bool | None = None
+    identities: tuple[Identity, ...] = ()
+    composition: Mapping[str, str] | None = None
+    mergekit: str = ""
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -289,3 +321,13 @@ def resolve_params(
     if spec.validate:
         spec.validate(kernel, n_experts, has_base)
     return kernel, record
+
+
+def __getattr__(name: str):
+    # TensorContext and seeded_generator moved to mergesweep.merge.context (which imports torch);
+    # old imports keep working, and importing this module still does not load torch.
+    if name in ("TensorContext", "seeded_generator"):
+        from mergesweep.merge import context
+
+        return getattr(context, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

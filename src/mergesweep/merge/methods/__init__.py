@@ -1,41 +1,39 @@
-"""The merge-method library: one module per method, each a pure tensor kernel plus a
-:class:`~mergesweep.merge.spec.MethodSpec`. ``REGISTRY`` maps method name -> spec.
+"""The merge-method library: one module per method, each a kernel plus a
+:class:`~mergesweep.merge.spec.MethodSpec` named ``SPEC``. ``REGISTRY`` maps method name -> spec.
 
-Adding a method = one module exporting ``SPEC`` + its tests, and one line in ``_MODULES`` below
-(kernels shared by several methods live in helper modules such as ``dare``/``_common``).
+Every module of this package whose name does not start with ``_`` is a method and must define
+``SPEC`` with ``SPEC.name`` equal to the module name; ``_``-prefixed modules are shared helpers
+(``_common``: parameters and checks, ``_taskvector``: the task-vector family built from parts,
+``_parts``: the tensor code of those parts). Adding a method = one module + its tests.
+
+Importing the registry imports no torch (the workflow plan only validates parameters); method
+modules import torch inside their kernels.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from mergesweep.errors import ConfigError
 from mergesweep.merge.spec import MethodSpec
 
-_MODULES = (
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "della",
-    "della_linear",
-    "breadcrumbs",
-    "slerp",
-    "model_stock",
-    "consensus",
-    "tsv",
-    "pcb",
-    "layer_swap",
-)
+
+def method_modules() -> list[str]:
+    """Names of the method modules of this package, sorted (``_`` helpers excluded)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def _build() -> dict[str, MethodSpec]:
     registry: dict[str, MethodSpec] = {}
-    for mod_name in _MODULES:
+    for mod_name in method_modules():
         mod = importlib.import_module(f"{__name__}.{mod_name}")
-        spec = mod.SPEC
-        if spec.name != mod_name or spec.name in registry:
+        spec = getattr(mod, "SPEC", None)
+        if not isinstance(spec, MethodSpec):
+            raise RuntimeError(
+                f"merge method module '{mod_name}' defines no SPEC (name helper modules with a leading '_')"
+            )
+        if spec.name != mod_name:
             raise RuntimeError(f"merge method module '{mod_name}' registers '{spec.name}'")
         registry[spec.name] = spec
     return registry

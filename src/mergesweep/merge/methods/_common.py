@@ -1,18 +1,21 @@
-"""Building blocks shared by the task-vector methods (all float32 tensor ops, no I/O)."""
+"""Parameters and validation shared by several methods (no torch: imported with the registry)."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import logging
 from typing import Sequence
-
-import torch
 
 from mergesweep.errors import ConfigError
 from mergesweep.merge.spec import Param, StatRequest
-from mergesweep.merge.select import blocks, count_for_fraction, kth_smallest_of
+
+log = logging.getLogger("mergesweep.merge.methods")
+
 
 # -- parameters shared by many methods, named as in mergekit ---------------------------------
-def weight_param(default: float = 1.0) -> Param:
-    return Param("weight", "float", default, "per-expert weight of the task vector", per_expert=True)
+def weight_param(default: float = 1.0, help: str = "per-expert weight of the task vector") -> Param:
+    return Param("weight", "float", default, help, per_expert=True)
 
 
 def density_param(default: float, help: str = "fraction of task-vector entries kept") -> Param:
@@ -23,8 +26,8 @@ def lambda_param(default: float = 1.0) -> Param:
     return Param("lambda", "float", default, "scaling of the merged task vector")
 
 
-def normalize_param(default: bool) -> Param:
-    return Param("normalize", "bool", default, "divide the merged task vector by the sum of (kept) weights")
+def normalize_param(default: bool, help: str = "divide the merged task vector by the sum of (kept) weights") -> Param:
+    return Param("normalize", "bool", default, help)
 
 
 def seed_param() -> Param:
@@ -32,7 +35,8 @@ def seed_param() -> Param:
 
 
 def rescale_param() -> Param:
-    return Param("rescale", "bool", True, "rescale kept entries by 1/keep-probability")
+    return Param("rescale", "bool", True,
+                 "divide kept entries by their keep probability (the papers' 1/p; mergekit 0.1.5 matches the L1 norm)")
 
 
 def scope_param(default: str = "tensor") -> Param:
@@ -43,121 +47,90 @@ def scope_param(default: str = "tensor") -> Param:
     )
 
 
-# -- kernels -----------------------------------------------------------------------------------
-def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """tau_i = theta_i - theta_base."""
-    return [e - base for e in experts]
-
-
-def check_weight_sum(params: dict, n_experts: int, has_base: bool) -> None:
+# -- validation --------------------------------------------------------------------------------
+def check_total_weight(params: dict, n_experts: int, has_base: bool) -> None:
+    """``normalize`` with a weighted sum divides by ``sum_i w_i``: reject a zero sum."""
     if params.get("normalize") and abs(sum(params["weight"])) < 1e-12:
         raise ConfigError("params.weight: the weights sum to 0, so normalize: true cannot divide by them")
 
 
-def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """sum_i w_i * d_i, divided by sum_i w_i when ``normalize`` (block by block)."""
-    scale = 1.0
-    if normalize:
-        total = float(sum(weights))
-        if abs(total) >= 1e-12:
-            scale = 1.0 / total
-    out = torch.empty_like(deltas[0])
-    o = out.view(-1)
-    flats = [d.reshape(-1) for d in deltas]
-    for sl in blocks(o.numel()):
-        oc = o[sl]
-        torch.mul(flats[0][sl], float(weights[0]) * scale, out=oc)
-        for d, w in zip(flats[1:], weights[1:]):
-            oc.add_(d[sl], alpha=float(w) * scale)
-    return out
+_MAX_SUBSETS = 1 << 20
 
 
-def magnitude_threshold(expert: torch.Tensor, base: torch.Tensor, density: float) -> float | None:
-    """The k-th largest ``|expert - base|``, k = floor(density * n), computed block by block
-    without materialising the task vector. ``None``: keep everything; ``inf``: keep nothing."""
-    e, b = expert.reshape(-1), base.reshape(-1)
-    n = e.numel()
-    k = count_for_fraction(density, n)
-    if k >= n:
-        return None
-    if k <= 0:
-        return float("inf")
-    return float(kth_smallest_of(lambda s, t, step: (e[s:t:step] - b[s:t:step]).abs_(), n, n - k))
+def check_kept_weight_sums(params: dict, n_experts: int, has_base: bool) -> None:
+    """``normalize`` after a TIES sign election divides each entry by the sum of the weights of
+    the experts that agree with the elected sign there. Any non-empty set of experts with
+    non-zero weights can be that set (expert i agrees where ``sign(w_i tau_i)`` is the elected
+    sign, whatever the other entries), so reject exactly the weights of which some non-empty
+    subset sums to 0: e.g. ``[1, -1]`` (the divisor is 0 wherever the two task vectors have
+    opposite signs), or ``[1, -1, 0.5]``; ``[1, -0.5]`` or any weights of one sign are fine.
+    Experts with weight 0 never take part; all-zero weights keep nothing (the base)."""
+    if not params.get("normalize"):
+        return
+    ws = [float(w) for w in params["weight"]]
+    pos = [(i, w) for i, w in enumerate(ws) if w > 0]
+    neg = [(i, -w) for i, w in enumerate(ws) if w < 0]
+    if not pos or not neg:
+        return  # one sign: every subset sum is non-zero
+    if (1 << len(pos)) + (1 << len(neg)) > _MAX_SUBSETS:
+        raise ConfigError(
+            "params.weight: too many experts with weights of both signs to check that no agreeing "
+            "set of experts has weights summing to 0; use normalize: false or weights of one sign"
+        )
+    tol = 1e-9 * max(abs(w) for w in ws)
+
+    def sums(items):
+        return {
+            sum(w for _, w in combo): [i for i, _ in combo]
+            for r in range(1, len(items) + 1) for combo in itertools.combinations(items, r)
+        }
+
+    neg_sums = sorted(sums(neg).items())
+    keys = [s for s, _ in neg_sums]
+    for s, members in sorted(sums(pos).items()):
+        j = bisect.bisect_left(keys, s - tol)
+        if j < len(keys) and keys[j] <= s + tol:
+            group = sorted(members + neg_sums[j][1])
+            raise ConfigError(
+                f"params.weight: the weights of experts {', '.join(map(str, group))} sum to 0, so where "
+                "exactly these experts agree with the elected sign normalize: true would divide by 0 "
+                "(use normalize: false, or weights no subset of which sums to 0)"
+            )
 
 
-def elect_and_merge(
-    deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool
-) -> torch.Tensor:
-    """TIES "elect sign" + "disjoint merge".
-
-    With ``s_i = w_i * d_i``: the elected sign is ``gamma = +1 where sum_i s_i >= 0 else -1``;
-    entry ``i`` takes part where ``sign(s_i) == gamma`` (zeros never take part). The result is
-    ``sum_i [agree_i] s_i`` divided, when ``normalize``, by ``sum_i [agree_i] w_i`` (1 where no
-    expert agrees) - the weighted disjoint mean of the TIES paper.
-
-    With non-negative weights this runs on float arithmetic only (CPU boolean kernels are slow):
-    ``relu(gamma * d_i)`` is ``|d_i|`` where expert i agrees and 0 elsewhere, so
-    ``num = gamma * sum_i w_i relu(gamma d_i)`` and ``den = sum_i w_i sign(relu(gamma d_i))``.
-    """
-    ws = [float(w) for w in weights]
-    if any(w < 0 for w in ws):
-        return _elect_and_merge_signed(deltas, ws, normalize)
-    total = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, ws):
-        total.add_(d, alpha=w)
-    gamma = torch.ones_like(total).copysign_(total)  # +1 where the sum is +0
-    del total
-    num = torch.zeros_like(gamma)
-    den = torch.zeros_like(gamma) if normalize else None
-    for d, w in zip(deltas, ws):
-        if w == 0.0:
-            continue
-        agreeing = torch.mul(d, gamma).relu_()
-        num.add_(agreeing, alpha=w)
-        if den is not None:
-            den.add_(agreeing.sign_(), alpha=w)
-    num.mul_(gamma)
-    if den is not None:
-        positive = [w for w in ws if w > 0]
-        if positive:
-            # den is 0 exactly where num is 0; any sum of kept weights is >= the smallest weight
-            num.div_(den.clamp_min_(min(positive)))
-    return num
+def warn_zero_density(params: dict, method: str) -> None:
+    """``density: 0`` keeps no entry of that expert's task vector: say so, it is easy to miss."""
+    dens = params.get("density")
+    if dens is None:
+        return
+    zero = [i for i, d in enumerate(dens) if d == 0]
+    if not zero:
+        return
+    if len(zero) == len(dens):
+        log.warning("params.density: 0 keeps no task-vector entry of any expert, so method '%s' "
+                    "returns the base unchanged", method)
+    else:
+        log.warning("params.density: 0 for expert(s) %s keeps none of their task-vector entries, so "
+                    "method '%s' ignores them", ", ".join(map(str, zero)), method)
 
 
-def _elect_and_merge_signed(deltas: Sequence[torch.Tensor], ws: Sequence[float], normalize: bool) -> torch.Tensor:
-    total = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, ws):
-        total.add_(d, alpha=w)
-    sign = torch.where(total >= 0, 1.0, -1.0)
-    del total
-    out = torch.zeros_like(deltas[0])
-    den = torch.zeros_like(deltas[0]) if normalize else None
-    for d, w in zip(deltas, ws):
-        if w == 0.0:
-            continue
-        prod = d * sign  # sign(w * d) == gamma  <=>  w * d * gamma > 0
-        agree = (prod > 0 if w > 0 else prod < 0).to(d.dtype)
-        del prod
-        out.addcmul_(d, agree, value=w)
-        if den is not None:
-            den.add_(agree, alpha=w)
-    if den is not None:
-        den.masked_fill_(den == 0, 1.0)
-        out.div_(den)
-    return out
+def all_of(*checks):
+    """One ``validate`` hook running several checks in order."""
+
+    def validate(params: dict, n_experts: int, has_base: bool) -> None:
+        for check in checks:
+            check(params, n_experts, has_base)
+
+    return validate
 
 
+# -- whole-model statistics --------------------------------------------------------------------
 def global_topk_requests(key: str, densities: Sequence[float]) -> list[StatRequest]:
     """A whole-model "k-th largest magnitude" per expert, k = floor(density * n)."""
 
     def rank(n: int, i: int) -> int:
+        from mergesweep.merge.select import count_for_fraction
+
         return n - count_for_fraction(densities[i], n)  # ascending rank of the k-th largest
 
     return [StatRequest(key, "kth", 0, rank)]
-
-
-def random_keep_mask(shape, keep_prob: float, generator: torch.Generator, device) -> torch.Tensor:
-    """Bernoulli(keep_prob) mask drawn on the CPU from ``generator`` (reproducible), on ``device``."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float32)
-    return (u < keep_prob).to(device)

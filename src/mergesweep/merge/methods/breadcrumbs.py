@@ -1,97 +1,67 @@
 """Model Breadcrumbs: drop both the largest outliers and the small entries of each task vector.
 
-Per tensor, with n entries ranked by magnitude (largest first):
+Per tensor, with n entries and magnitudes |tau_i|:
 
-    n_top  = floor(gamma * n)      largest entries removed (outliers)
-    n_keep = floor(density * n)    next entries kept; the remaining smallest are removed
-    m_i    = [n_top < rank(|tau_i|) <= n_top + n_keep]
+    n_top  = floor(gamma * n)      the largest entries, removed (outliers)
+    n_keep = floor(density * n)    the next entries, kept; the remaining smallest are removed
+    high   = the n_top-th largest |tau_i|              (no upper cut when n_top = 0)
+    low    = the (n_top + n_keep)-th largest |tau_i|
+    m_i    = [low <= |tau_i| < high]
     theta  = theta_base + lambda * sum_i w_i m_i tau_i    [/ sum_i w_i if normalize]
+
+The mask is defined by these two magnitude thresholds, not by ranks: entries tied in magnitude
+with the n_top-th largest are all removed with it, entries tied with the (n_top + n_keep)-th
+largest are all kept with it. With distinct magnitudes exactly ranks n_top+1 .. n_top+n_keep
+are kept; with ties the counts can differ from n_top and n_keep (the mask never depends on the
+order in which a sort happens to put equal values).
 
 Paper: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
 Masks", ECCV 2024 (arXiv:2312.06795). The paper masks per layer, which per tensor is. Parameter
 names as in mergekit: the paper's top fraction beta is ``gamma`` here and its kept fraction is
 ``density``; ``density + gamma <= 1``.
+
+Parts (:mod:`._taskvector`): the breadcrumbs magnitude band, no sign election, weighted sum.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mergesweep.merge.methods._taskvector import breadcrumbs_band, task_vector_method
+from mergesweep.merge.spec import Identity
 
-from mergesweep.errors import ConfigError
-from mergesweep.merge.methods._common import (
-    check_weight_sum,
-    density_param,
-    lambda_param,
-    normalize_param,
-    weight_param,
-    weighted_sum,
-)
-from mergesweep.merge.select import count_for_fraction, kth_largest
-from mergesweep.merge.spec import MethodSpec, Param
-
-
-def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
-    """Boolean mask keeping ranks (n_top, n_top + n_keep] by magnitude; None = keep all."""
-    n = delta.numel()
-    n_top = count_for_fraction(gamma, n)
-    n_keep = min(count_for_fraction(density, n), n - n_top)
-    if n_top == 0 and n_keep >= n:
-        return None
-    mag = delta.abs()
-    if n_keep <= 0:
-        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-    keep = mag >= kth_largest(mag, n_top + n_keep)
-    if n_top > 0:
-        keep &= mag < kth_largest(mag, n_top)
-    return keep
-
-
-def breadcrumbs(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    gammas: Sequence[float],
-    lam: float = 1.0,
-    normalize: bool = False,
-) -> torch.Tensor:
-    deltas = []
-    for i, e in enumerate(experts):
-        d = e - base
-        mask = breadcrumbs_mask(d, densities[i], gammas[i])
-        deltas.append(d if mask is None else d.mul_(mask))
-    merged = weighted_sum(deltas, weights, normalize)
-    del deltas
-    return merged.mul_(lam).add_(base)
-
-
-def _validate(p, n, has_base):
-    check_weight_sum(p, n, has_base)
-    for i, (d, g) in enumerate(zip(p["density"], p["gamma"])):
-        if d + g > 1 + 1e-12:
-            raise ConfigError(f"params.gamma: density + gamma must be <= 1 (expert {i}: density {d}, gamma {g})")
-
-
-def _merge(base, experts, p, ctx):
-    return breadcrumbs(base, experts, p["weight"], p["density"], p["gamma"], p["lambda"], p["normalize"])
-
-
-SPEC = MethodSpec(
-    name="breadcrumbs",
+SPEC = task_vector_method(
+    "breadcrumbs",
     summary="mask out the largest (gamma) and smallest task-vector entries per tensor, then add",
     paper="Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)",
-    params=(
-        weight_param(),
-        density_param(0.9, "fraction of entries kept (after removing the top gamma)"),
-        Param("gamma", "float", 0.01, "fraction of largest-magnitude entries removed", per_expert=True,
-              low=0.0, high=1.0),
-        lambda_param(),
-        normalize_param(False),
-    ),
-    merge=_merge,
-    base="required",
-    validate=_validate,
+    formula="drop the top `gamma` and the entries below the next `density` by magnitude (thresholds: ties go "
+            "with the rank they tie); task arithmetic",
     doc=__doc__,
+    sparsify=breadcrumbs_band(0.9, 0.01),
+    elect=False,
+    normalize=False,
+    identities=(Identity({"density": 1.0, "gamma": 0.0}, "expert", 1, atol=2e-6),
+                Identity({"lambda": 0.0}, "base", 3)),
+    deviations="masks per tensor (the paper's per-layer rule); mergekit's parameter names (`gamma` = the paper's "
+               "top fraction beta, `density` = the kept fraction)",
+    mergekit="`density` defaults to 0.9 (mergekit: 1, which in mergekit skips the method's masking, gamma "
+             "included); `density + gamma > 1` is an error (mergekit shrinks the outlier cut); magnitudes tied "
+             "with a threshold go with the rank they tie (mergekit: the order of its sort)",
 )
+
+
+def breadcrumbs(base, experts: Sequence, weights: Sequence[float], densities: Sequence[float],
+                gammas: Sequence[float], lam: float = 1.0, normalize: bool = False):
+    """Breadcrumbs on one float32 tensor (the kernel behind ``SPEC``)."""
+    from mergesweep.merge.methods import _parts
+
+    maskers = [_parts.threshold_masker(*_parts.breadcrumbs_band(e, base, d, g))
+               for e, d, g in zip(experts, densities, gammas)]
+    return _parts.combine_task_vectors(base, experts, weights, lam, normalize, maskers)
+
+
+def breadcrumbs_mask(delta, density: float, gamma: float):
+    """The boolean mask of one task vector (``None``: keep all)."""
+    from mergesweep.merge.methods._parts import breadcrumbs_mask as mask
+
+    return mask(delta, density, gamma)

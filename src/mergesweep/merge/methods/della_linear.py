@@ -5,20 +5,38 @@
 
 Paper: Deep, Bhardwaj, Majumder, Poria, "DELLA-Merging: Reducing Interference in Model Merging
 through Magnitude-Based Sampling", 2024 (arXiv:2406.11617) - its "DELLA without elect" variant.
-Kernel and details: :mod:`mergesweep.merge.methods.della`.
+
+Parts (:mod:`._taskvector`): DELLA magnitude-ranked random drop with 1/p_j rescaling, no sign
+election, weighted sum. Details (rows, seeding, constraints): :mod:`.della`.
 """
 
-from mergesweep.merge.methods.della import della_params, make_merge, validate
-from mergesweep.merge.spec import MethodSpec
+from __future__ import annotations
 
-SPEC = MethodSpec(
-    name="della_linear",
+from typing import Sequence
+
+from mergesweep.merge.methods._taskvector import della_magprune, task_vector_method
+from mergesweep.merge.methods.della import DEVIATIONS, MERGEKIT, PAPER, della
+from mergesweep.merge.spec import Identity
+
+SPEC = task_vector_method(
+    "della_linear",
     summary="magnitude-ranked random drop + rescale, then task arithmetic",
-    paper="Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
-    params=della_params(normalize=False),
-    merge=make_merge(sign_consensus=False),
-    base="required",
-    validate=validate,
-    deviations="magnitude ranks are taken within each row of each tensor (as mergekit)",
+    paper=PAPER,
+    formula="the same drop/rescale; task arithmetic",
     doc=__doc__,
+    sparsify=della_magprune(0.5, 0.1),
+    elect=False,
+    normalize=False,
+    identities=(Identity({"density": 1.0, "epsilon": 0.0}, "expert", 1, atol=2e-6),
+                Identity({"lambda": 0.0}, "base", 3)),
+    deviations=DEVIATIONS,
+    mergekit=MERGEKIT,
 )
+
+
+def della_linear(base, experts: Sequence, weights: Sequence[float], densities: Sequence[float],
+                 epsilons: Sequence[float], generators: Sequence, lam: float = 1.0, normalize: bool = False,
+                 rescale: bool = True):
+    """DELLA drop + task arithmetic on one float32 tensor."""
+    return della(base, experts, weights, densities, epsilons, generators, lam, normalize, rescale,
+                 sign_consensus=False)

@@ -23,10 +23,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import torch
-
 from mergesweep.errors import ConfigError
-from mergesweep.merge.spec import MethodSpec, Param
+from mergesweep.merge.spec import Identity, MethodSpec, Param
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -63,7 +61,7 @@ def layer_owner(params: dict, n_experts: int) -> dict[int, int]:
     return owner
 
 
-def layer_swap(experts: Sequence[torch.Tensor], source: int) -> torch.Tensor:
+def layer_swap(experts: Sequence, source: int):
     return experts[source]
 
 
@@ -111,6 +109,10 @@ SPEC = MethodSpec(
     validate=_validate,
     check_layout=_check_layout,
     inputs_for=_inputs_for,
-    deviations="no blended transition zones",
+    deviations="no blended transition zones at range boundaries",
     doc=__doc__,
+    formula="each transformer layer from the expert whose `layers` ranges name it (expert 0 otherwise); other "
+            "tensors from `embeddings_from`",
+    order_invariant=False,  # expert 0 receives every layer no one claims
+    identities=(Identity({}, "expert", 2),),
 )

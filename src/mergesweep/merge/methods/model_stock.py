@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
-from mergesweep.merge.spec import MethodSpec, Param
+from mergesweep.merge.spec import Identity, MethodSpec, Param
 
 
-def model_stock(base: torch.Tensor, experts: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+def model_stock(base, experts: Sequence, filter_wise: bool = False):
+    """Model Stock on one float32 tensor."""
+    import torch
+
     n = len(experts)
     avg = torch.stack(list(experts)).mean(0) if n > 1 else experts[0].clone()
     if n == 1:
@@ -63,6 +64,12 @@ SPEC = MethodSpec(
     merge=_merge,
     base="required",
     min_experts=1,
-    deviations="cos clamped to [0, 1]; one expert returns the expert",
+    deviations="the angle cosine is clamped to [0, 1] (the derivation assumes it non-negative); a zero task "
+               "vector gives t = 0, a single expert t = 1; `filter_wise: true` works per row",
     doc=__doc__,
+    formula="`t = N cos/(1 + (N-1) cos)`, `cos` = mean pairwise cosine of task vectors; `t avg + (1-t) theta_0`",
+    order_invariant=True,
+    identities=(Identity({}, "expert", 1),),
+    mergekit="the cosine is clamped to [0, 1] (mergekit: [-1, 1], t = 0 where 1 + (N-1) cos is near 0); one "
+             "expert is allowed (mergekit needs two)",
 )

@@ -29,29 +29,31 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
-from mergesweep.merge.methods._common import density_param, lambda_param, scope_param
-from mergesweep.merge.select import count_for_fraction, kth_smallest
-from mergesweep.merge.spec import MethodSpec, Param, StatRequest
+from mergesweep.merge.methods._common import all_of, density_param, lambda_param, scope_param, warn_zero_density
+from mergesweep.merge.spec import Identity, MethodSpec, Param, StatRequest
 
 
 def _rank(fraction: float, n: int) -> int:
+    from mergesweep.merge.select import count_for_fraction
+
     return min(n - 1, count_for_fraction(fraction, n))
 
 
 def _upper_rank(c: float, n: int) -> int:
+    from mergesweep.merge.select import count_for_fraction
+
     # the reference implementation's max index: int(n * (1 - c)) - 1
     return max(0, min(n - 1, count_for_fraction(1.0 - c, n) - 1))
 
 
-def _clamped_abs(d: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+def _clamped_abs(d, lo: float, hi: float):
     return d.abs().clamp_(lo, hi)
 
 
-def balancing_scores(deltas: Sequence[torch.Tensor], clamp_lo: Sequence[float], clamp_hi: Sequence[float]
-                     ) -> list[torch.Tensor]:
+def balancing_scores(deltas: Sequence, clamp_lo: Sequence[float], clamp_hi: Sequence[float]) -> list:
     """b_i = exp(T * norm(a_i)^2) * tanh(d_i * sum_j d_j) for each expert."""
+    import torch
+
     t = len(deltas)
     total = torch.zeros_like(deltas[0])
     for d in deltas:
@@ -67,16 +69,14 @@ def balancing_scores(deltas: Sequence[torch.Tensor], clamp_lo: Sequence[float], 
     return scores
 
 
-def pcb(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    densities: Sequence[float],
-    lam: float = 1.0,
-    clamp_ratio: float = 1e-4,
-    stats: dict | None = None,
-) -> torch.Tensor:
-    """PCB on one tensor; ``stats`` holds whole-model quantities (``scope: model``), else they are
-    taken within this tensor."""
+def pcb(base, experts: Sequence, densities: Sequence[float], lam: float = 1.0, clamp_ratio: float = 1e-4,
+        stats: dict | None = None):
+    """PCB on one float32 tensor; ``stats`` holds whole-model quantities (``scope: model``), else
+    they are taken within this tensor."""
+    import torch
+
+    from mergesweep.merge.select import kth_smallest
+
     deltas = [e - base for e in experts]
     n = base.numel()
     if stats is None:
@@ -146,6 +146,13 @@ SPEC = MethodSpec(
     base="required",
     statistics=_statistics,
     stat_values=_stat_values,
-    deviations="formulas of the authors' code (exp/tanh/min-max) rather than the paper's Softmax; scope: tensor approximates",
+    validate=all_of(lambda p, n, has_base: warn_zero_density(p, "pcb")),
+    deviations="follows the authors' released implementation (exp/tanh/min-max normalisation) rather than the "
+               "paper's Softmax notation, without its evolutionary search of per-task lambdas; `scope: model` "
+               "(default) is the whole-model version, `scope: tensor` an approximation",
     doc=__doc__,
+    formula="intra `exp(T norm(clamp|tau|)^2)` x inter `tanh(tau_i sum_j tau_j)` scores; drop the lowest "
+            "`1 - density`; score-weighted mean",
+    order_invariant=True,
+    identities=(Identity({"lambda": 0.0}, "base", 3),),
 )

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from mergesweep.errors import ConfigError
-from mergesweep.merge.spec import MethodSpec, Param
+from mergesweep.merge.spec import Identity, MethodSpec, Param
 
 DOT_THRESHOLD = 0.9995
 
 
-def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+def slerp(v0, v1, t: float):
+    """Slerp of two float32 tensors (each one vector)."""
+    import torch
+
     if t == 0.0:
         return v0.clone()
     if t == 1.0:
@@ -69,4 +70,10 @@ SPEC = MethodSpec(
     max_experts=2,
     validate=_validate,
     doc=__doc__,
+    formula="`sin((1-t)W)/sin W * v0 + sin(tW)/sin W * v1` (lerp when nearly parallel)",
+    order_invariant=False,  # t measures from the first model: swapping the two is t -> 1 - t
+    identities=(Identity({"t": 0.0}, "base", 1), Identity({"t": 1.0}, "expert", 1)),
+    deviations="a scalar `t` (mergekit's per-layer gradients are not supported)",
+    mergekit="a scalar `t` only (mergekit also takes per-layer gradients); without a base the first expert is "
+             "the start point (mergekit requires a base)",
 )

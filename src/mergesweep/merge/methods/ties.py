@@ -11,89 +11,56 @@
 Paper: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023
 (arXiv:2306.01708).
 
+Parts (:mod:`._taskvector`): magnitude top-k sparsification, TIES sign election, weighted sum
+divided by the agreeing weights.
+
 Deviation: the paper keeps the top-k% of each task vector over the *whole model*; the default
 ``scope: tensor`` ranks magnitudes within each tensor, as mergekit does (so mergekit recipes
 give the same model). ``scope: model`` follows the paper: the engine makes two extra streaming
 passes to find each expert's exact whole-model magnitude threshold. Ties at the threshold are
-all kept.
+all kept (as the TIES reference code, ``>=`` the k-th value).
+
+``normalize: true`` divides each entry by the sum of the weights of the experts agreeing there;
+weights of which a non-empty subset sums to 0 (``[1, -1]``) could make that 0 and are rejected.
+``density: 0`` keeps nothing of that expert (a warning says so; all zero: the base).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mergesweep.merge.methods._taskvector import magnitude_topk, task_vector_method
+from mergesweep.merge.spec import Identity
 
-from mergesweep.merge.methods._common import (
-    check_weight_sum,
-    density_param,
-    elect_and_merge,
-    global_topk_requests,
-    lambda_param,
-    magnitude_threshold,
-    normalize_param,
-    scope_param,
-    weight_param,
-)
-from mergesweep.merge.select import blocks
-from mergesweep.merge.spec import MethodSpec
-
-
-def ties(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    lam: float = 1.0,
-    normalize: bool = True,
-    thresholds: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """TIES on one tensor. ``thresholds`` (whole-model magnitude thresholds) replace per-tensor
-    top-k when given."""
-    if thresholds is None:
-        thresholds = [magnitude_threshold(e, base, d) for e, d in zip(experts, densities)]
-    out = torch.empty_like(base)
-    o, b = out.view(-1), base.reshape(-1)
-    flats = [e.reshape(-1) for e in experts]
-    for sl in blocks(o.numel()):  # elementwise from here on: block by block, in cache
-        bc = b[sl]
-        deltas = []
-        for e, thr in zip(flats, thresholds):
-            d = e[sl] - bc
-            if thr is not None:
-                if thr == float("inf"):
-                    d.zero_()
-                else:  # keep |d| >= thr; a float mask (CPU boolean kernels are slow)
-                    d.mul_(torch.ge(d.abs(), thr, out=torch.empty_like(d)))
-            deltas.append(d)
-        merged = elect_and_merge(deltas, weights, normalize)
-        torch.add(bc, merged, alpha=lam, out=o[sl])
-    return out
-
-
-def _merge(base, experts, p, ctx):
-    thresholds = ctx.stats.get("trim") if p["scope"] == "model" else None
-    return ties(base, experts, p["weight"], p["density"], p["lambda"], p["normalize"], thresholds)
-
-
-def _statistics(p, n):
-    return global_topk_requests("trim", p["density"]) if p["scope"] == "model" else []
-
-
-def _stat_values(stage, base, experts, p, ctx):
-    return {"trim": [(e - base).abs_() for e in experts]}
-
-
-SPEC = MethodSpec(
-    name="ties",
+SPEC = task_vector_method(
+    "ties",
     summary="trim small task-vector entries, elect a sign per entry, average the agreeing ones",
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
-    params=(weight_param(), density_param(0.2), lambda_param(), normalize_param(True), scope_param()),
-    merge=_merge,
-    base="required",
-    statistics=_statistics,
-    stat_values=_stat_values,
-    validate=check_weight_sum,
-    deviations="per-tensor top-k by default (scope: tensor, as mergekit); scope: model is the paper's whole-model top-k",
+    formula="trim `tau_i` to its top `density` by magnitude; `gamma = sign(sum_i w_i tau_i)`; weighted mean of "
+            "the entries agreeing with `gamma`; `theta_0 + lambda tau`",
     doc=__doc__,
+    sparsify=magnitude_topk(0.2),
+    elect=True,
+    normalize=True,
+    identities=(Identity({"density": 1.0}, "expert", 1, atol=2e-6), Identity({"lambda": 0.0}, "base", 3)),
+    deviations="per-tensor top-k by default (`scope: tensor`, as mergekit); `scope: model` is the paper's "
+               "whole-model top-k (exact thresholds, two extra streaming passes); entries tied with the "
+               "threshold are all kept",
+    mergekit="`density` defaults to 0.2, the paper's k (mergekit: 1, no trimming); entries tied with the "
+             "threshold are all kept (mergekit keeps an arbitrary k of them); k = floor(density n) can be 0 "
+             "on a small tensor (mergekit keeps at least one entry); `normalize: true` with weights of which "
+             "some subset sums to 0 is an error (mergekit divides by 1 where the agreeing weights sum to 0); "
+             "`weight` defaults to 1; `scope: model` is not in mergekit",
 )
+
+
+def ties(base, experts: Sequence, weights: Sequence[float], densities: Sequence[float], lam: float = 1.0,
+         normalize: bool = True, thresholds: Sequence[float | None] | None = None):
+    """TIES on one float32 tensor. ``thresholds`` (whole-model magnitude thresholds, ``inf``:
+    keep nothing) replace the per-tensor top-k when given."""
+    from mergesweep.merge.methods import _parts
+
+    if thresholds is None:
+        thresholds = [_parts.magnitude_threshold(e, base, d) for e, d in zip(experts, densities)]
+    maskers = [_parts.threshold_masker(t) for t in thresholds]
+    return _parts.combine_task_vectors(base, experts, weights, lam, normalize, maskers, elect=True)

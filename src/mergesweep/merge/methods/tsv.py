@@ -23,20 +23,24 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from mergesweep.merge.methods._common import lambda_param
-from mergesweep.merge.select import count_for_fraction
-from mergesweep.merge.spec import MethodSpec, Param
+from mergesweep.merge.spec import Identity, MethodSpec, Param
 
 
-def _orthogonalize(x: torch.Tensor) -> torch.Tensor:
+def _orthogonalize(x):
     """Polar factor of ``x`` (m x r): the closest matrix with orthonormal columns (Procrustes)."""
+    import torch
+
     p, _, qh = torch.linalg.svd(x, full_matrices=False)
     return p @ qh
 
 
-def tsv_matrix(deltas: Sequence[torch.Tensor], sv_reduction: float) -> torch.Tensor:
+def tsv_matrix(deltas: Sequence, sv_reduction: float):
+    """The TSV-M merged task matrix of same-shaped 2-D task matrices."""
+    import torch
+
+    from mergesweep.merge.select import count_for_fraction
+
     m, n = deltas[0].shape
     k = max(1, count_for_fraction(sv_reduction, min(m, n)))
     us, ss, vs = [], [], []
@@ -51,8 +55,10 @@ def tsv_matrix(deltas: Sequence[torch.Tensor], sv_reduction: float) -> torch.Ten
     return (u_perp * s) @ v_perp.T
 
 
-def tsv(base: torch.Tensor, experts: Sequence[torch.Tensor], sv_reduction: float | None = None,
-        lam: float = 1.0) -> torch.Tensor:
+def tsv(base, experts: Sequence, sv_reduction: float | None = None, lam: float = 1.0):
+    """TSV-M on one float32 tensor (the kernel behind ``SPEC``)."""
+    import torch
+
     deltas = [e - base for e in experts]
     if base.dim() == 2 and min(base.shape) > 0:
         merged = tsv_matrix(deltas, sv_reduction if sv_reduction is not None else 1.0 / len(experts))
@@ -78,4 +84,11 @@ SPEC = MethodSpec(
     merge=_merge,
     base="required",
     doc=__doc__,
+    formula="per matrix: top `sv_reduction` singular triplets of each task, `U`, `V` orthogonalised (Procrustes), "
+            "`theta_0 + lambda U_perp S V_perp^T`; vectors averaged",
+    # permuting the experts permutes the columns of U, V and the entries of S alike, and the polar
+    # factor of U P is polar(U) P: the product is unchanged
+    order_invariant=True,
+    identities=(Identity({"sv_reduction": 1.0}, "expert", 1, atol=2e-5), Identity({"lambda": 0.0}, "base", 3)),
+    deviations="applied to every 2-D tensor, embeddings and `lm_head` included",
 )
