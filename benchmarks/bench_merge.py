@@ -128,14 +128,14 @@ def mergekit_cmd(method: str, base: Path, experts: list[Path], params: dict, out
 
 def compare(a: Path, b: Path) -> tuple[float, int, int]:
     """(max |a - b|, number of differing entries, number of entries) over the tensors both have."""
-    from mergesweep.merge.io import SafetensorsInput
+    from mergesweep.checkpoints.layout import CheckpointReader
 
     worst, differing, total = 0.0, 0, 0
-    with SafetensorsInput(a, "mergesweep") as x, SafetensorsInput(b, "mergekit") as y:
+    with CheckpointReader(a, "mergesweep") as x, CheckpointReader(b, "mergekit") as y:
         for name in x.keys():
             if name not in y:
                 continue
-            d = (x.read(name).float() - y.read(name).float()).abs()
+            d = (x.get(name).float() - y.get(name).float()).abs()
             worst = max(worst, float(d.max()))
             differing += int(torch_count_nonzero(d))
             total += d.numel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import pytest
 import torch
 
 from helpers_merge import make_base, make_expert, make_family, read_state, write_like
-from mergesweep.checkpoints.layout import CheckpointError, checkpoint_fingerprint
+from mergesweep.checkpoints.layout import CheckpointError, CheckpointReader, checkpoint_fingerprint
 from mergesweep.errors import ConfigError, MergeError
-from mergesweep.merge.engine import canonical_params, merge_checkpoints
+from mergesweep.merge.config import planned_model_id, validate_merge_config
+from mergesweep.merge.engine import merge_checkpoints
+from mergesweep.merge.identity import checkpoint_uid, merge_identity
 from mergesweep.merge.methods import REGISTRY
 from mergesweep.merge.methods.pcb import pcb as pcb_kernel
 from mergesweep.merge.methods.ties import ties as ties_kernel
@@ -196,10 +199,10 @@ def test_dare_is_bit_identical_across_runs_and_thread_counts(family, tmp_path):
     merge_checkpoints("dare_ties", base, experts, params, tmp_path / "b")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     code = (
-        "import sys;"
+        "import sys, torch;"
         "from mergesweep.merge.engine import merge_checkpoints;"
-        f"merge_checkpoints('dare_ties', {str(base)!r}, {[str(e) for e in experts]!r}, {params!r}, sys.argv[1],"
-        " threads=2)"
+        "torch.set_num_threads(2);"
+        f"merge_checkpoints('dare_ties', {str(base)!r}, {[str(e) for e in experts]!r}, {params!r}, sys.argv[1])"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], check=True, cwd=ROOT,
                    env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -211,26 +214,43 @@ def test_dare_is_bit_identical_across_runs_and_thread_counts(family, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # output layout, metadata, transformers
 # ---------------------------------------------------------------------------------------------
-def test_output_layout_metadata_and_model_card(family, tmp_path):
+def test_output_layout_record_and_model_card(family, tmp_path):
+    from mergesweep.record import read_record
+
     base, experts = family
     params = {"density": [0.2, 0.5, 0.8], "lambda": 0.9}
-    meta = merge_checkpoints("ties", base, experts, params, tmp_path / "out", expert_names=["a", "b", "c"],
-                             extra_meta={"sweep": "s1"})
+    meta = merge_checkpoints("ties", base, experts, params, tmp_path / "out", expert_names=["a", "b", "c"])
     out = tmp_path / "out"
     disk = json.loads((out / "mergesweep.json").read_text())
     assert disk == json.loads(json.dumps(meta, default=str))
-    for key in ("model_id", "role", "method", "params", "base", "experts", "align", "fingerprint",
-                "runtime_s", "peak_rss_mb", "versions"):
-        assert key in disk
-    assert disk["params"]["density"] == [0.2, 0.5, 0.8] and disk["params"]["normalize"] is True
-    assert disk["experts"] == ["a", "b", "c"] and disk["base"] == "base" and disk["sweep"] == "s1"
-    assert disk["model_id"].startswith("ties-")
-    assert disk["params"] == canonical_params("ties", params, 3, ["a", "b", "c"])
+    rec = read_record(out)  # the one record type, read back
+    assert (rec.role, rec.stage, rec.method, rec.uid) == ("merged", "merge", "ties", rec.model_id)
+    for key in ("inputs", "align", "dtype", "device", "vocab_policy", "shard_size", "files", "num_tensors",
+                "num_parameters", "statistics", "expert_names"):
+        assert key in rec.extra, key
+    assert rec.params["density"] == [0.2, 0.5, 0.8] and rec.params["normalize"] is True
+    assert rec.experts == ["a", "b", "c"] and rec.base == "base" and rec.source is None
+    assert rec.model_id.startswith("ties-") and rec.runtime_s > 0 and rec.peak_rss_mb > 0
+    assert rec.versions["torch"] and rec.versions["safetensors"]
+    # the recorded params and id are merge_identity's, fed with the inputs' uids
+    uids = [checkpoint_uid(e) for e in experts]
+    want_id, resolved = merge_identity("ties", params, ["a", "b", "c"], checkpoint_uid(base), uids)
+    assert rec.params == resolved and rec.model_id == want_id
+    assert [d["uid"] for d in rec.extra["inputs"]] == [checkpoint_uid(base)] + uids
+    # ... which is the id `mergesweep merge` plans from the same YAML
+    cfg = validate_merge_config({"method": "ties", "base": str(base), "experts": [str(e) for e in experts],
+                                 "params": params, "expert_names": ["a", "b", "c"]})
+    assert planned_model_id(cfg) == rec.model_id
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     assert (out / "tokenizer_config.json").exists()
     card = (out / "README.md").read_text()
-    assert "ties" in card and "Yadav" in card and "density" in card and disk["inputs"][1]["fingerprint"] in card
-    assert "mergesweep merge --config" in card and "torch" in card
+    assert "ties" in card and "Yadav" in card and "density" in card and rec.extra["inputs"][1]["fingerprint"] in card
+    assert "mergesweep merge --config" in card and "torch" in card and rec.model_id in card
+    # the card's YAML reproduces the merge: same id
+    import yaml
+
+    doc = yaml.safe_load(card.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert planned_model_id(validate_merge_config(doc)) == rec.model_id
     # same inputs and params -> same id; different params -> different id
     again = merge_checkpoints("ties", base, experts, params, tmp_path / "again", expert_names=["a", "b", "c"])
     other = merge_checkpoints("ties", base, experts, {**params, "lambda": 1.0}, tmp_path / "other")
@@ -238,8 +258,28 @@ def test_output_layout_metadata_and_model_card(family, tmp_path):
     # the fingerprint computed while writing is the checkpoint_fingerprint of the output
     (out / ".mergesweep-sha256").unlink()
     assert checkpoint_fingerprint(out) == disk["fingerprint"]
-    forced = merge_checkpoints("linear", None, experts[:1], {}, tmp_path / "forced", extra_meta={"model_id": "x1"})
-    assert forced["model_id"] == "x1" and forced["base"] is None
+
+
+def test_expect_model_id_checks_the_planned_id(family, tmp_path):
+    base, experts = family
+    meta = merge_checkpoints("linear", None, experts[:2], {}, tmp_path / "a")
+    assert meta["base"] is None
+    same = merge_checkpoints("linear", None, experts[:2], {}, tmp_path / "b", expect_model_id=meta["model_id"])
+    assert same["model_id"] == meta["model_id"]
+    with pytest.raises(MergeError) as err:
+        merge_checkpoints("linear", None, experts[:2], {}, tmp_path / "c", expect_model_id="linear-0000000000")
+    assert "linear-0000000000" in str(err.value) and meta["model_id"] in str(err.value)
+    _no_leftovers(tmp_path, "c")
+
+
+def test_engine_leaves_process_settings_alone(family, tmp_path):
+    base, experts = family
+    torch.set_num_threads(2)
+    try:
+        merge_checkpoints("task_arithmetic", base, experts[:1], {}, tmp_path / "out")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_sharded_output_and_sharded_input(family, tmp_path):
@@ -263,11 +303,9 @@ def test_sharded_output_and_sharded_input(family, tmp_path):
 
 
 def test_positional_reads_give_the_same_merge_as_mapped_reads(family, tmp_path, monkeypatch):
-    from mergesweep.merge.io import SafetensorsInput
-
     base, experts = family
     merge_checkpoints("ties", base, experts, {"density": 0.3}, tmp_path / "mapped")
-    monkeypatch.setattr(SafetensorsInput, "use_mmap", False)
+    monkeypatch.setattr(CheckpointReader, "use_mmap", False)
     merge_checkpoints("ties", base, experts, {"density": 0.3}, tmp_path / "pread")
     assert _digest(tmp_path / "mapped") == _digest(tmp_path / "pread")
 
@@ -310,24 +348,74 @@ def test_bfloat16_inputs_and_dtype_default_from_base(tmp_path):
     assert torch.equal(got[k], want)
 
 
+def test_reader_dtype_precedence_config_dtype_then_torch_dtype_then_tensors(tmp_path):
+    """One rule (checkpoints.layout): config `dtype`, else `torch_dtype` (each only if it names
+    float32/float16/bfloat16), else the stored floating dtype holding most parameters, else
+    float32. A merge without `dtype` writes that dtype."""
+    base = make_base(tmp_path / "base")
+    state = read_state(base)
+    half = {k: v.to(torch.float16) for k, v in state.items()}
+    cases = [
+        ({"dtype": "bfloat16", "torch_dtype": "float16"}, state, torch.bfloat16),
+        ({"dtype": None, "torch_dtype": "fp16"}, state, torch.float16),
+        ({"dtype": "auto", "torch_dtype": "torch.bfloat16"}, state, torch.bfloat16),
+        ({"dtype": "auto", "torch_dtype": None}, half, torch.float16),  # not a dtype: the tensors'
+        ({"dtype": None, "torch_dtype": None}, {**half, "model.norm.weight": state["model.norm.weight"]},
+         torch.float16),  # most parameters are float16
+        ({"dtype": None, "torch_dtype": None}, {"ids": torch.arange(4)}, torch.float32),  # no floats
+    ]
+    for i, (cfg, tensors, want) in enumerate(cases):
+        ckpt = write_like(base, tmp_path / f"c{i}", tensors, cfg)
+        with CheckpointReader(ckpt) as r:
+            assert r.default_dtype == want == r.torch_dtype, (cfg, r.default_dtype)
+    # the merge's output dtype follows the rule, and both config keys name it
+    merge_checkpoints("linear", None, [tmp_path / "c0"], {}, tmp_path / "out")
+    out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (out_cfg["dtype"], out_cfg["torch_dtype"]) == ("bfloat16", "bfloat16")
+    assert read_state(tmp_path / "out")["model.norm.weight"].dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------------------------
 # tied embeddings and vocabulary mismatches
 # ---------------------------------------------------------------------------------------------
-def test_untied_base_with_tied_expert_uses_expert_embedding_as_lm_head(tmp_path):
+def test_tied_expert_over_untied_base_is_refused_unless_allowed(tmp_path, caplog):
     base = make_base(tmp_path / "base", tie_word_embeddings=False)
     b = read_state(base)
     assert "lm_head.weight" in b
     tied = {k: v + 0.01 for k, v in b.items() if k != "lm_head.weight"}
     expert = write_like(base, tmp_path / "tied", tied, {"tie_word_embeddings": True})
-    merge_checkpoints("task_arithmetic", base, [expert], {}, tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="mergesweep"):
+        with pytest.raises(MergeError, match=r"expert 0 \(tied\): ties lm_head.*'lm_head\.weight'.*tie_policy: allow"):
+            merge_checkpoints("task_arithmetic", base, [expert], {}, tmp_path / "out")
+    assert any(r.levelno == logging.WARNING and "lm_head.weight" in r.getMessage() and "expert 0 (tied)"
+               in r.getMessage() for r in caplog.records)
+    _no_leftovers(tmp_path, "out")
+    # allowed: the expert's embedding matrix stands in for its head (and it is still logged)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mergesweep"):
+        merge_checkpoints("task_arithmetic", base, [expert], {}, tmp_path / "out", tie_policy="allow")
+    assert any("lm_head.weight" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     got = read_state(tmp_path / "out")
     torch.testing.assert_close(got["lm_head.weight"], tied["model.embed_tokens.weight"])
-    # tied base + untied expert: the output stays tied and ignores the expert's lm_head
+
+
+def test_untied_expert_over_tied_base_is_refused_unless_allowed(tmp_path, caplog):
     tbase = make_base(tmp_path / "tbase")
     untied = {**read_state(tbase), "lm_head.weight": torch.zeros(96, 32)}
-    ex2 = write_like(tbase, tmp_path / "untied", untied, {"tie_word_embeddings": False})
-    merge_checkpoints("task_arithmetic", tbase, [ex2], {}, tmp_path / "out2")
-    assert "lm_head.weight" not in read_state(tmp_path / "out2")
+    ex = write_like(tbase, tmp_path / "untied", untied, {"tie_word_embeddings": False})
+    with caplog.at_level(logging.WARNING, logger="mergesweep"):
+        with pytest.raises(MergeError, match=r"expert 0 \(untied\): its own \(untied\) 'lm_head\.weight'.*lost"):
+            merge_checkpoints("task_arithmetic", tbase, [ex], {}, tmp_path / "out")
+    assert any(r.levelno == logging.WARNING and "'lm_head.weight'" in r.getMessage() for r in caplog.records)
+    _no_leftovers(tmp_path, "out")
+    # allowed: the output stays tied and the expert's head is not merged
+    merge_checkpoints("task_arithmetic", tbase, [ex], {}, tmp_path / "out", tie_policy="allow")
+    assert "lm_head.weight" not in read_state(tmp_path / "out")
+    # an expert that stores its head but declares it tied agrees with a tied base: no error
+    copy = write_like(tbase, tmp_path / "stored", {**read_state(tbase), "lm_head.weight": torch.zeros(96, 32)})
+    merge_checkpoints("task_arithmetic", tbase, [copy], {}, tmp_path / "ok")
+    with pytest.raises(ConfigError, match="tie_policy: 'maybe'"):
+        merge_checkpoints("task_arithmetic", tbase, [ex], {}, tmp_path / "bad", tie_policy="maybe")
 
 
 def _vocab_expert(base: Path, dst: Path, rows: int, shift: float = 0.5) -> Path:
@@ -366,6 +454,24 @@ def test_vocab_policy_base_and_truncate(family, tmp_path):
     assert got.shape == (90, 32)
     torch.testing.assert_close(got, b[:90] + 0.75)
     assert json.loads((tmp_path / "vt" / "config.json").read_text())["vocab_size"] == 90
+
+
+def test_vocab_policy_base_needs_a_base(family, tmp_path):
+    """Without a base, rows an expert lacks would come from expert 0 and count it twice: refused
+    before anything is read; truncate works without a base."""
+    base, _ = family
+    big = _vocab_expert(base, tmp_path / "big", 100)
+    small = _vocab_expert(base, tmp_path / "small", 90, shift=0.25)
+    with pytest.raises(ConfigError, match=r"vocab_policy: 'base'.*needs a base model"):
+        merge_checkpoints("linear", None, [big, small], {}, tmp_path / "out", vocab_policy="base")
+    _no_leftovers(tmp_path, "out")
+    with pytest.raises(MergeError, match=r"vocabulary sizes differ\. Set vocab_policy: truncate") as err:
+        merge_checkpoints("linear", None, [big, small], {}, tmp_path / "out")
+    assert "vocab_policy: base" not in str(err.value)
+    merge_checkpoints("linear", None, [big, small], {}, tmp_path / "vt", vocab_policy="truncate")
+    got = read_state(tmp_path / "vt")["model.embed_tokens.weight"]
+    b = read_state(base)["model.embed_tokens.weight"]
+    torch.testing.assert_close(got, b[:90] + (0.5 + 0.25) / 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,9 +584,13 @@ def test_failure_keeps_an_existing_output_untouched(family, tmp_path):
 def test_alignment_hook_is_applied_to_the_named_expert(family, tmp_path, monkeypatch):
     import mergesweep.align.apply as apply
 
+    from safetensors.torch import save_file
+
+    from mergesweep.align.permmap import FORMAT, META_KEY
+
     base, experts = family
-    perm_file = tmp_path / "perm.safetensors"
-    perm_file.write_bytes(b"fake map")
+    perm_file = tmp_path / "perm.safetensors"  # a map file without an align job's uid: hashed
+    save_file({"x": torch.zeros(1)}, str(perm_file), metadata={"format": FORMAT, META_KEY: "{}"})
     calls = []
 
     def fake_load(path):
@@ -500,5 +610,6 @@ def test_alignment_hook_is_applied_to_the_named_expert(family, tmp_path, monkeyp
     for k in e1:
         torch.testing.assert_close(got[k], torch.flip(e1[k], dims=[-1]))
     assert meta["align"]["1"]["path"] == str(perm_file)
+    assert meta["align"]["1"]["uid"].startswith("sha256:")
     plain = merge_checkpoints("linear", None, experts[:2], {"weight": {"per_expert": [0.0, 1.0]}}, tmp_path / "p")
     assert plain["model_id"] != meta["model_id"]

@@ -1,61 +1,72 @@
-"""The model card (README.md) of a merged checkpoint: what was merged, how, from what, with what."""
+"""The model card (README.md) of a merged checkpoint, rendered from its record (``mergesweep.json``):
+what was merged, how, from what, with what."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Sequence
 
 import yaml
 
-from mergesweep.merge.spec import MethodSpec
+from mergesweep.record import ModelRecord
 
 
-def equivalent_yaml(meta: dict, base: Path | None, experts: Sequence[Path]) -> str:
-    """The ``mergesweep merge --config`` YAML that reproduces this merge."""
-    doc: dict = {"method": meta["method"], "base": str(base) if base else None,
-                 "experts": [str(p) for p in experts], "params": meta["params"], "dtype": meta["dtype"],
-                 "device": meta["device"], "shard_size": meta["shard_size"], "vocab_policy": meta["vocab_policy"]}
-    if meta.get("align"):
-        doc["align"] = {k: v["path"] for k, v in meta["align"].items()}
+def equivalent_yaml(record: ModelRecord) -> str:
+    """The ``mergesweep merge --config`` YAML that reproduces this merge (and its model id)."""
+    x = record.extra
+    inputs = x.get("inputs") or []
+    base = next((d["path"] for d in inputs if d["role"] == "base"), None)
+    doc: dict = {"method": record.method, "base": base,
+                 "experts": [d["path"] for d in inputs if d["role"] == "expert"],
+                 "expert_names": x.get("expert_names"), "params": record.params,
+                 "dtype": x.get("requested_dtype"), "device": x.get("device"), "shard_size": x.get("shard_size"),
+                 "vocab_policy": x.get("vocab_policy")}
+    if x.get("tie_policy", "error") != "error":
+        doc["tie_policy"] = x["tie_policy"]
+    if x.get("align"):
+        doc["align"] = {int(k): v["path"] for k, v in x["align"].items()}
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
-def render_model_card(spec: MethodSpec, meta: dict, base: Path | None, experts: Sequence[Path]) -> str:
-    front = {
-        "library_name": "transformers",
-        "tags": ["merge", "mergesweep", spec.name],
-    }
-    if base:
-        front["base_model"] = meta["base"]
+def render_model_card(record: ModelRecord) -> str:
+    from mergesweep.merge.methods import get_method
+
+    spec = get_method(record.method)
+    x = record.extra
+    front = {"library_name": "transformers", "tags": ["merge", "mergesweep", spec.name]}
+    if record.base:
+        front["base_model"] = record.base
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
-    lines += [f"# {meta['model_id']}", ""]
+    lines += [f"# {record.model_id}", ""]
     lines += [f"A merge made with mergesweep using **{spec.name}**: {spec.summary}.", ""]
     lines += [f"Method reference: {spec.paper}."]
     if spec.deviations:
         lines += ["", f"Implementation notes: {spec.deviations}."]
     lines += ["", "## Parameters", "", "| parameter | value |", "|---|---|"]
-    for k, v in meta["params"].items():
+    for k, v in (record.params or {}).items():
         lines.append(f"| `{k}` | `{json.dumps(v)}` |")
     lines += ["", "## Inputs", "", "| role | name | path | id | revision / source | fingerprint (sha256) |",
               "|---|---|---|---|---|---|"]
-    for d in meta["inputs"]:
+    for d in x.get("inputs") or []:
         rev = d.get("revision") or d.get("source") or ""
-        lines.append(f"| {d['role']} | {d['name']} | `{d['path']}` | {d.get('model_id') or ''} | {rev} | `{d['fingerprint']}` |")
-    if meta.get("align"):
+        if isinstance(rev, dict):
+            rev = ", ".join(f"{k}: {v}" for k, v in rev.items() if v not in (None, ""))
+        lines.append(f"| {d['role']} | {d['name']} | `{d['path']}` | {d.get('model_id') or ''} | {rev} "
+                     f"| `{d['fingerprint']}` |")
+    if x.get("align"):
         lines += ["", "Alignment (permutation maps applied to experts before merging):", ""]
-        for k, v in meta["align"].items():
+        for k, v in x["align"].items():
             lines.append(f"- expert {k}: `{v['path']}` (sha256 `{v['sha256']}`)")
     lines += ["", "## Output", "",
-              f"- dtype: {meta['dtype']} (computed in float32 on {meta['device']})",
-              f"- tensors: {meta['num_tensors']}, parameters: {meta['num_parameters']:,}",
-              f"- vocabulary policy: {meta['vocab_policy']}",
-              f"- merge time: {meta['runtime_s']} s, peak RSS: {meta['peak_rss_mb']} MB"]
-    if meta.get("statistics"):
-        lines.append(f"- whole-model statistics: `{meta['statistics']}`")
+              f"- dtype: {x['dtype']} (computed in float32 on {x['device']})",
+              f"- tensors: {x['num_tensors']}, parameters: {x['num_parameters']:,}",
+              f"- vocabulary policy: {x['vocab_policy']}",
+              f"- fingerprint (sha256 of config and weights): `{record.fingerprint}`",
+              f"- merge time: {record.runtime_s} s, peak RSS: {record.peak_rss_mb} MB"]
+    if x.get("statistics"):
+        lines.append(f"- whole-model statistics: `{x['statistics']}`")
     lines += ["", "## Versions", ""]
-    for k, v in meta["versions"].items():
+    for k, v in record.versions.items():
         lines.append(f"- {k}: {v}")
-    lines += ["", "## Reproduce", "", "```yaml", equivalent_yaml(meta, base, experts).rstrip(), "```", "",
+    lines += ["", "## Reproduce", "", "```yaml", equivalent_yaml(record).rstrip(), "```", "",
               "```bash", "mergesweep merge --config merge.yaml --out OUT_DIR", "```", ""]
     return "\n".join(lines)
