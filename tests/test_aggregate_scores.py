@@ -72,7 +72,8 @@ def test_rows_from_error_file():
 def test_rows_from_dict_and_architecture_example_format():
     # the minimal format of docs/ARCHITECTURE.md (no lm_eval_task/filter, per-task dicts keyed by task)
     doc = {"model_id": "m1", "suite": "arithmetic", "status": "ok", "error": None,
-           "model": {"model_id": "m1", "role": "expert", "domain": "arithmetic", "params": None},
+           "model": {"model_id": "m1", "role": "expert", "stage": "finetune", "domain": "arithmetic",
+                     "params": None},
            "results": [{"task": "arithmetic", "metric": "acc", "split": "test", "value": 0.6,
                         "stderr": "N/A", "n": 64}],
            "num_fewshot": {"arithmetic": 3}}
@@ -98,8 +99,10 @@ def test_ok_file_without_results_is_an_error_row():
     ],
 )
 def test_malformed_files_name_file_and_key(tmp_path, change, message):
-    p = tmp_path / "bad.json"
-    p.write_text(json.dumps(_doc(**change)))
+    doc = _doc(**change)
+    p = tmp_path / str(doc.get("model_id") or "m") / f"{doc.get('suite') or 'arithmetic'}.json"
+    p.parent.mkdir()
+    p.write_text(json.dumps(doc))
     with pytest.raises(EvalFileError) as e:
         rows_from_eval_json(p)
     assert str(p) in str(e.value) and message in str(e.value)
@@ -115,12 +118,12 @@ def test_unreadable_file(tmp_path):
 
 
 def test_duplicate_model_suite_names_both_files(tmp_path):
+    # the same (model, suite) under two evals roots
     src = EVALS / "linear-5dac38dec9" / "arithmetic.json"
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    shutil.copy(src, tmp_path / "a" / "arithmetic.json")
-    shutil.copy(src, tmp_path / "b" / "arithmetic.json")
-    with pytest.raises(EvalFileError, match=r"a/arithmetic.json"):
+    for root in ("a", "b"):
+        (tmp_path / root / "linear-5dac38dec9").mkdir(parents=True)
+        shutil.copy(src, tmp_path / root / "linear-5dac38dec9" / "arithmetic.json")
+    with pytest.raises(EvalFileError, match=r"b/linear-5dac38dec9/arithmetic.json: .* already read from .*a/linear"):
         build_scores([tmp_path])
 
 
@@ -174,11 +177,12 @@ def test_missing_evaluation_is_reported(tmp_path):
 
 
 def test_error_file_without_model_block_takes_metadata_from_other_suites(tmp_path):
-    (tmp_path / "m").mkdir()
     ok = _doc()
+    d = tmp_path / ok["model_id"]
+    d.mkdir()
     bad = {"model_id": ok["model_id"], "suite": "reverse", "status": "error", "error": "boom", "model": {}}
-    (tmp_path / "m" / "arithmetic.json").write_text(json.dumps(ok))
-    (tmp_path / "m" / "reverse.json").write_text(json.dumps(bad))
+    (d / "arithmetic.json").write_text(json.dumps(ok))
+    (d / "reverse.json").write_text(json.dumps(bad))
     df = build_scores([tmp_path])
     assert set(df["role"]) == {"merged"} and set(df["method"]) == {"task_arithmetic"}
 

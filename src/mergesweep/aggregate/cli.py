@@ -1,10 +1,15 @@
-"""``mergesweep aggregate``: evaluation JSONs -> results/tables/scores.parquet."""
+"""``mergesweep aggregate``: evaluation JSONs -> results/tables/scores.parquet.
+
+Every input is checked before anything is written: a bad file, an impossible value, a duplicated
+row, or a table without any successful evaluation exits 1 naming the file and leaves an existing
+scores.parquet as it was."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+from mergesweep.aggregate.checks import check_scores
 from mergesweep.aggregate.provenance import load_provenance
 from mergesweep.aggregate.scores import EvalFileError, build_scores, find_eval_files, write_scores
 
@@ -26,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise EvalFileError(f"--evals {' '.join(args.evals)}: no evaluation JSON found")
     df = build_scores(files)
+    # refuse before writing: an existing scores.parquet is never replaced by an unusable table
+    check_scores(df, f"--evals {' '.join(args.evals)}", inputs=[str(f) for f in files][:5])
     write_scores(df, args.out, provenance)
     n_err = int((df["status"] == "error").sum())
     log.info("wrote %s (%d rows from %d files%s)", args.out, len(df), len(files),

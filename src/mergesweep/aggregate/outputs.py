@@ -3,17 +3,18 @@ does. Nothing is recomputed but the tables, figures and report themselves."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from mergesweep.aggregate.checks import check_scores
 from mergesweep.aggregate.files import write_bytes, write_parquet, write_text
 from mergesweep.aggregate.figures import FIGURES, render_figures
 from mergesweep.aggregate.leaderboard import Tables, compute_tables
 from mergesweep.aggregate.markdown import render_markdown
 from mergesweep.aggregate.report import render_report
 from mergesweep.aggregate.scores import read_scores
+from mergesweep.record import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -30,33 +31,31 @@ def output_paths(out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def regenerate(scores_path: str | Path, out_dir: str | Path, provenance: Mapping | None = None,
                metrics: Mapping[str, str] | None = None) -> tuple[Tables, dict[str, Path]]:
     """Read scores.parquet and write the tables, ``leaderboard.md``, the figures and the report.
 
-    ``provenance`` overrides the provenance embedded in scores.parquet (if any).
+    ``provenance`` overrides the provenance embedded in scores.parquet (if any). The table is
+    checked (:func:`mergesweep.aggregate.checks.check_scores`: rows, an ok row, ranges,
+    duplicates) and every output is rendered in memory before the first one is written, so a
+    refused table leaves existing outputs byte-identical.
     """
     scores_path = Path(scores_path)
     scores, embedded = read_scores(scores_path)
+    check_scores(scores, str(scores_path))
     prov = dict(provenance) if provenance else embedded
     tables = compute_tables(scores, metrics)
+    figures = render_figures(tables)
+    markdown = render_markdown(tables, prov, report_href="report/report.html")
+    html = render_report(tables, figures, prov, scores_path=str(scores_path),
+                         scores_sha256=sha256_file(scores_path))
     paths = output_paths(out_dir)
     write_parquet(tables.leaderboard, paths["leaderboard"])
     write_parquet(tables.selection, paths["selection"])
     write_parquet(tables.pareto, paths["pareto"])
-    figures = render_figures(tables)
     for name, png in figures.items():
         write_bytes(paths[f"fig_{name}"], png)
-    write_text(paths["markdown"], render_markdown(tables, prov, report_href="report/report.html"))
-    html = render_report(tables, figures, prov, scores_path=str(scores_path), scores_sha256=_sha256(scores_path))
+    write_text(paths["markdown"], markdown)
     write_text(paths["report"], html)
     log.info("leaderboard: %d merged models, %d methods -> %s", len(tables.leaderboard),
              len(tables.selection), Path(out_dir))

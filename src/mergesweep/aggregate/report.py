@@ -12,6 +12,7 @@ import jinja2
 from mergesweep.aggregate import views as V
 from mergesweep.aggregate.figures import FIGURES
 from mergesweep.aggregate.leaderboard import Tables
+from mergesweep.aggregate.provenance import checkpoint_identities
 
 FIGURE_CAPTIONS = {
     "bars": "Normalised test score (merged ÷ the domain's expert) of each method's selected "
@@ -55,20 +56,7 @@ def provenance_context(t: Tables, provenance: dict | None, scores_path: str | No
     """Config hash, checkpoints (ids, sources, revisions, hashes), versions and evaluation settings,
     from the provenance JSON where given and from the scores table in any case."""
     prov = provenance or {}
-    checkpoints: dict[str, dict] = {}
-    for name, c in (prov.get("checkpoints") or {}).items():
-        c = c if isinstance(c, dict) else {"source": str(c)}
-        checkpoints[name] = {
-            "name": name, "role": "", "source": c.get("source") or "",
-            "revision": c.get("revision") or "",
-            "hash": c.get("sha256") or c.get("fingerprint") or "",
-        }
-    for _, r in t.references.iterrows():
-        entry = checkpoints.setdefault(r["model_id"], {"name": r["model_id"], "role": "", "source": "",
-                                                       "revision": "", "hash": ""})
-        entry["role"] = r["role"] + (f" ({r['domain']})" if isinstance(r["domain"], str) else "")
-        entry["source"] = entry["source"] or (r["source"] if isinstance(r["source"], str) else "")
-        entry["hash"] = entry["hash"] or (r["fingerprint"] if isinstance(r["fingerprint"], str) else "")
+    checkpoints = checkpoint_identities(prov, t.references)
 
     def distinct(column: str) -> list[tuple[str, int]]:
         per_eval = t.scores.drop_duplicates(["model_id", "suite"])[column].dropna()
@@ -83,7 +71,7 @@ def provenance_context(t: Tables, provenance: dict | None, scores_path: str | No
     return {
         "config_hash": prov.get("config_hash") or "",
         "config_json": json.dumps(prov["config"], indent=2, sort_keys=True) if prov.get("config") else "",
-        "checkpoints": list(checkpoints.values()),
+        "checkpoints": checkpoints,
         "versions": sorted((str(k), str(v)) for k, v in (prov.get("versions") or {}).items()),
         "eval_versions": [(", ".join(f"{k} {v}" for k, v in sorted(json.loads(s).items())), n)
                           for s, n in eval_versions],

@@ -9,6 +9,11 @@ inside the parquet file as schema metadata, so the file is self-describing.
 A failed evaluation (``"status": "error"``) is not dropped: it becomes one row per
 (model, suite) with ``status="error"``, the ``error`` message, ``task = suite``,
 ``metric = split = None`` and ``value = NaN``, so the failure shows up in every table.
+
+Inputs that cannot be data are refused with a message naming the file, the row and the metric
+(:mod:`mergesweep.aggregate.checks`): a value outside its metric's range or infinite, a negative
+stderr or n, a duplicated row, a file whose directory is not its ``model_id`` or whose name is
+not its ``suite`` (``results/evals/<model_id>/<suite>.json``), a malformed model record.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mergesweep.aggregate.checks import ROW_KEY, check_scores, value_problem
 from mergesweep.aggregate.files import publish
 from mergesweep.atomic import atomic_file
 from mergesweep.errors import MergesweepError
+from mergesweep.record import ModelRecord, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +155,31 @@ def _load(path_or_dict: str | Path | Mapping) -> tuple[dict, str]:
         raise EvalFileError(f"{path}: not valid JSON ({e})") from e
 
 
+def model_record(block: Any, where: str) -> ModelRecord | None:
+    """The evaluated model's record, as the evaluation JSON carries it (``model``: the model's
+    ``mergesweep.json``), read through :class:`mergesweep.record.ModelRecord` - the one way the
+    aggregation reads a model's record and fingerprint. ``None`` for an absent or empty block
+    (an evaluation that failed before reading it)."""
+    if block is None or (isinstance(block, Mapping) and not block):
+        return None
+    if not isinstance(block, Mapping):
+        raise EvalFileError(f"{where}: key 'model' must be an object (the model's mergesweep.json)")
+    try:
+        return ModelRecord.from_dict(dict(block), f"{where}: 'model'")
+    except RecordError as e:
+        raise EvalFileError(str(e)) from None
+
+
+def check_eval_path(path: Path, model_id: str, suite: str) -> None:
+    """An evaluation file lives at ``<evals>/<model_id>/<suite>.json``."""
+    if path.parent.name != model_id:
+        raise EvalFileError(f"{path}: its directory {path.parent.name!r} does not match its model_id "
+                            f"{model_id!r} (expected .../{model_id}/{suite}.json)")
+    if path.stem != suite:
+        raise EvalFileError(f"{path}: its file name {path.name!r} does not match its suite {suite!r} "
+                            f"(expected .../{model_id}/{suite}.json)")
+
+
 def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
     """Rows of the scores table from one evaluation JSON (a path or the parsed dict).
 
@@ -155,6 +187,10 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
     with no results) gives a single row with ``status="error"``, ``task = suite`` and
     ``metric = split = None``, ``value = NaN``. ``suite_role`` is taken from the file's optional
     ``suite_role`` key and otherwise left null for :func:`build_scores` to infer.
+
+    Raises :class:`EvalFileError` naming the file (and ``results[i]`` and the metric) for a
+    malformed file, a path that is not ``<model_id>/<suite>.json``, an impossible value
+    (:func:`mergesweep.aggregate.checks.value_problem`) or a duplicated result.
     """
     doc, where = _load(path_or_dict)
     if not isinstance(doc, Mapping):
@@ -162,20 +198,19 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
     for key in ("model_id", "suite"):
         if not doc.get(key):
             raise EvalFileError(f"{where}: missing required key '{key}'")
-    model = doc.get("model") or {}
-    if not isinstance(model, Mapping):
-        raise EvalFileError(f"{where}: key 'model' must be an object (the model's mergesweep.json)")
     model_id, suite = str(doc["model_id"]), str(doc["suite"])
-    if model.get("model_id") not in (None, model_id):
+    if not isinstance(path_or_dict, Mapping):
+        check_eval_path(Path(path_or_dict), model_id, suite)
+    rec = model_record(doc.get("model"), where)
+    if rec is not None and rec.model_id != model_id:
         raise EvalFileError(
-            f"{where}: 'model_id' is {model_id!r} but 'model.model_id' is {model.get('model_id')!r}"
+            f"{where}: 'model_id' is {model_id!r} but 'model.model_id' is {rec.model_id!r}"
         )
-    role = model.get("role")
-    if role is not None and role not in ROLES:
-        raise EvalFileError(f"{where}: 'model.role' is {role!r}, expected one of {', '.join(ROLES)}")
+    role = rec.role if rec else None
     status = doc.get("status", "ok")
     if status not in ("ok", "error"):
         raise EvalFileError(f"{where}: 'status' is {status!r}, expected 'ok' or 'error'")
+    model = rec.to_dict() if rec else {}
 
     merged = role == "merged"
     params = model.get("params")
@@ -227,6 +262,7 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
             }
         ]
     rows = []
+    seen: dict[tuple, int] = {}
     for i, r in enumerate(results):
         if not isinstance(r, Mapping):
             raise EvalFileError(f"{where}: results[{i}] must be an object")
@@ -237,23 +273,33 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
             raise EvalFileError(f"{where}: results[{i}] lacks 'value'")
         task = str(r["task"])
         lm_task = str(r["lm_eval_task"]) if r.get("lm_eval_task") else None
-        rows.append(
-            {
-                **common,
-                "task": task,
-                "lm_eval_task": lm_task,
-                "metric": str(r["metric"]),
-                "filter": str(r["filter"]) if r.get("filter") is not None else None,
-                "split": str(r["split"]),
-                "value": _float(r["value"]),
-                "stderr": _float(r.get("stderr")),
-                "n": _int(r.get("n")),
-                "status": "ok",
-                "error": None,
-                "num_fewshot": _int(_per_task(doc.get("num_fewshot"), lm_task or task)),
-                "task_version": _str(_per_task(doc.get("task_versions"), lm_task or task)),
-            }
-        )
+        metric = str(r["metric"])
+        stderr = None if r.get("stderr") in (None, "N/A") else r.get("stderr")
+        problem = value_problem(metric, r["value"], stderr, r.get("n"))
+        if problem:
+            raise EvalFileError(f"{where}: results[{i}] ({lm_task or task}, split {r['split']!r}): {problem}")
+        row = {
+            **common,
+            "task": task,
+            "lm_eval_task": lm_task,
+            "metric": metric,
+            "filter": str(r["filter"]) if r.get("filter") is not None else None,
+            "split": str(r["split"]),
+            "value": _float(r["value"]),
+            "stderr": _float(stderr),
+            "n": _int(r.get("n")),
+            "status": "ok",
+            "error": None,
+            "num_fewshot": _int(_per_task(doc.get("num_fewshot"), lm_task or task)),
+            "task_version": _str(_per_task(doc.get("task_versions"), lm_task or task)),
+        }
+        key = tuple(row[k] for k in ROW_KEY)
+        if key in seen:
+            raise EvalFileError(f"{where}: results[{i}] duplicates results[{seen[key]}] (task {task!r}, "
+                                f"lm-eval task {lm_task!r}, metric {metric!r}, filter {row['filter']!r}, "
+                                f"split {row['split']!r})")
+        seen[key] = i
+        rows.append(row)
     return rows
 
 
@@ -359,6 +405,7 @@ def write_scores(df: pd.DataFrame, path: str | Path, provenance: Mapping | None 
     missing = [c for c in SCORE_COLUMNS if c not in df.columns]
     if missing:
         raise ScoresError(f"{path}: scores table lacks column(s) {', '.join(missing)}")
+    check_scores(df, f"refusing to write {path}")
     table = pa.Table.from_pandas(df[SCORE_COLUMNS], schema=SCORE_SCHEMA, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION.encode()

@@ -1,62 +1,242 @@
 """Evaluate one model on one suite with lm-eval and write our own result JSON.
 
-lm-eval's own output files carry timestamps in their names; we call
-``lm_eval.simple_evaluate`` (HF backend) and write ``results/evals/<model_id>/<suite>.json`` at a
-fixed path, holding per (task, metric, split) value, stderr and sample count, task versions,
-few-shot settings, chat-template use and library versions (format: docs/ARCHITECTURE.md).
+lm-eval's own output files carry timestamps in their names; we load the model with lm-eval's HF
+backend (``HFLM``), run ``lm_eval.simple_evaluate`` on it and write
+``results/evals/<model_id>/<suite>.json`` at a fixed path, holding per (task, metric, split)
+value, stderr and sample count, task versions, few-shot settings, chat-template use and library
+versions (format: docs/ARCHITECTURE.md).
 
-A suite that fails to load or run does not stop the sweep: the JSON records ``status: error`` and
-the message, and the aggregation shows it.
+Two kinds of failure, kept apart (docs/evaluate.md):
+
+* **The evaluation could not run** — the model directory is missing or not a checkpoint, the
+  model cannot be loaded, an argument is wrong (batch size, device, dtype, tasks directory, an
+  lm-eval task name), memory ran out, CUDA failed, lm-eval (or a module a task needs) cannot be
+  imported, the network is unreachable. :class:`EvaluationError` is raised, **no JSON is written**
+  and ``mergesweep evaluate`` exits 1 with one line naming the path or argument, so Snakemake
+  retries the job (and, if it keeps failing, stops with that message). Everything that can be
+  checked without loading lm-eval or the model is checked first.
+* **The model ran and the evaluation failed** — a task that fails to build or raises while
+  scoring, or a model whose weights or log-likelihoods are not finite (NaN/inf). The JSON records
+  ``status: "error"`` and the message, the command exits 0 (unless ``--fail-on-error``) and the
+  sweep goes on; the tables show the failure. A non-finite model is never given a score.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
-import resource
+import re
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from mergesweep.atomic import write_json
+from mergesweep.atomic import atomic_file, write_json
+from mergesweep.errors import MergesweepError
+from mergesweep.record import RecordError, library_versions, peak_rss_mb, read_record
 
 log = logging.getLogger(__name__)
 
+#: the dtypes ``--dtype`` accepts (passed to ``from_pretrained``)
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+_BATCH_RE = re.compile(r"^(auto(:[1-9][0-9]*)?|[1-9][0-9]*)$")
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:[0-9]+)?)$")
+#: weight files that make a directory a checkpoint (one of them must exist)
+_WEIGHT_GLOBS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
-def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+class EvaluationError(MergesweepError):
+    """The evaluation could not run (infrastructure or arguments): nothing is written and the
+    command exits non-zero, so the workflow retries the job. The message is one line naming the
+    path or argument."""
+
+    def __init__(self, message: str):
+        super().__init__(_one_line(message))
 
 
-def _clean(x: Any) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
+class NonFiniteError(RuntimeError):
+    """The model's weights or log-likelihoods are NaN or infinite: recorded as ``status: error``."""
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def parse_batch_size(text: str | int) -> int | str:
+    """``--batch-size``: a positive integer, ``auto`` or ``auto:N`` (lm-eval's automatic search,
+    re-run N times)."""
+    s = str(text).strip()
+    if not _BATCH_RE.match(s):
+        raise EvaluationError(f"--batch-size {str(text)!r}: expected a positive integer, 'auto' or 'auto:N'")
+    return int(s) if s.isdigit() else s
+
+
+def check_arguments(*, device: str, dtype: str, limit: int | None, num_fewshot: int | None) -> None:
+    """The arguments that need no import: device spelling, dtype, limit, few-shot count."""
+    if not _DEVICE_RE.match(str(device)):
+        raise EvaluationError(f"--device {device!r}: unknown device (expected cpu, cuda, cuda:N or mps)")
+    if dtype not in DTYPES:
+        raise EvaluationError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"--limit {limit}: must be a positive number of examples per task")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise EvaluationError(f"--num-fewshot {num_fewshot}: must be 0 or more")
+
+
+def check_device(device: str) -> None:
+    """The device exists on this machine (imports torch)."""
+    import torch
+
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise EvaluationError(f"--device {device}: CUDA is not available on this machine "
+                                  f"(torch {torch.__version__})")
+        n = torch.cuda.device_count()
+        if index and int(index) >= n:
+            raise EvaluationError(f"--device {device}: this machine has {n} CUDA device(s)")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise EvaluationError(f"--device {device}: MPS is not available on this machine")
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """The model directory exists and holds an HF checkpoint (config.json and weight files)."""
+    if not model_dir.exists():
+        raise EvaluationError(f"--model {model_dir}: directory not found")
+    if not model_dir.is_dir():
+        raise EvaluationError(f"--model {model_dir}: not a directory")
+    if not (model_dir / "config.json").is_file():
+        raise EvaluationError(f"--model {model_dir}: not a checkpoint (no config.json)")
+    if not any(next(model_dir.glob(g), None) for g in _WEIGHT_GLOBS):
+        raise EvaluationError(f"--model {model_dir}: not a checkpoint (no weight files: "
+                              f"{', '.join(_WEIGHT_GLOBS)})")
 
 
 def suite_tasks(tasks_dir: Path, suite: str) -> list[tuple[str, str]]:
-    """(task name, split) pairs for a suite, read from its task YAMLs' metadata."""
+    """(task name, split) pairs for a suite, read from its task YAMLs' metadata.
+
+    Raises :class:`EvaluationError` naming the directory or file when the directory is missing,
+    a YAML cannot be read, or no YAML belongs to the suite."""
     import yaml
 
+    tasks_dir = Path(tasks_dir)
+    if not tasks_dir.is_dir():
+        raise EvaluationError(f"--tasks-dir {tasks_dir}: directory not found")
     out = []
-    for p in sorted(Path(tasks_dir).glob("*.yaml")):
-        spec = yaml.safe_load(p.read_text())
+    for p in sorted(tasks_dir.glob("*.yaml")):
+        try:
+            spec = yaml.safe_load(p.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise EvaluationError(f"{p}: cannot read task YAML ({_describe(e)})") from e
+        if not isinstance(spec, dict) or not isinstance(spec.get("task"), str):
+            raise EvaluationError(f"{p}: not an lm-eval task YAML (no 'task' name)")
         meta = spec.get("metadata") or {}
         if meta.get("suite", suite) == suite:
             out.append((spec["task"], meta.get("split", "test")))
+    if not out:
+        raise EvaluationError(f"--tasks-dir {tasks_dir}: no task YAML for suite '{suite}'")
     return out
+
+
+# ------------------------------------------------------------------------------------ failures
+
+
+def is_infrastructure(e: BaseException) -> bool:
+    """True for failures of the machine or environment rather than of the model or task: out of
+    memory (host or GPU), CUDA/accelerator errors, missing modules, network, full or failing
+    disks. Those are retried, never recorded."""
+    if isinstance(e, (MemoryError, ImportError, ConnectionError, TimeoutError, EvaluationError)):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.ENOMEM, errno.EDQUOT):
+        return True
+    try:
+        import requests
+
+        if isinstance(e, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:
+        pass
+    try:
+        import torch
+    except ImportError:
+        return False
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None and isinstance(e, accel):
+        return True
+    if isinstance(e, RuntimeError):
+        msg = str(e)
+        return any(k in msg for k in ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "cuDNN error",
+                                      "NCCL error", "can't allocate memory", "out of memory"))
+    return False
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the model's parameters and buffers that hold a NaN or infinite value."""
+    import torch
+
+    bad = []
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(name)
+    return bad
+
+
+def guard_loglikelihoods(lm) -> None:
+    """Make ``lm.loglikelihood`` and ``lm.loglikelihood_rolling`` raise :class:`NonFiniteError`
+    when a result is NaN or infinite (non-finite logits), instead of letting lm-eval turn it into
+    an accuracy. The wrappers are set on the instance; lm-eval calls them by name."""
+    for name in ("loglikelihood", "loglikelihood_rolling"):
+        fn = getattr(lm, name)
+
+        def checked(requests, *args, _fn=fn, _name=name, **kwargs):
+            out = _fn(requests, *args, **kwargs)
+            for req, res in zip(requests, out):
+                value = res[0] if isinstance(res, tuple) else res
+                if not math.isfinite(float(value)):
+                    raise NonFiniteError(
+                        f"the model's log-likelihood is {value} ({_name} on task "
+                        f"{getattr(req, 'task_name', '?')}, doc {getattr(req, 'doc_id', '?')}): "
+                        "non-finite logits, no score is given")
+            return out
+
+        setattr(lm, name, checked)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def _clean(x: Any) -> float | None:
+    """A number, or None for lm-eval's "N/A" / null (missing stderr). Non-finite numbers are
+    kept as they are so that :func:`nonfinite_results` sees them."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
 
 
 def results_to_rows(raw: dict, task_splits: dict[str, str], suite: str) -> list[dict]:
     """Turn lm-eval's ``results`` dict into rows ``{task, metric, split, value, stderr, n}``.
 
     lm-eval keys metrics as ``"<metric>,<filter>"`` with the stderr under
-    ``"<metric>_stderr,<filter>"``; sample counts come from ``n-samples``.
+    ``"<metric>_stderr,<filter>"``; sample counts come from ``n-samples``. A NaN stderr (lm-eval
+    computes none for some aggregations or a single example) becomes null.
     """
     rows = []
     n_samples = raw.get("n-samples", {})
@@ -68,6 +248,7 @@ def results_to_rows(raw: dict, task_splits: dict[str, str], suite: str) -> list[
             if "," not in key or "_stderr" in key or key.startswith("alias"):
                 continue
             metric, filt = key.split(",", 1)
+            se = _clean(metrics.get(f"{metric}_stderr,{filt}"))
             rows.append({
                 "task": suite,
                 "lm_eval_task": task,
@@ -75,16 +256,68 @@ def results_to_rows(raw: dict, task_splits: dict[str, str], suite: str) -> list[
                 "filter": filt,
                 "split": task_splits[task],
                 "value": _clean(value),
-                "stderr": _clean(metrics.get(f"{metric}_stderr,{filt}")),
+                "stderr": None if se is None or math.isnan(se) else se,
                 "n": int(n) if n is not None else None,
             })
     return sorted(rows, key=lambda r: (r["split"], r["metric"]))
 
 
+def nonfinite_results(rows: list[dict]) -> list[str]:
+    """``task/metric=value`` for every row whose value is missing, NaN or infinite, or whose
+    stderr is infinite."""
+    bad = []
+    for r in rows:
+        v, se = r["value"], r["stderr"]
+        if v is None or not math.isfinite(v) or (se is not None and not math.isfinite(se)):
+            bad.append(f"{r['lm_eval_task']}/{r['metric']}={v}" + (f" (stderr {se})" if se is not None else ""))
+    return bad
+
+
+# ------------------------------------------------------------------------------------ evaluate
+
+
+def _task_manager(tasks_dir: Path, suite: str, extra_tasks: list[str] | None):
+    """(task -> split, TaskManager), every task name checked against lm-eval's index."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise EvaluationError(f"cannot import lm-eval ({_describe(e)})") from e
+    if extra_tasks:
+        task_splits = {t: "test" for t in extra_tasks}
+        tm = TaskManager()
+        unknown = [t for t in extra_tasks if t not in tm.all_tasks]
+        if unknown:
+            raise EvaluationError(f"--lm-eval-tasks: lm-eval has no task named {', '.join(unknown)}")
+        return task_splits, tm
+    task_splits = dict(suite_tasks(tasks_dir, suite))
+    tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    unknown = [t for t in task_splits if t not in tm.all_tasks]
+    if unknown:
+        raise EvaluationError(f"--tasks-dir {tasks_dir}: lm-eval does not index task(s) "
+                              f"{', '.join(unknown)} (invalid task YAML?)")
+    return task_splits, tm
+
+
+def load_model(model_dir: Path, *, dtype: str, device: str, batch_size: int | str):
+    """lm-eval's HF backend on the checkpoint; any failure to load is an :class:`EvaluationError`."""
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise EvaluationError(f"cannot import lm-eval's HF backend ({_describe(e)})") from e
+    try:
+        return HFLM(pretrained=str(model_dir), dtype=dtype, device=device, batch_size=batch_size,
+                    trust_remote_code=False)
+    except Exception as e:
+        if is_infrastructure(e):
+            raise EvaluationError(f"--model {model_dir}: {_describe(e)} while loading the model "
+                                  f"(device {device}, dtype {dtype})") from e
+        raise EvaluationError(f"--model {model_dir}: cannot load the checkpoint ({_describe(e)})") from e
+
+
 def evaluate(
     model_dir: str | os.PathLike,
     suite: str,
-    tasks_dir: str | os.PathLike,
+    tasks_dir: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
     batch_size: int | str = 16,
@@ -97,50 +330,64 @@ def evaluate(
     extra_tasks: list[str] | None = None,
     confirm_run_unsafe_code: bool = False,
 ) -> dict:
-    """Run lm-eval for (model, suite) and write the result JSON atomically. Never raises for a
-    failing task: returns (and writes) a record with ``status: "error"``."""
-    model_dir, tasks_dir, out = Path(model_dir), Path(tasks_dir), Path(out)
-    meta_path = model_dir / "mergesweep.json"
-    model_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    model_id = model_meta.get("model_id", model_dir.name)
+    """Run lm-eval for (model, suite) and write the result JSON atomically; return it.
+
+    Raises :class:`EvaluationError` (and writes nothing) when the evaluation cannot run; a
+    model- or task-level failure after the model loaded is returned (and written) with
+    ``status: "error"``.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    # ---- cheap checks first: no lm-eval, no model
+    batch_size = parse_batch_size(batch_size)
+    check_arguments(device=device, dtype=dtype, limit=limit, num_fewshot=num_fewshot)
+    check_model_dir(model_dir)
+    if not extra_tasks:
+        if tasks_dir is None:
+            raise EvaluationError("--tasks-dir or --lm-eval-tasks is required")
+        suite_tasks(Path(tasks_dir), suite)
+    try:
+        rec = read_record(model_dir, required=False)
+    except RecordError as e:
+        raise EvaluationError(str(e)) from e
+    model_id = rec.model_id if rec else model_dir.name
+
     t0 = time.time()
     record: dict[str, Any] = {
         "model_id": model_id,
         "suite": suite,
         "status": "ok",
         "error": None,
-        "model": model_meta,
+        "model": rec.to_dict() if rec else {},
         "model_path": str(model_dir),
         "results": [],
         "device": device,
         "chat_template": bool(apply_chat_template),
         "log_samples": bool(log_samples),
+        "versions": library_versions(),
     }
+    # ---- lm-eval, task index, device, model: failures here are the machine's or the inputs'
     try:
-        import lm_eval
-        import torch
-        import transformers
-        from lm_eval.tasks import TaskManager
+        task_splits, tm = _task_manager(Path(tasks_dir) if tasks_dir else Path("."), suite, extra_tasks)
+        check_device(device)
+        lm = load_model(model_dir, dtype=dtype, device=device, batch_size=batch_size)
+    except EvaluationError:
+        raise
+    except Exception as e:
+        if is_infrastructure(e):
+            raise EvaluationError(f"evaluation of {model_dir} on {suite}: {_describe(e)}") from e
+        raise
 
-        record["versions"] = {
-            "lm_eval": getattr(lm_eval, "__version__", None) or _dist_version("lm_eval"),
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-        }
-        if extra_tasks:
-            task_splits = {t: "test" for t in extra_tasks}
-            tm = TaskManager()
-            unknown = [t for t in extra_tasks if t not in tm.all_tasks]
-            if unknown:
-                raise KeyError(f"lm-eval has no task named {', '.join(unknown)}")
-        else:
-            task_splits = dict(suite_tasks(tasks_dir, suite))
-            if not task_splits:
-                raise FileNotFoundError(f"{tasks_dir}: no task YAML for suite '{suite}'")
-            tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    # ---- the model is loaded: from here on a failure of the model or a task is recorded
+    try:
+        bad = nonfinite_parameters(lm.model)
+        if bad:
+            raise NonFiniteError(f"the model's weights are not finite: {len(bad)} tensor(s) hold NaN/inf "
+                                 f"(e.g. {', '.join(bad[:3])}); no score is given")
+        guard_loglikelihoods(lm)
+        import lm_eval
+
         raw = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": False},
+            model=lm,
             tasks=list(task_splits),
             task_manager=tm,
             batch_size=batch_size,
@@ -153,36 +400,33 @@ def evaluate(
         )
         if raw is None:
             raise RuntimeError("lm_eval.simple_evaluate returned nothing")
-        record["results"] = results_to_rows(raw, task_splits, suite)
+        rows = results_to_rows(raw, task_splits, suite)
+        if not rows:
+            raise RuntimeError("lm-eval returned no metrics for the suite's tasks")
+        nonfinite = nonfinite_results(rows)
+        if nonfinite:
+            raise NonFiniteError(f"lm-eval reported non-finite scores: {', '.join(nonfinite[:4])}; "
+                                 "no score is given")
+        record["results"] = rows
         record["task_versions"] = {k: v for k, v in raw.get("versions", {}).items() if k in task_splits}
         record["num_fewshot"] = {k: v for k, v in raw.get("n-shot", {}).items() if k in task_splits}
         record["lm_eval_config"] = {k: raw.get("config", {}).get(k) for k in ("batch_size", "limit", "model")}
         if log_samples:
             samples_path = out.with_suffix(".samples.jsonl")
-            from mergesweep.atomic import atomic_file
-
             with atomic_file(samples_path) as f:
                 for task, samples in raw.get("samples", {}).items():
                     for s in samples:
                         f.write(json.dumps({"task": task, **s}, default=str) + "\n")
             record["samples_file"] = str(samples_path)
-        if not record["results"]:
-            raise RuntimeError("lm-eval returned no metrics for the suite's tasks")
-    except Exception as e:  # a failing suite must not stop the sweep
+    except Exception as e:
+        if is_infrastructure(e) or isinstance(e, MergesweepError):
+            raise EvaluationError(f"evaluation of {model_dir} on {suite}: {_describe(e)}") from e
         log.error("evaluation of %s on %s failed: %s", model_id, suite, e)
         record["status"] = "error"
-        record["error"] = f"{type(e).__name__}: {e}"
+        record["error"] = _one_line(f"{type(e).__name__}: {e}", 2000)
         record["traceback"] = traceback.format_exc(limit=5)
+        record["results"] = []
     record["runtime_s"] = round(time.time() - t0, 3)
-    record["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    record["peak_rss_mb"] = peak_rss_mb()
     write_json(out, record)
     return record
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None

