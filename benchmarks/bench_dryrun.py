@@ -7,9 +7,9 @@
 
 The sweep is the tiny preset with one task-arithmetic grid of ``--merges`` lambda values: each
 merge is a merge-YAML job, a merge job and one evaluation per suite (4), so ~6 jobs per merge.
-The *bare* workflow has the same rules, the same job count and the same file names, with the
-ids written into the Snakefile as plain lists, no plan, no schema and ``shell: "true"``: what
-Snakemake itself costs for this DAG. Both run from a fresh directory (nothing exists, every job
+The *bare* workflow has the same rules, the same job count and the same file names (outputs and
+logs), with the ids written into the Snakefile as plain lists, no plan, no schema, no params and
+``shell: "true"``: what Snakemake itself costs for this DAG. Both run from a fresh directory (nothing exists, every job
 is planned), interleaved, ``--repeats`` times; the median wall time is reported, with the ratio
 (the target: within 1.3x). Also printed: the time to ``import`` the plan module and build the
 plan, and whether that imported torch.
@@ -59,16 +59,19 @@ rule all:
 
 rule make_data:
     output: directory("resources/data/{{s}}"), directory("resources/tasks/{{s}}")
+    log: "results/logs/make_data/{{s}}.log"
     shell: "true"
 
 rule pretrain_base:
     input: [f"resources/data/{{s}}" for s in DATA]
     output: directory(f"resources/checkpoints/{{BASE}}")
+    log: "results/logs/pretrain/base.log"
     shell: "true"
 
 rule finetune:
     input: base=f"resources/checkpoints/{{BASE}}", data="resources/data/arithmetic"
     output: directory("resources/experts/{{expert}}")
+    log: "results/logs/finetune/{{expert}}.log"
     shell: "true"
 
 rule merge_yaml:
@@ -81,6 +84,7 @@ rule merge:
         experts=[f"resources/experts/{{e}}" for e in EXPERTS],
         spec="results/merges/{{merge_id}}.yaml",
     output: directory("results/models/{{merge_id}}")
+    log: "results/logs/merge/{{merge_id}}.log"
     shell: "true"
 
 rule evaluate:
@@ -88,6 +92,7 @@ rule evaluate:
         model=lambda w: model_dir(w.model_id),
         tasks=lambda w: f"resources/tasks/{{w.suite}}",
     output: "results/evals/{{model_id}}/{{suite}}.json"
+    log: "results/logs/evaluate/{{model_id}}/{{suite}}.log"
     shell: "true"
 
 rule provenance:

@@ -27,6 +27,11 @@ import re
 from typing import Any, Collection, Mapping, Sequence
 
 
+#: what every merged model id looks like (``<method slug>-<10 hex digits>``); base and expert names
+#: may not look like this, so a path under results/ names a merge or a reference unambiguously
+MERGE_ID_PATTERN = r"[a-z0-9]+(?:-[a-z0-9]+)*-[0-9a-f]{10}"
+
+
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys, no whitespace, floats normalised (1.0 and 1 hash alike)."""
 

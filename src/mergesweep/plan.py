@@ -25,10 +25,22 @@ from typing import Any
 
 from mergesweep.config import validate_config
 from mergesweep.errors import ConfigError
-from mergesweep.ids import definition_uid, short_hash
+import re
+
+from mergesweep.ids import MERGE_ID_PATTERN, definition_uid, short_hash
 from mergesweep.layout import Layout, safe_name
 
 ALIGN_METHODS = ("weight_matching", "activation_matching")
+_MERGE_ID = re.compile(MERGE_ID_PATTERN)
+
+
+def _model_name(value: str, key: str) -> str:
+    """A base's or expert's name: a safe name that cannot be mistaken for a merged model's id."""
+    safe_name(value, key)
+    if _MERGE_ID.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} looks like a merged model id (<method>-<10 hex digits>); "
+                          "choose another name")
+    return value
 
 
 @dataclass(frozen=True)
@@ -200,7 +212,7 @@ def build_plan(config: dict, layout: Layout | None = None) -> Plan:
     experts: dict[str, Checkpoint] = {}
     for i, e in enumerate(cfg["experts"]):
         key = f"experts[{i}]"
-        name = safe_name(e["name"], f"{key}.name")
+        name = _model_name(e["name"], f"{key}.name")
         if name in experts or name == base.name:
             raise ConfigError(f"{key}.name: '{name}' is used twice")
         if e["skill"] not in skills:
@@ -226,7 +238,7 @@ def _check_local_source(src: dict | None, key: str) -> None:
 
 def _base(cfg: dict, layout: Layout) -> Checkpoint:
     b = cfg["base"]
-    name = safe_name(b["name"], "base.name")
+    name = _model_name(b["name"], "base.name")
     source = b.get("source")
     _check_local_source(source, "base.source")
     pretrain = None if source else {**b["pretrain"], "seed": b["pretrain"].get("seed", cfg["seed"])}

@@ -5,6 +5,7 @@
 import sys
 
 from mergesweep.errors import MergesweepError
+from mergesweep.ids import MERGE_ID_PATTERN
 from mergesweep.plan import build_plan
 
 try:
@@ -17,10 +18,11 @@ L = PLAN.layout
 MS = f"{sys.executable} -m mergesweep"
 THREADS = PLAN.threads
 EVAL = PLAN.evaluation
-# A name or id as Snakemake matches it in a path. Generic on purpose: listing every id makes
-# Snakemake scan a huge alternation each time it fills in wildcards (see benchmarks/bench_dryrun.py);
-# input functions look the id up in the plan and fail naming it when it is not planned.
-ID = "[A-Za-z0-9][A-Za-z0-9_.-]*"
+# A merged model's id as Snakemake matches it in a path: the id's shape, not a list of every id
+# (Snakemake scans a wildcard's pattern each time it fills one in; an alternation of 10k ids
+# made dry runs 1.6-2x slower, see benchmarks/bench_dryrun.py). Base and expert names never
+# have this shape (the plan rejects them), so paths are unambiguous; an id that has the shape
+# but is not planned fails in the merge rule's input function, naming it.
 
 
 def _alt(names):
@@ -34,8 +36,7 @@ wildcard_constraints:
     data_suite=_alt(PLAN.data_suites),
     expert=_alt(PLAN.trained_experts),
     fetched=_alt([c.name for c in PLAN.fetched]),
-    merge_id=ID,
-    model_id=ID,
+    merge_id=MERGE_ID_PATTERN,
 
 
 def model_dir(model_id):

@@ -5,17 +5,17 @@
 
 
 def merge_inputs(w):
+    if w.merge_id not in PLAN.merges:
+        raise ValueError(f"{w.merge_id} is not a merge of this plan (its config changed?)")
     m = PLAN.merges[w.merge_id]
     maps = [job.perm for job in (m.align or ()) if job is not None]
     return {"base": PLAN.base.dir, "experts": [model_dir(e) for e in m.experts], "align_maps": maps}
 
 
 rule merge_yaml:
+    # no params: the merge id (the file name) hashes everything the YAML says
     output:
         L.merge_yaml("{merge_id}"),
-    params:
-        # the merge id hashes the content; the id is the parameter Snakemake tracks
-        merge_id=lambda w: w.merge_id,
     localrule: True
     run:
         import yaml
