@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from mergesweep.checkpoints.layout import CheckpointError, CheckpointReader
+from mergesweep.checkpoints.layout import checkpoint_fingerprint
 from mergesweep.checkpoints.sources import fetch
+from mergesweep.record import read_record
 from mergesweep.errors import ConfigError
 from helpers_pipeline import run_cli, tiny_checkpoint
 
@@ -39,7 +41,7 @@ def test_hub_source_resolves_pinned_revision_from_cache(tmp_path):
     out = tmp_path / "ckpt"
     meta = fetch("tiny", {"type": "hub", "repo_id": "org/tiny", "revision": COMMIT, "offline": True,
                           "cache_dir": str(tmp_path / "hub")}, out)
-    assert meta["source"]["revision"] == COMMIT
+    assert meta.source["revision"] == COMMIT
     assert not (out / "pytorch_model.bin").exists()  # safetensors only by default
     with CheckpointReader(out) as a, CheckpointReader(src) as b:
         assert a.keys() == b.keys()
@@ -53,7 +55,7 @@ def test_hub_source_by_branch_and_missing_revision(tmp_path):
     make_hub_cache(tmp_path / "hub", "org/tiny", src)
     meta = fetch("t", {"type": "hub", "repo_id": "org/tiny", "revision": "main", "offline": True,
                        "cache_dir": str(tmp_path / "hub")}, tmp_path / "a")
-    assert meta["source"]["revision"] == COMMIT  # the branch resolved to its commit
+    assert meta.source["revision"] == COMMIT  # the branch resolved to its commit
     with pytest.raises(CheckpointError, match="org/tiny@ffff"):
         fetch("t", {"type": "hub", "repo_id": "org/tiny", "revision": "f" * 40, "offline": True,
                     "cache_dir": str(tmp_path / "hub")}, tmp_path / "b")
@@ -63,7 +65,8 @@ def test_hub_source_by_branch_and_missing_revision(tmp_path):
 def test_local_source_and_truncated_file(tmp_path):
     src = tiny_checkpoint(tmp_path / "src")
     meta = fetch("loc", {"type": "local", "path": str(src)}, tmp_path / "ok")
-    assert meta["summary"]["architecture"] == "LlamaForCausalLM"
+    assert meta.extra["summary"]["architecture"] == "LlamaForCausalLM"
+    assert read_record(tmp_path / "ok").fingerprint == checkpoint_fingerprint(tmp_path / "ok")
     data = (src / "model.safetensors").read_bytes()
     (src / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):

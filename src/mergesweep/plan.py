@@ -176,6 +176,7 @@ class Plan:
             "device": s["device"],
             "shard_size": s["shard_size"],
             "vocab_policy": s["vocab_policy"],
+            "tie_policy": s["tie_policy"],
             "dtype": s["dtype"],
         }
         if m.align:

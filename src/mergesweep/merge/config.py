@@ -10,6 +10,7 @@
     device: cpu              # optional
     shard_size: 2GB          # optional
     vocab_policy: error      # optional: error | base | truncate
+    tie_policy: error        # optional: error | allow (tied and untied lm_heads mixed)
     align: {1: results/align/abc/perm.safetensors}   # optional
     expert_names: [math, code]                        # optional, default: directory names
 
@@ -26,14 +27,14 @@ import yaml
 
 from mergesweep.errors import ConfigError, MergesweepError
 from mergesweep.merge.methods import get_method
-from mergesweep.merge.settings import (DEFAULT_SHARD_SIZE, canonical_dtype, check_device, check_vocab_policy,
-                                       parse_size)
+from mergesweep.merge.settings import DEFAULT_SHARD_SIZE, canonical_dtype, check_device, parse_size
+from mergesweep.merge.tensor_plan import check_policies
 from mergesweep.merge.spec import resolve_params
 
-KEYS = ("method", "base", "experts", "params", "dtype", "device", "shard_size", "vocab_policy", "align",
-        "expert_names")
+KEYS = ("method", "base", "experts", "params", "dtype", "device", "shard_size", "vocab_policy", "tie_policy",
+        "align", "expert_names")
 DEFAULTS = {"base": None, "params": {}, "dtype": None, "device": "cpu", "shard_size": DEFAULT_SHARD_SIZE,
-            "vocab_policy": "error", "align": None, "expert_names": None}
+            "vocab_policy": "error", "tie_policy": "error", "align": None, "expert_names": None}
 
 
 def validate_merge_config(doc: Any, source: str = "config") -> dict:
@@ -73,7 +74,7 @@ def validate_merge_config(doc: Any, source: str = "config") -> dict:
     canonical_dtype(cfg["dtype"])
     check_device(cfg["device"])
     parse_size(cfg["shard_size"])
-    check_vocab_policy(cfg["vocab_policy"])
+    check_policies(cfg["vocab_policy"], cfg["tie_policy"], has_base=cfg["base"] is not None)
     cfg["expert_names"] = list(names)
     cfg["align"] = align_by_index(cfg["align"], names)
     return cfg
@@ -104,18 +105,10 @@ def align_by_index(align: Any, names: list[str]) -> dict[int, Path] | None:
 def planned_model_id(cfg: Mapping[str, Any]) -> str:
     """The model id this merge will get (a validated config from :func:`validate_merge_config`):
     the same function the workflow's plan uses, fed with the inputs' recorded uids."""
-    from mergesweep.merge.identity import checkpoint_uid, merge_identity, perm_map_uid
+    from mergesweep.merge.provenance import identify_merge
 
-    names = list(cfg["expert_names"])
-    align = cfg.get("align") or {}
-    model_id, _ = merge_identity(
-        cfg["method"], cfg["params"], names,
-        checkpoint_uid(cfg["base"]) if cfg["base"] is not None else None,
-        [checkpoint_uid(e) for e in cfg["experts"]],
-        align_uids=[perm_map_uid(align[i]) if i in align else None for i in range(len(names))],
-        dtype=cfg["dtype"], vocab_policy=cfg["vocab_policy"],
-    )
-    return model_id
+    return identify_merge(cfg["method"], cfg["params"], cfg["expert_names"], cfg["base"], cfg["experts"],
+                          cfg.get("align"), dtype=cfg["dtype"], vocab_policy=cfg["vocab_policy"]).model_id
 
 
 def load_merge_yaml(path: str | os.PathLike) -> dict:
