@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -63,12 +64,26 @@ def write_config(path: Path, base: Path | None, experts: list[Path], method: str
     return path
 
 
-def merge_cmd(config: Path, out: Path | str, *args: str) -> list[str]:
+#: config path -> the model id its merge gets (mergesweep.merge.config.planned_model_id)
+PLANNED: dict[Path, str] = {}
+
+
+def planned(config: Path) -> str:
+    from mergesweep.merge.config import load_merge_yaml, planned_model_id
+
+    PLANNED[config] = planned_model_id(load_merge_yaml(config))
+    return PLANNED[config]
+
+
+def merge_cmd(config: Path, out: Path | str, *args: str, auto_id: bool = True) -> list[str]:
+    """The command line; ``--model-id`` is the planned id of ``config`` (when known) unless given."""
+    if auto_id and config in PLANNED and "--model-id" not in args:
+        args = (*args, "--model-id", PLANNED[config])
     return [sys.executable, "-m", "mergesweep.cli", "merge", "--config", str(config), "--out", str(out), *args]
 
 
-def run_merge(config: Path, out: Path | str, *args: str, preexec_fn=None, timeout: int = 600):
-    return subprocess.run(merge_cmd(config, out, *args), env=ENV, capture_output=True, text=True,
+def run_merge(config: Path, out: Path | str, *args: str, preexec_fn=None, timeout: int = 600, auto_id: bool = True):
+    return subprocess.run(merge_cmd(config, out, *args, auto_id=auto_id), env=ENV, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec_fn)
 
 
@@ -109,16 +124,37 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="module")
 def config(family, tmp_path_factory):
     base, experts = family
-    return write_config(tmp_path_factory.mktemp("cfg") / "merge.yaml", base, experts)
+    path = write_config(tmp_path_factory.mktemp("cfg") / "merge.yaml", base, experts)
+    planned(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def config_b(family, tmp_path_factory):
+    """Another merge of the same inputs (another model id)."""
+    base, experts = family
+    path = write_config(tmp_path_factory.mktemp("cfg") / "merge-b.yaml", base, experts, params={"weight": 0.5})
+    planned(path)
+    return path
+
+
+def _merge_once(config: Path, out: Path) -> Path:
+    r = run_merge(config, out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "mergesweep.json").read_text())["model_id"] == PLANNED[config]
+    return out
 
 
 @pytest.fixture(scope="module")
 def merged(config, tmp_path_factory):
-    """A model merged once (id ``model-a``), copied by the tests that need one."""
-    out = tmp_path_factory.mktemp("merged") / "model-a"
-    r = run_merge(config, out, "--model-id", "model-a")
-    assert r.returncode == 0, r.stderr
-    return out
+    """The model of ``config``, merged once, copied by the tests that need one."""
+    return _merge_once(config, tmp_path_factory.mktemp("merged") / "model")
+
+
+@pytest.fixture(scope="module")
+def merged_b(config_b, config, tmp_path_factory):
+    assert PLANNED[config_b] != PLANNED[config]
+    return _merge_once(config_b, tmp_path_factory.mktemp("merged-b") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +164,9 @@ def big_config(tmp_path_factory):
     base = make_base(root / "base", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                      vocab_size=4096, num_attention_heads=8, num_key_value_heads=8)
     experts = [make_expert(base, root / f"expert{i}", seed=i) for i in range(2)]
-    return write_config(root / "merge.yaml", base, experts, method="task_arithmetic")
+    path = write_config(root / "merge.yaml", base, experts, method="task_arithmetic")
+    planned(path)
+    return path
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -154,11 +192,11 @@ def wait_for_tmp(proc: subprocess.Popen, final: Path, timeout: float = 300) -> P
 # --------------------------------------------------------------------------------------------
 # bad --out: refused, nothing lost
 # --------------------------------------------------------------------------------------------
-def test_refuses_dir_holding_another_model(config, merged, tmp_path):
-    out = copy_model(merged, tmp_path / "model")
+def test_refuses_dir_holding_another_model(config, merged_b, config_b, tmp_path):
+    out = copy_model(merged_b, tmp_path / "model")
     before = tree(out)
-    r = run_merge(config, out, "--model-id", "model-b")
-    assert_refused(r, str(out), "another model", "model-a", "model-b", "--force")
+    r = run_merge(config, out)
+    assert_refused(r, str(out), "another model", PLANNED[config_b], PLANNED[config], "--force")
     assert tree(out) == before
     assert leftovers(out) == []
 
@@ -167,7 +205,7 @@ def test_refuses_dir_with_a_users_file(config, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("my notes\n")
-    r = run_merge(config, out, "--model-id", "model-a")
+    r = run_merge(config, out)
     assert_refused(r, str(out), "not empty", "notes.txt", "--force")
     assert tree(out) == {"notes.txt": hashlib.sha256(b"my notes\n").hexdigest()}
     assert leftovers(out) == []
@@ -176,7 +214,7 @@ def test_refuses_dir_with_a_users_file(config, tmp_path):
 def test_refuses_out_equal_to_base_even_with_force(config, family):
     base, experts = family
     before = tree(base)
-    r = run_merge(config, base, "--model-id", "model-a", "--force")
+    r = run_merge(config, base, "--force")
     assert_refused(r, str(base), "is the input base", "even with --force")
     assert tree(base) == before
     assert leftovers(base) == []
@@ -187,7 +225,7 @@ def test_refuses_out_equal_to_base_through_a_symlink(config, family, tmp_path):
     link = tmp_path / "alias"
     link.symlink_to(base, target_is_directory=True)
     before = tree(base)
-    r = run_merge(config, link, "--model-id", "model-a", "--force")
+    r = run_merge(config, link, "--force")
     assert_refused(r, str(link), "is the input base")
     assert tree(base) == before
     assert link.is_symlink()
@@ -197,7 +235,7 @@ def test_refuses_out_inside_an_expert(config, family):
     base, experts = family
     out = experts[1] / "merged"
     before = tree(experts[1])
-    r = run_merge(config, out, "--model-id", "model-a", "--force")
+    r = run_merge(config, out, "--force")
     assert_refused(r, str(out), "is inside the input experts[1]", str(experts[1]))
     assert not out.exists()
     assert tree(experts[1]) == before
@@ -208,7 +246,7 @@ def test_refuses_out_containing_the_inputs(config, family):
     base, experts = family
     parent = experts[0].parent  # holds base and experts
     before = tree(parent)
-    r = run_merge(config, parent, "--model-id", "model-a", "--force")
+    r = run_merge(config, parent, "--force")
     assert_refused(r, str(parent), "contains the input base", "would delete")
     assert tree(parent) == before
     assert leftovers(parent) == []
@@ -221,7 +259,7 @@ def test_refuses_out_containing_an_align_map(family, tmp_path):
     perm = maps / "perm.safetensors"
     perm.write_bytes(b"a permutation map the merge would read")
     cfg = write_config(tmp_path / "merge.yaml", base, experts, align={1: str(perm)})
-    r = run_merge(cfg, maps, "--model-id", "model-a", "--force")
+    r = run_merge(cfg, maps, "--force")
     assert_refused(r, str(maps), "contains the input align.1", str(perm))
     assert perm.read_bytes() == b"a permutation map the merge would read"
     assert leftovers(maps) == []
@@ -233,7 +271,7 @@ def test_refuses_out_containing_the_config(family, tmp_path):
     out.mkdir()
     cfg = write_config(out / "merge.yaml", base, experts)
     text = cfg.read_text()
-    r = run_merge(cfg, out, "--model-id", "model-a", "--force")
+    r = run_merge(cfg, out, "--force")
     assert_refused(r, str(out), "contains the input --config")
     assert cfg.read_text() == text
     assert leftovers(out) == []
@@ -243,7 +281,7 @@ def test_refuses_a_regular_file_at_out_even_with_force(config, tmp_path):
     out = tmp_path / "model"
     out.write_bytes(b"\x00precious\xff")
     for extra in ([], ["--force"]):
-        r = run_merge(config, out, "--model-id", "model-a", *extra)
+        r = run_merge(config, out, *extra)
         assert_refused(r, str(out), "exists and is not a directory")
         assert out.read_bytes() == b"\x00precious\xff"
         assert leftovers(out) == []
@@ -254,7 +292,7 @@ def test_refuses_same_model_with_missing_files(config, merged, tmp_path):
     out = copy_model(merged, tmp_path / "model")
     (out / "model.safetensors").unlink()
     before = tree(out)
-    r = run_merge(config, out, "--model-id", "model-a")
+    r = run_merge(config, out)
     assert_refused(r, str(out), "model.safetensors is missing", "--force")
     assert tree(out) == before
 
@@ -265,7 +303,7 @@ def test_read_only_parent_is_a_clean_error(config, tmp_path):
     (parent / "keep.txt").write_text("keep")
     parent.chmod(0o555)
     try:
-        r = run_merge(config, parent / "model", "--model-id", "model-a", preexec_fn=drop_dac_override)
+        r = run_merge(config, parent / "model", preexec_fn=drop_dac_override)
         assert_refused(r, str(parent / "model"), "permission denied", f"creating a temporary in {parent}")
         assert sorted(p.name for p in parent.iterdir()) == ["keep.txt"]
     finally:
@@ -277,7 +315,7 @@ def test_parent_is_a_file_is_a_clean_error(config, tmp_path):
     parent = tmp_path / "results"
     parent.write_text("not a directory")
     out = parent / "models" / "m"
-    r = run_merge(config, out, "--model-id", "model-a")
+    r = run_merge(config, out)
     assert_refused(r, str(out), f"{parent} is not a directory")
     assert parent.read_text() == "not a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
@@ -292,7 +330,7 @@ def test_file_size_limit_mid_write_is_a_clean_error(config, tmp_path):
 
     out = tmp_path / "model"
     (tmp_path / "other.txt").write_text("other")
-    r = run_merge(config, out, "--model-id", "model-a", preexec_fn=limit)
+    r = run_merge(config, out, preexec_fn=limit)
     assert_refused(r, f"cannot write {out}", "file too large")
     assert not out.exists()
     assert leftovers(out) == []
@@ -314,7 +352,7 @@ def test_disk_full_is_a_clean_error(config, tmp_path):
     disk.mkdir()
     script = (
         f"mount -t tmpfs -o size=64k tmpfs {disk} && echo kept > {disk}/other.txt && "
-        f"{' '.join(merge_cmd(config, disk / 'model', '--model-id', 'model-a'))}; "
+        f"{shlex.join(merge_cmd(config, disk / 'model'))}; "
         f"echo rc=$? >&2; ls -A {disk} >&2; cat {disk}/other.txt >&2"
     )
     r = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=ENV, capture_output=True, text=True,
@@ -327,7 +365,7 @@ def test_disk_full_is_a_clean_error(config, tmp_path):
 
 
 def test_bad_threads_is_a_clean_error(config, tmp_path):
-    r = run_merge(config, tmp_path / "m", "--model-id", "model-a", "--threads", "0")
+    r = run_merge(config, tmp_path / "m", "--threads", "0")
     assert_refused(r, "--threads", "positive integer")
     assert not (tmp_path / "m").exists()
 
@@ -338,7 +376,7 @@ def test_bad_threads_is_a_clean_error(config, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_signal_mid_merge_removes_the_temporary(big_config, tmp_path, sig):
     out = tmp_path / "model"
-    proc = subprocess.Popen(merge_cmd(big_config, out, "--model-id", "big"), env=ENV,
+    proc = subprocess.Popen(merge_cmd(big_config, out), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tmp = wait_for_tmp(proc, out)
     assert re.fullmatch(rf"\.model\.tmp-{re.escape(HOST)}-{proc.pid}-[0-9a-f]{{8}}", tmp.name)
@@ -356,7 +394,7 @@ def test_sigterm_during_forced_replace_keeps_the_old_model(big_config, merged, t
     out = copy_model(merged, tmp_path / "model")
     (out / "notes.txt").write_text("mine")
     before = tree(out)
-    proc = subprocess.Popen(merge_cmd(big_config, out, "--model-id", "big", "--force"), env=ENV,
+    proc = subprocess.Popen(merge_cmd(big_config, out, "--force"), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_tmp(proc, out)
     proc.send_signal(signal.SIGTERM)
@@ -368,7 +406,7 @@ def test_sigterm_during_forced_replace_keeps_the_old_model(big_config, merged, t
 
 def test_sigkill_leftover_is_removed_by_the_next_successful_run(big_config, config, tmp_path):
     out = tmp_path / "model"
-    proc = subprocess.Popen(merge_cmd(big_config, out, "--model-id", "big"), env=ENV,
+    proc = subprocess.Popen(merge_cmd(big_config, out), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tmp = wait_for_tmp(proc, out)
     proc.kill()
@@ -379,9 +417,9 @@ def test_sigkill_leftover_is_removed_by_the_next_successful_run(big_config, conf
     foreign = tmp_path / ".model.tmp-elsewhere.example-1-0123abcd"  # another host: cannot tell
     live.mkdir()
     foreign.mkdir()
-    r = run_merge(config, out, "--model-id", "model-a")
+    r = run_merge(config, out)
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "mergesweep.json").read_text())["model_id"] == "model-a"
+    assert json.loads((out / "mergesweep.json").read_text())["model_id"] == PLANNED[config]
     assert not tmp.exists()
     assert leftovers(out) == sorted([live.name, foreign.name])
 
@@ -391,15 +429,15 @@ def test_sigkill_leftover_is_removed_by_the_next_successful_run(big_config, conf
 # --------------------------------------------------------------------------------------------
 def test_same_model_twice_is_up_to_date(config, tmp_path):
     out = tmp_path / "model"
-    r1 = run_merge(config, out, "--model-id", "model-a")
+    r1 = run_merge(config, out)
     assert r1.returncode == 0, r1.stderr
     before = tree(out)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    r2 = run_merge(config, out, "--model-id", "model-a")
+    r2 = run_merge(config, out)
     assert r2.returncode == 0, r2.stderr
     assert "up to date" in r2.stderr and str(out) in r2.stderr
     assert json.loads(r2.stdout.splitlines()[-1]) == {
-        "model_id": "model-a", "method": "linear", "params": json.loads(r1.stdout.splitlines()[-1])["params"],
+        "model_id": PLANNED[config], "method": "linear", "params": json.loads(r1.stdout.splitlines()[-1])["params"],
         "up_to_date": True,
     }
     assert tree(out) == before
@@ -412,23 +450,24 @@ def test_same_model_twice_without_model_id_uses_the_planned_id(config, tmp_path)
     if not hasattr(config_mod, "planned_model_id"):
         pytest.skip("mergesweep.merge.config.planned_model_id not available in this tree")
     out = tmp_path / "model"
-    r1 = run_merge(config, out)
+    r1 = run_merge(config, out, auto_id=False)
     assert r1.returncode == 0, r1.stderr
     model_id = json.loads((out / "mergesweep.json").read_text())["model_id"]
-    r2 = run_merge(config, out)
+    assert model_id == PLANNED[config]
+    r2 = run_merge(config, out, auto_id=False)
     assert r2.returncode == 0, r2.stderr
     assert f"is up to date (model {model_id})" in r2.stderr
     r3 = run_merge(config, out, "--model-id", "other")  # an explicit id wins
     assert_refused(r3, "another model", model_id, "other")
 
 
-def test_force_replaces_another_model_and_users_files(config, merged, tmp_path):
-    out = copy_model(merged, tmp_path / "model")
+def test_force_replaces_another_model_and_users_files(config, merged_b, tmp_path):
+    out = copy_model(merged_b, tmp_path / "model")
     (out / "notes.txt").write_text("mine")
-    r = run_merge(config, out, "--model-id", "model-b", "--force")
+    r = run_merge(config, out, "--force")
     assert r.returncode == 0, r.stderr
     assert "replacing" in r.stderr
-    assert json.loads((out / "mergesweep.json").read_text())["model_id"] == "model-b"
+    assert json.loads((out / "mergesweep.json").read_text())["model_id"] == PLANNED[config]
     assert not (out / "notes.txt").exists()
     assert leftovers(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
@@ -437,7 +476,7 @@ def test_force_replaces_another_model_and_users_files(config, merged, tmp_path):
 def test_force_re_merges_the_same_model(config, merged, tmp_path):
     out = copy_model(merged, tmp_path / "model")
     (out / "notes.txt").write_text("mine")
-    r = run_merge(config, out, "--model-id", "model-a", "--force")
+    r = run_merge(config, out, "--force")
     assert r.returncode == 0, r.stderr
     assert "up to date" not in r.stderr
     assert not (out / "notes.txt").exists()
@@ -448,13 +487,13 @@ def test_force_re_merges_the_same_model(config, merged, tmp_path):
 def test_empty_directory_and_symlinked_out_are_written(config, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = run_merge(config, empty, "--model-id", "model-a")
+    r = run_merge(config, empty)
     assert r.returncode == 0, r.stderr
     assert (empty / "model.safetensors").is_file()
     target = tmp_path / "target"
     link = tmp_path / "link"
     link.symlink_to(target, target_is_directory=True)
-    r = run_merge(config, link, "--model-id", "model-a")
+    r = run_merge(config, link)
     assert r.returncode == 0, r.stderr
     assert link.is_symlink() and (target / "model.safetensors").is_file()
     assert leftovers(empty) == [] and leftovers(target) == []

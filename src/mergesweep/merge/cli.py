@@ -156,33 +156,50 @@ def _planned_id(cfg: dict, dtype: str | None) -> str | None:
 # process-wide tuning (belongs to the command, not to the library)
 # --------------------------------------------------------------------------------------------
 def _tune_process(device: str, threads: int | None) -> int | None:
-    """torch intra-op threads (default 1 on CPU) and glibc malloc tuning; returns the threads set."""
+    """torch intra-op threads (default 1 on CPU) and glibc malloc tuning, for this process;
+    returns the threads set (``None``: torch's default left)."""
     from mergesweep.errors import ConfigError
 
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads: expected a positive integer, got {threads}")
+    try:
+        from mergesweep.merge.tuning import tune_for_merge
+    except ImportError:  # older tree: the tuning still lives in the engine
+        tune_for_merge = None
+    if tune_for_merge is not None:
+        return tune_for_merge(device, threads)
     if threads is None and str(device).startswith("cpu"):
-        # The engine reads, computes and writes in three threads and its block-wise kernels issue
-        # many small ops, for which OpenMP fork/join costs more than it gains: on a busy 2-core
-        # machine a TIES merge of SmolLM2-135M took 40 s with one intra-op thread, 370 s with two.
+        # one intra-op thread: the engine already reads, computes and writes in three threads,
+        # and OpenMP fork/join costs its small block-wise ops more than it gains
         threads = 1
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    tune = None
-    for module in ("mergesweep.runtime", "mergesweep.merge.engine"):
-        try:
-            tune = getattr(__import__(module, fromlist=["tune_malloc"]), "tune_malloc", None)
-        except ImportError:
-            continue
-        if tune is not None:
-            break
-    if tune is not None:
-        tune()
-    else:
-        log.debug("no tune_malloc available; glibc malloc left at its defaults")
+    from mergesweep.merge import engine
+
+    if hasattr(engine, "tune_malloc"):
+        engine.tune_malloc()
     return threads
+
+
+def _engine_kwargs(merge_checkpoints, cfg: Mapping[str, Any], model_id: str | None, threads: int | None) -> dict:
+    """The keyword arguments this engine takes beyond the common ones (the engine's signature
+    is being reworked: ``threads``/``extra_meta`` before, ``tie_policy``/``expect_model_id`` after)."""
+    import inspect
+
+    accepted = inspect.signature(merge_checkpoints).parameters
+    kwargs: dict[str, Any] = {}
+    if "threads" in accepted:
+        kwargs["threads"] = threads
+    if "tie_policy" in accepted and cfg.get("tie_policy") is not None:
+        kwargs["tie_policy"] = cfg["tie_policy"]
+    if model_id:
+        if "expect_model_id" in accepted:
+            kwargs["expect_model_id"] = model_id
+        else:
+            kwargs["extra_meta"] = {"model_id": model_id}
+    return kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,11 +245,6 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     threads = _tune_process(device, args.threads)
     from mergesweep.merge.engine import merge_checkpoints
 
-    kwargs: dict[str, Any] = {}
-    import inspect
-
-    if "threads" in inspect.signature(merge_checkpoints).parameters:
-        kwargs["threads"] = threads  # transitional: older engines set the threads themselves
     meta = merge_checkpoints(
         cfg["method"],
         cfg["base"],
@@ -245,8 +257,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         align=cfg["align"],
         vocab_policy=cfg["vocab_policy"],
         expert_names=cfg["expert_names"],
-        extra_meta={"model_id": args.model_id} if args.model_id else None,
-        **kwargs,
+        **_engine_kwargs(merge_checkpoints, cfg, args.model_id, threads),
     )
     print(json.dumps({k: meta.get(k) for k in ("model_id", "method", "params", "runtime_s", "peak_rss_mb")}))
     return 0
