@@ -11,7 +11,8 @@ both call it with
   that wrote it (see :mod:`mergesweep.record`), so a merge run by hand on the workflow's
   checkpoints gets the workflow's id; a checkpoint without a record is identified by its
   content fingerprint;
-- every setting that changes the weights: output dtype, vocabulary policy, alignment.
+- every setting that changes the weights: output dtype, vocabulary policy, alignment, and the
+  method's kernel revision (bumped when a kernel's output changes).
 
 For a method whose result does not depend (mathematically) on expert order
 (``MethodSpec.order_invariant``), experts are sorted by uid together with their per-expert
@@ -74,12 +75,14 @@ def merge_model_id(
     align: Sequence[str | None] | None = None,
     dtype: str | None = None,
     vocab_policy: str = "error",
+    revision: int = 1,
 ) -> str:
     """``<method>-<hash>`` of everything that defines a merged model's weights.
 
     ``params`` are the resolved parameters; ``per_expert`` names those whose value may be a list
     in expert order; ``experts`` the inputs' uids; ``align`` one alignment uid (or ``None``) per
-    expert; ``dtype`` the output dtype name (``None``: the base's); ``vocab_policy`` as given.
+    expert; ``dtype`` the output dtype name (``None``: the base's); ``vocab_policy`` as given;
+    ``revision`` the method's kernel revision (``MethodSpec.revision``).
     """
     params = dict(params)
     rows = [
@@ -97,6 +100,7 @@ def merge_model_id(
     shared = {k: v for k, v in params.items() if k not in per_expert}
     payload = {
         "method": method,
+        "revision": revision,
         "params": shared,
         "base": base,
         "experts": rows,

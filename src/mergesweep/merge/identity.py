@@ -46,6 +46,7 @@ def merge_identity(
         align=list(align_uids) if align_uids and any(align_uids) else None,
         dtype=canonical_dtype(dtype),
         vocab_policy=check_vocab_policy(vocab_policy),
+        revision=spec.revision,
     )
     return model_id, record
 

@@ -96,7 +96,8 @@ def merged_record(
         describe_input(p, expert_names[i], "expert", identity.expert_uids[i]) for i, p in enumerate(experts)
     ]
     align_record = (
-        {str(i): {"path": str(p), "uid": identity.align_uids[i], "sha256": sha256_file(p)[:16]}
+        {str(i): {"path": str(p), "uid": identity.align_uids[i], "sha256": sha256_file(p)[:16],
+                  "method": _perm_method(p)}
          for i, p in sorted(align.items())}
         if align else None
     )
@@ -122,3 +123,10 @@ def merged_record(
             **dict(output),
         },
     )
+
+
+def _perm_method(path: Path) -> str | None:
+    """The alignment method a permutation map records (weight_matching, activation_matching...)."""
+    from mergesweep.align.permmap import read_meta
+
+    return read_meta(path).get("method")

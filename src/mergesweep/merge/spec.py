@@ -219,6 +219,9 @@ class MethodSpec:
     identities: tuple[Identity, ...] = ()
     composition: Mapping[str, str] | None = None
     mergekit: str = ""
+    #: part of every merged model id of this method: bump it when the kernel's output changes for
+    #: the same parameters, so merges cached under the old ids are not reused
+    revision: int = 1
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -321,13 +324,3 @@ def resolve_params(
     if spec.validate:
         spec.validate(kernel, n_experts, has_base)
     return kernel, record
-
-
-def __getattr__(name: str):
-    # TensorContext and seeded_generator moved to mergesweep.merge.context (which imports torch);
-    # old imports keep working, and importing this module still does not load torch.
-    if name in ("TensorContext", "seeded_generator"):
-        from mergesweep.merge import context
-
-        return getattr(context, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,14 +24,8 @@ import re
 from typing import Sequence
 
 from mergesweep.errors import ConfigError
+from mergesweep.merge.names import layer_index  # noqa: F401  (re-exported for the kernel tests)
 from mergesweep.merge.spec import Identity, MethodSpec, Param
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
 
 
 def parse_ranges(text: str, where: str = "params.layers") -> set[int]:
