@@ -60,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from mergesweep.atomic import signal_cleanup
     from mergesweep.errors import MergesweepError
 
     try:
-        return int(args._run(args) or 0)
+        # SIGTERM (SLURM's cancel and time limit), SIGINT and SIGHUP remove half-written outputs
+        with signal_cleanup():
+            return int(args._run(args) or 0)
     except MergesweepError as e:
         logging.getLogger("mergesweep").error("%s", e)
         print(f"mergesweep {args.command}: error: {e}", file=sys.stderr)
