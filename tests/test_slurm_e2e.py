@@ -26,8 +26,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 PRESET = sc.REPO / "config" / "presets" / "tiny.yaml"
 #: 2 real cores: one thread per job here (the profile's set-threads is for real clusters)
-THREADS = ["--set-threads", "pretrain_base=1", "finetune=1", "merge=1", "evaluate=1"]
-REMOTE_RULES = {"make_data", "pretrain_base", "finetune", "merge", "evaluate", "aggregate", "leaderboard"}
+THREADS = ["--set-threads", "pretrain_base=1", "finetune=1", "merge=1", "evaluate=1", "evaluate_merged=1"]
+REMOTE_RULES = {"make_data", "pretrain_base", "finetune", "merge", "evaluate", "evaluate_merged", "aggregate",
+                "leaderboard"}
+EVALUATE = {"smk-evaluate", "smk-evaluate_merged"}
 LOCAL_RULES = {"merge_yaml", "provenance", "all"}
 
 
@@ -46,7 +48,7 @@ def tiny_run(slurm, tmp_path_factory):
     with sc.Background(workdir, "--configfile", "config/presets/tiny.yaml", *THREADS) as smk:
         # scancel an evaluation once its `mergesweep evaluate` is under way (its log exists)
         def running_eval():
-            for row in sc.Cluster.squeue("smk-evaluate", workdir):
+            for row in [*sc.Cluster.squeue("smk-evaluate", workdir), *sc.Cluster.squeue("smk-evaluate_merged", workdir)]:
                 if row["state"] == "RUNNING" and list((workdir / "results" / "logs" / "evaluate").glob("*/*.log")):
                     return row["id"]
             return None
@@ -96,16 +98,16 @@ def test_every_job_ran_through_slurm(tiny_run):
     local = {line.split()[-1].rstrip(":") for line in tiny_run["log"].splitlines() if line.startswith("localrule ")}
     assert local <= LOCAL_RULES, local
     completed = [r for r in rows if r["State"] == "COMPLETED"]
-    assert sum(r["JobName"] == "smk-evaluate" for r in completed) == 28
+    assert sum(r["JobName"] in EVALUATE for r in completed) == 28
     assert sum(r["JobName"] == "smk-finetune" for r in completed) == 3
     assert sum(r["JobName"] == "smk-merge" for r in completed) == 3
     # GPU stages got a (fake) GPU, CPU stages none (profiles/slurm set-resources)
     for r in completed:
         has_gpu = "gres/gpu=1" in r["AllocTRES"]
-        assert has_gpu == (r["JobName"] in {"smk-evaluate", "smk-finetune", "smk-pretrain_base"}), r
+        assert has_gpu == (r["JobName"] in EVALUATE | {"smk-finetune", "smk-pretrain_base"}), r
     # jobs that became ready together went out as arrays
-    assert any("_" in r["JobID"] for r in rows if r["JobName"] == "smk-evaluate")
-    assert list((tiny_run["workdir"] / "results" / "logs" / "slurm").glob("smk-evaluate/*/*_log.out"))
+    assert any("_" in r["JobID"] for r in rows if r["JobName"] in EVALUATE)
+    assert list((tiny_run["workdir"] / "results" / "logs" / "slurm").glob("smk-evaluate*/*/*_log.out"))
 
 
 def test_scancelled_evaluation_is_retried(tiny_run):
