@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace --out even if it holds another model or other files (never an input)")
     parser.add_argument("--device", default=None, help="override the YAML's device (cpu, cuda)")
     parser.add_argument("--dtype", default=None, help="override the YAML's output dtype")
-    parser.add_argument("--model-id", default=None, help="model id to record (default: derived from the inputs)")
+    parser.add_argument("--model-id", default=None,
+                        help="the id this merge must get (the workflow passes its plan's): the merge fails if the id "
+                             "computed from the inputs' records differs (default: computed)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default on CPU: 1, fastest for the streaming engine; "
                              "on CUDA: torch's default)")
@@ -144,62 +146,10 @@ def existing_output(out: Path, planned_id: str | None, force: bool) -> str | Non
                       f"({_listing(entries)}); refusing to replace it without --force")
 
 
-def _planned_id(cfg: dict, dtype: str | None) -> str | None:
-    try:
-        from mergesweep.merge.config import planned_model_id
-    except ImportError:  # older tree: the id is known only after merging
-        return None
+def _planned_id(cfg: dict, dtype: str | None) -> str:
+    from mergesweep.merge.config import planned_model_id
+
     return planned_model_id({**cfg, "dtype": dtype} if dtype is not None else cfg)
-
-
-# --------------------------------------------------------------------------------------------
-# process-wide tuning (belongs to the command, not to the library)
-# --------------------------------------------------------------------------------------------
-def _tune_process(device: str, threads: int | None) -> int | None:
-    """torch intra-op threads (default 1 on CPU) and glibc malloc tuning, for this process;
-    returns the threads set (``None``: torch's default left)."""
-    from mergesweep.errors import ConfigError
-
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads: expected a positive integer, got {threads}")
-    try:
-        from mergesweep.merge.tuning import tune_for_merge
-    except ImportError:  # older tree: the tuning still lives in the engine
-        tune_for_merge = None
-    if tune_for_merge is not None:
-        return tune_for_merge(device, threads)
-    if threads is None and str(device).startswith("cpu"):
-        # one intra-op thread: the engine already reads, computes and writes in three threads,
-        # and OpenMP fork/join costs its small block-wise ops more than it gains
-        threads = 1
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    from mergesweep.merge import engine
-
-    if hasattr(engine, "tune_malloc"):
-        engine.tune_malloc()
-    return threads
-
-
-def _engine_kwargs(merge_checkpoints, cfg: Mapping[str, Any], model_id: str | None, threads: int | None) -> dict:
-    """The keyword arguments this engine takes beyond the common ones (the engine's signature
-    is being reworked: ``threads``/``extra_meta`` before, ``tie_policy``/``expect_model_id`` after)."""
-    import inspect
-
-    accepted = inspect.signature(merge_checkpoints).parameters
-    kwargs: dict[str, Any] = {}
-    if "threads" in accepted:
-        kwargs["threads"] = threads
-    if "tie_policy" in accepted and cfg.get("tie_policy") is not None:
-        kwargs["tie_policy"] = cfg["tie_policy"]
-    if model_id:
-        if "expect_model_id" in accepted:
-            kwargs["expect_model_id"] = model_id
-        else:
-            kwargs["extra_meta"] = {"model_id": model_id}
-    return kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +171,10 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     from mergesweep.atomic import check_writable
     from mergesweep.merge.config import load_merge_yaml
 
+    if args.threads is not None and args.threads < 1:
+        from mergesweep.errors import ConfigError
+
+        raise ConfigError(f"--threads: expected a positive integer, got {args.threads}")
     cfg = load_merge_yaml(args.config)
     check_not_an_input(out, input_paths(cfg, args.config))
     dtype = args.dtype or cfg["dtype"]
@@ -242,7 +196,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         print(f"mergesweep merge: replacing {out} (--force)", file=sys.stderr)
     check_writable(out)
 
-    threads = _tune_process(device, args.threads)
+    from mergesweep.merge.tuning import tune_for_merge
+
+    tune_for_merge(device, args.threads)  # process-wide: torch threads, glibc malloc
     from mergesweep.merge.engine import merge_checkpoints
 
     meta = merge_checkpoints(
@@ -256,8 +212,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         shard_size=cfg["shard_size"],
         align=cfg["align"],
         vocab_policy=cfg["vocab_policy"],
+        tie_policy=cfg["tie_policy"],
         expert_names=cfg["expert_names"],
-        **_engine_kwargs(merge_checkpoints, cfg, args.model_id, threads),
+        expect_model_id=args.model_id,
     )
     print(json.dumps({k: meta.get(k) for k in ("model_id", "method", "params", "runtime_s", "peak_rss_mb")}))
     return 0
