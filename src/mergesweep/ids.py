@@ -1,12 +1,14 @@
 """Content-derived ids: the same merge gets the same id wherever it is computed.
 
 :func:`merge_model_id` is the one function that names a merged model. The workflow's plan
-(:mod:`mergesweep.plan`) and ``mergesweep merge`` (:func:`mergesweep.merge.config.planned_model_id`)
-both call it with
+(:mod:`mergesweep.plan`) and ``mergesweep merge`` (the engine, through
+:func:`mergesweep.merge.provenance.identify_merge`, and the command's check of an existing
+``--out``, :func:`mergesweep.merge.config.planned_model_id`) both call it through
+:func:`mergesweep.merge.identity.merge_identity`, with
 
-- the *resolved* parameters (defaults filled in, per-expert values as lists in expert order,
-  numbers canonical: ``1`` and ``1.0`` hash alike), so ``linear {}`` and
-  ``linear {weight: 1.0, normalize: true}`` are one merge;
+- the *resolved* parameters (defaults filled in, per-expert values in expert order, numbers
+  canonical: ``1`` and ``1.0`` hash alike, a scalar like the same value listed per expert), so
+  ``linear {}`` and ``linear {weight: 1.0, normalize: true}`` are one merge;
 - the inputs' *uids*: a base's or expert's uid is recorded in its ``mergesweep.json`` by the stage
   that wrote it (see :mod:`mergesweep.record`), so a merge run by hand on the workflow's
   checkpoints gets the workflow's id; a checkpoint without a record is identified by its
@@ -15,9 +17,10 @@ both call it with
   method's kernel revision (bumped when a kernel's output changes).
 
 For a method whose result does not depend (mathematically) on expert order
-(``MethodSpec.order_invariant``), experts are sorted by uid together with their per-expert
-parameter values, so listing the experts in another order gives the same id. A method that
-does not use the base (``base: unused``) does not hash it.
+(``MethodSpec.order_invariant``), the experts' rows (uid, alignment uid and per-expert parameter
+values, each row kept together) are sorted, so listing the experts in another order gives the
+same id. A method that does not use the base (``base: unused``) does not hash it; settings that
+do not change the weights (device, shard size, expert names, ``tie_policy``) are not hashed.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ import re
 from mergesweep.ids import MERGE_ID_PATTERN, definition_uid, short_hash
 from mergesweep.layout import Layout, safe_name
 
-ALIGN_METHODS = ("weight_matching", "activation_matching")
 _MERGE_ID = re.compile(MERGE_ID_PATTERN)
 
 
@@ -193,7 +192,6 @@ def build_plan(config: dict, layout: Layout | None = None) -> Plan:
 
     cfg = validate_config(config)
     layout = layout or Layout()
-    seed = cfg["seed"]
     suites = cfg["suites"]
     skills, heldout = list(suites["skills"]), list(suites["heldout"])
     lm_eval = {name: resolve(name, v) for name, v in suites["lm_eval"].items()}

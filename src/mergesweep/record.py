@@ -37,7 +37,6 @@ import resource
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from mergesweep.errors import MergesweepError
 

@@ -48,13 +48,6 @@ def fmt(x, digits: int = 3, signed: bool = False) -> str:
     return s.replace("-", "−")
 
 
-def fmt_se(x, se, digits: int = 3, signed: bool = False) -> str:
-    v = fmt(x, digits, signed)
-    if v == "–" or se is None or not np.isfinite(float(se)):
-        return v
-    return f"{v} ± {float(se):.{digits}f}"
-
-
 def fmt_seconds(x) -> str:
     if x is None or not np.isfinite(float(x)):
         return "–"

@@ -37,7 +37,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from mergesweep.errors import ConfigError, MergesweepError
 from mergesweep.merge.settings import canonical_dtype
@@ -363,10 +363,6 @@ class CheckpointReader:
                 )
             done += got
         return raw.view(dtype).reshape(e.shape)
-
-    def iter_tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
-        for name in self.keys():
-            yield name, self.get(name)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -21,7 +21,6 @@ Every fetched checkpoint gets ``mergesweep.json`` (role, source, revision, sha25
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import os
 import shutil

@@ -2,16 +2,21 @@
 
 lm-eval's own output files carry timestamps in their names; we load the model with lm-eval's HF
 backend (``HFLM``), run ``lm_eval.simple_evaluate`` on it and write
-``results/evals/<model_id>/<suite>.json`` at a fixed path, holding per (task, metric, split)
-value, stderr and sample count, task versions, few-shot settings, chat-template use and library
-versions (format: docs/ARCHITECTURE.md).
+``results/evals/<model_id>/<suite>.json`` at a fixed path. The JSON (built by :func:`evaluate`)
+holds ``model_id``, ``suite``, ``status`` (``ok``/``error``), ``error``, ``model`` (the model's
+record, its ``mergesweep.json``), ``model_path``, ``results`` (one row per lm-eval task, metric,
+filter and split: ``task``, ``lm_eval_task``, ``metric``, ``filter``, ``split``, ``value``,
+``stderr``, ``n``), ``task_versions``, ``num_fewshot``, ``lm_eval_config``, ``device``,
+``chat_template``, ``log_samples`` (and ``samples_file``), library ``versions``, ``runtime_s`` and
+``peak_rss_mb``; an error adds a short ``traceback``.
 
 Two kinds of failure, kept apart (docs/evaluate.md):
 
-* **The evaluation could not run** — the model directory is missing or not a checkpoint, the
-  model cannot be loaded, an argument is wrong (batch size, device, dtype, tasks directory, an
-  lm-eval task name), memory ran out, CUDA failed, lm-eval (or a module a task needs) cannot be
-  imported, the network is unreachable. :class:`EvaluationError` is raised, **no JSON is written**
+* **The evaluation could not run** — the model directory is missing or not a checkpoint, its
+  model record is malformed, the model cannot be loaded, an argument is wrong (batch size,
+  device, dtype, tasks directory, an lm-eval task name), memory ran out, CUDA failed, lm-eval
+  (or a module a task needs) cannot be imported, the network is unreachable.
+  :class:`EvaluationError` is raised, **no JSON is written**
   and ``mergesweep evaluate`` exits 1 with one line naming the path or argument, so Snakemake
   retries the job (and, if it keeps failing, stops with that message). Everything that can be
   checked without loading lm-eval or the model is checked first.

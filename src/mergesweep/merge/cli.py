@@ -1,7 +1,12 @@
-"""``mergesweep merge --config FILE.yaml --out DIR``: one merge, outside any workflow.
+"""``mergesweep merge --config FILE.yaml --out DIR``: one merge from its YAML, by hand or as the
+workflow's ``merge`` rule.
+
+``--model-id`` is the id the merge must get (the workflow passes its plan's): the engine computes
+the id from the inputs' records and fails if the two differ.
 
 Outputs are never lost: ``--out`` may be absent, an empty directory, or this very merge's model
-(then nothing is done: "up to date"). Another model or a directory with other files in it is
+with every file its record lists (then nothing is done: "up to date"; with a listed file missing
+it is an error unless ``--force``). Another model or a directory with other files in it is
 replaced only with ``--force``; an ``--out`` that is, contains or lies inside an input (the base,
 an expert, a permutation map, the config file) or that is not a directory is refused even then.
 The model is written to a temporary sibling and renamed into place when complete; SIGTERM,

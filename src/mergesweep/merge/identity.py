@@ -8,7 +8,6 @@ the parameters with the method's spec and name the result with
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mergesweep.ids import merge_model_id

@@ -42,8 +42,9 @@ class PlannedShardWriter:
     one shard is written as ``model.safetensors``, several as ``model-0000i-of-0000N.safetensors``
     plus ``model.safetensors.index.json`` (written at once: its content is known from the plan).
 
-    Tensors must be written in plan order. The bytes go out from a background thread (so disk
-    writes overlap the next tensor's computation; at most ``queue_size`` results wait), which also
+    Tensors must be written in plan order. After :meth:`start` the bytes go out from a background
+    thread (so disk writes overlap the next tensor's computation; at most ``queue_size`` results
+    wait; without :meth:`start`, :meth:`write` writes in the caller's thread), which also
     computes the checkpoint's content fingerprint on the fly when :meth:`start` is given
     ``fingerprint=True``: the same digest as
     :func:`mergesweep.checkpoints.layout.checkpoint_fingerprint`, over the files of

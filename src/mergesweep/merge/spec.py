@@ -252,11 +252,6 @@ class MethodSpec:
 # --------------------------------------------------------------------------------------------
 # parameter resolution
 # --------------------------------------------------------------------------------------------
-def is_per_expert_value(value: Any) -> bool:
-    """``{per_expert: [...]}`` or a mapping by expert name: never a grid axis."""
-    return isinstance(value, Mapping)
-
-
 def resolve_params(
     spec: MethodSpec,
     params: Mapping[str, Any] | None,

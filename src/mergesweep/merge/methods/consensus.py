@@ -54,8 +54,3 @@ def consensus(base, experts: Sequence, weights: Sequence[float], mask_lambdas: S
 
     cons = _parts.tall_consensus(mask_lambdas, k) if k > 0 else None
     return _parts.combine_task_vectors(base, experts, weights, lam, consensus=cons)
-
-
-def tall_masks(deltas: Sequence, mtl, mask_lambdas: Sequence[float]) -> list:
-    """The TALL mask of each task vector against the combined vector ``mtl``."""
-    return [d.abs() > (mtl - d).abs_().mul_(float(lam)) for d, lam in zip(deltas, mask_lambdas)]

@@ -12,10 +12,8 @@ election, weighted sum. Details (rows, seeding, constraints): :mod:`.della`.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from mergesweep.merge.methods._taskvector import della_magprune, task_vector_method
-from mergesweep.merge.methods.della import DEVIATIONS, MERGEKIT, PAPER, della
+from mergesweep.merge.methods.della import DEVIATIONS, MERGEKIT, PAPER
 from mergesweep.merge.spec import Identity
 
 SPEC = task_vector_method(
@@ -33,10 +31,3 @@ SPEC = task_vector_method(
     mergekit=MERGEKIT,
 )
 
-
-def della_linear(base, experts: Sequence, weights: Sequence[float], densities: Sequence[float],
-                 epsilons: Sequence[float], generators: Sequence, lam: float = 1.0, normalize: bool = False,
-                 rescale: bool = True):
-    """DELLA drop + task arithmetic on one float32 tensor."""
-    return della(base, experts, weights, densities, epsilons, generators, lam, normalize, rescale,
-                 sign_consensus=False)
