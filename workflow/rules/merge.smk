@@ -32,7 +32,10 @@ rule merge:
         spec=L.merge_yaml("{merge_id}"),
     output:
         directory(L.merged_model("{merge_id}")),
-    threads: THREADS
+    # one intra-op thread: the streaming engine already overlaps reading, computing and writing,
+    # and on a busy 2-core machine a TIES merge took 40 s with one thread and 370 s with two
+    # (docs/merge.md); the job asks for exactly what it uses
+    threads: 1
     resources:
         mem_mb=4000,
     log:

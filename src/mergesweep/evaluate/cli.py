@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply-chat-template", action="store_true")
     p.add_argument("--confirm-run-unsafe-code", action="store_true",
                    help="allow tasks that execute model-written code (mbpp_plus, humaneval_plus)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores / SLURM allocation)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     p.add_argument("--fail-on-error", action="store_true",
                    help="exit 1 when the suite failed after the model loaded (default: record it, exit 0)")
 
