@@ -246,8 +246,8 @@ def test_failing_suite_is_recorded_and_the_rest_survive(run, tmp_path):
 
 
 def test_killed_run_restarts_with_the_same_command(tmp_path):
-    """SIGTERM to a local run mid-fine-tuning, then the same command again: the cut job is redone
-    (profiles/default: rerun-incomplete), nothing half-written is left."""
+    """Ctrl-C (SIGINT) on a local run mid-fine-tuning, then the same command again: the cut job is
+    redone (profiles/default: rerun-incomplete), nothing half-written is left."""
     shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
     for sub in ("workflow", "config", "profiles"):
         shutil.copytree(REPO / sub, tmp_path / sub)
@@ -264,7 +264,7 @@ def test_killed_run_restarts_with_the_same_command(tmp_path):
         time.sleep(0.5)
     assert proc.poll() is None, "the run ended before fine-tuning started"
     time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     proc.wait(120)
     assert not (tmp_path / target / "mergesweep.json").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
