@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # subcommand -> (module, help)
@@ -49,6 +50,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -60,13 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from mergesweep.atomic import signal_cleanup
+    from mergesweep.atomic import SignalExit, signal_cleanup
     from mergesweep.errors import MergesweepError
 
     try:
         # SIGTERM (SLURM's cancel and time limit), SIGINT and SIGHUP remove half-written outputs
         with signal_cleanup():
             return int(args._run(args) or 0)
+    except SignalExit as e:
+        # the clean-up has run (finally blocks, atomic outputs); leave at once with 128 + signal:
+        # finalising the interpreter while library threads (torch, readers) are mid-call can abort
+        if not as_command:  # called in-process (main([...])): let the caller see it
+            raise
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code)
     except MergesweepError as e:
         logging.getLogger("mergesweep").error("%s", e)
         print(f"mergesweep {args.command}: error: {e}", file=sys.stderr)
