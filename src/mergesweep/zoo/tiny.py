@@ -1,7 +1,9 @@
 """Tiny Llama bases for tests and the tiny preset: a byte-level BPE tokenizer trained on the
-skill data, a Llama config of a few hundred thousand parameters, and a few seconds of
-pretraining on a mixture of every suite's training text (so the base half-knows each skill and
-knows the capitals table; experts then specialise)."""
+skill data, a Llama config of about a hundred thousand parameters, and some seconds of
+pretraining on a mixture of every suite's training text, loss on every token. The base learns the
+prompts' format; how far it gets on the skills themselves is the preset's choice of steps
+(``config/presets/tiny.yaml`` stops before any skill emerges, so its experts have something to
+learn)."""
 
 from __future__ import annotations
 
