@@ -246,29 +246,29 @@ def test_failing_suite_is_recorded_and_the_rest_survive(run, tmp_path):
 
 
 def test_killed_run_restarts_with_the_same_command(tmp_path):
-    """Ctrl-C (SIGINT) on a local run mid-fine-tuning, then the same command again: the cut job is
+    """Ctrl-C (SIGINT) on a local run mid-pretraining, then the same command again: the cut job is
     redone (profiles/default: rerun-incomplete), nothing half-written is left."""
     shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
     for sub in ("workflow", "config", "profiles"):
         shutil.copytree(REPO / sub, tmp_path / sub)
     cfg = tmp_path / "config/presets/tiny.yaml"
-    target = "resources/experts/tiny-reverse"
+    target = "resources/checkpoints/tiny-base"
     cmd = [*SNAKEMAKE, target, "--snakefile", str(tmp_path / "Snakefile"), "--directory", str(tmp_path),
            "--cores", "2", "--configfile", str(cfg)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=tmp_path, start_new_session=True)
-    log = tmp_path / "results/logs/finetune/tiny-reverse.log"
+    log = tmp_path / "results/logs/pretrain/tiny-base.log"
     deadline = time.time() + 600
-    while not (log.exists() and "finetune" in log.read_text()) and time.time() < deadline and proc.poll() is None:
+    while not (log.exists() and "pretrain" in log.read_text()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-    assert proc.poll() is None, "the run ended before fine-tuning started"
+    assert proc.poll() is None, "the run ended before pretraining started"
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     proc.wait(120)
     assert not (tmp_path / target / "mergesweep.json").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert read_record(tmp_path / target).stage == "finetune"
-    leftovers = [p.name for p in (tmp_path / "resources/experts").iterdir() if p.name.startswith(".")]
+    assert read_record(tmp_path / target).stage == "pretrain"
+    leftovers = [p.name for p in (tmp_path / "resources/checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
