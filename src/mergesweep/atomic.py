@@ -420,6 +420,16 @@ def _swap_in(tmp: Path, final: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
+def _abandon(e: BaseException, tmp: Path, final: Path) -> None:
+    """Remove the temporary of a failed write; a file-system error becomes an OutputError naming
+    ``final`` (the caller re-raises anything else as it is)."""
+    with _signals_deferred():
+        _remove(tmp)
+    cause = _output_oserror(e, tmp)
+    if cause is not None and isinstance(e, Exception):
+        raise OutputError(_explain(final, cause)) from e
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``final``; on success rename it to ``final``.
@@ -451,11 +461,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             except OSError as e:
                 raise OutputError(_explain(final, e)) from e
     except BaseException as e:
-        with _signals_deferred():
-            _remove(tmp)
-        cause = _output_oserror(e, tmp)
-        if cause is not None and isinstance(e, Exception):
-            raise OutputError(_explain(final, cause)) from e
+        _abandon(e, tmp, final)
         raise
     finally:
         _unlock(fd)
@@ -491,11 +497,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
             except OSError as e:
                 raise OutputError(_explain(final, e)) from e
     except BaseException as e:
-        with _signals_deferred():
-            _remove(tmp)
-        cause = _output_oserror(e, tmp)
-        if cause is not None and isinstance(e, Exception):
-            raise OutputError(_explain(final, cause)) from e
+        _abandon(e, tmp, final)
         raise
     finally:
         os.close(fd)
