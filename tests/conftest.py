@@ -28,6 +28,18 @@ import slurm_cluster as sc  # noqa: E402
 slurm = sc.make_fixture()  # the real single-node SLURM cluster (skips without root/packages)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module's tests (the CPU is shared; multi-threaded kernels
+    on tiny tensors are slower than one thread), restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fetch_smollm2() -> str | None:
     """Fetch the default base if missing (or written by another definition); return None on
     success, else the reason it is unavailable."""

@@ -31,12 +31,8 @@ T = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CPU is shared; multi-threaded LAPACK on tiny matrices is slower than one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """The CPU is shared: one torch thread for these tests (tests/conftest.py)."""
 
 
 def gens(n, seed=0, name="w"):
