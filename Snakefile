@@ -13,13 +13,18 @@ from mergesweep.errors import MergesweepError
 min_version("8.20")
 
 
-# The embedded default, unless a config was given (--configfile / --config): presets are whole
-# configs, not overlays, so they are never deep-merged into the default.
-if not config:
+# The embedded default, unless a config file was given (--configfile): presets are whole configs,
+# not overlays, so they are never deep-merged into the default. Values given with --config (on
+# the command line or by a profile, e.g. keep_models=selected) are laid over either.
+if "name" not in config:
     try:
-        config.update(load_config_file(os.path.join(workflow.basedir, "config", "config.yaml")))
+        _default = load_config_file(os.path.join(workflow.basedir, "config", "config.yaml"))
     except MergesweepError as err:
         sys.exit(f"config error: {err}")
+    _overlay = dict(config)
+    config.clear()
+    config.update(_default)
+    config.update(_overlay)
 
 
 report: "workflow/report/workflow.rst"
@@ -34,10 +39,17 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
 
 
+if workflow.is_main_process and not workflow.remote_exec:
+    # what the sweep will write, before it starts (also in a dry run)
+    print(f"mergesweep: {len(PLAN.models)} models ({len(PLAN.merges)} merged), {len(PLAN.suites)} suites; "
+          f"{RES.disk_summary()}", file=sys.stderr)
+
+
 rule all:
     input:
-        # every planned model: a deleted checkpoint or merged model is rebuilt
-        [model_dir(m) for m in PLAN.models],
+        # the base and experts, and the merged models keep_models keeps: a deleted one is rebuilt
+        [c.dir for c in (PLAN.base, *PLAN.experts.values())],
+        kept_models,
         L.table("scores"),
         *L.leaderboard_outputs().values(),
         ALIGN_TARGETS,

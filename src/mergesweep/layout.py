@@ -115,6 +115,11 @@ class Layout:
     def eval_json(self, model_id: str, suite: str) -> str:
         return self._under(self.results, "evals", model_id, suite, suffix=".json")
 
+    @property
+    def eval_spec(self) -> str:
+        """The evaluation spec every evaluation job reads (its suites and options)."""
+        return self._under(self.results, "evaluation.json")
+
     def table(self, name: str) -> str:
         return self._under(self.results, "tables", name, suffix=".parquet")
 

@@ -162,6 +162,25 @@ class Plan:
     def eval_jsons(self) -> list[str]:
         return [self.layout.eval_json(m, s) for m in self.models for s in self.suites]
 
+    def eval_spec_doc(self) -> dict:
+        """The evaluation spec: every suite in order and the evaluation options; exactly what
+        ``mergesweep evaluate --spec`` takes (mergesweep.evaluate.runner.read_spec)."""
+        suites = []
+        for name in self.suites:
+            if name in self.lm_eval_suites:
+                s = self.lm_eval_suites[name]
+                suites.append({"name": name, "lm_eval_tasks": list(s.tasks), "num_fewshot": s.num_fewshot,
+                               "unsafe_code": s.unsafe_code})
+            else:
+                suites.append({"name": name, "tasks_dir": self.layout.tasks(name)})
+        e = self.evaluation
+        options = {k: e[k] for k in ("batch_size", "device", "limit", "log_samples", "backend")}
+        return {"suites": suites, "options": options}
+
+    @property
+    def keep_models(self) -> str:
+        return self.config["keep_models"]
+
     def merge_yaml_doc(self, model_id: str) -> dict:
         """The merge YAML of one merge: exactly what ``mergesweep merge --config`` takes."""
         m = self.merges[model_id]
@@ -206,6 +225,11 @@ def build_plan(config: dict, layout: Layout | None = None) -> Plan:
     check_vocab_policy(ms["vocab_policy"], "merge.vocab_policy")
     parse_size(ms["shard_size"], "merge.shard_size")
     check_device(cfg["evaluation"]["device"], "evaluation.device")
+    if cfg["evaluation"]["backend"] == "vllm" and cfg["evaluation"]["device"] == "cpu":
+        raise ConfigError("evaluation.backend: vllm runs on a GPU, but evaluation.device is cpu")
+    from mergesweep import resources
+
+    resources.check(cfg)
 
     base = _base(cfg, layout)
     experts: dict[str, Checkpoint] = {}

@@ -3,6 +3,19 @@
 LB = L.leaderboard_outputs()
 
 
+def kept_models(wildcards):
+    """The merged models to keep on disk: every planned one (keep_models: all), each sweep's
+    selected point once the leaderboard selected it (selected), none (none)."""
+    if PLAN.keep_models == "all":
+        return [m.dir for m in PLAN.merges.values()]
+    if PLAN.keep_models == "none" or not PLAN.merges:
+        return []
+    from mergesweep.aggregate.outputs import selected_model_ids
+
+    selection = checkpoints.leaderboard.get().output.sel
+    return [PLAN.merges[i].dir for i in selected_model_ids(selection) if i in PLAN.merges]
+
+
 rule provenance:
     input:
         [c.dir for c in (PLAN.base, *PLAN.experts.values())],
@@ -22,13 +35,17 @@ rule aggregate:
         provenance=L.provenance,
     output:
         report(L.table("scores"), caption="../report/scores.rst", category="Tables"),
+    resources:
+        **RES.of("aggregate"),
     log:
         L.log("aggregate", "aggregate"),
     shell:
         "{MS} aggregate --evals {input.evals:q} --provenance {input.provenance:q} --out {output:q} 2> {log:q}"
 
 
-rule leaderboard:
+# a checkpoint: with keep_models: selected, the selection it writes decides which merged models
+# are kept (rule all asks for them after it ran)
+checkpoint leaderboard:
     input:
         scores=L.table("scores"),
         provenance=L.provenance,
@@ -44,6 +61,8 @@ rule leaderboard:
         pareto=report(LB["fig_pareto"], caption="../report/pareto.rst", category="Figures"),
     params:
         out_dir=L.results,
+    resources:
+        **RES.of("aggregate"),
     log:
         L.log("aggregate", "leaderboard"),
     shell:
@@ -56,6 +75,8 @@ rule lmc_table:
         [job.lmc_json for job in PLAN.align_jobs.values()],
     output:
         report(L.table("lmc"), caption="../report/tables.rst", category="Alignment"),
+    resources:
+        **RES.of("aggregate"),
     log:
         L.log("aggregate", "lmc_table"),
     shell:

@@ -39,9 +39,9 @@ rule align:
         max_iter=lambda w: _job(w).max_iter,
         uid=lambda w: _job(w).uid,
     # weight matching is fastest single-threaded (docs/align.md); activation matching runs models
-    threads: lambda w: 1 if w.align_method == "weight_matching" else THREADS
+    threads: lambda w: RES.threads("align", 1 if w.align_method == "weight_matching" else THREADS)
     resources:
-        mem_mb=8000,
+        **RES.of("align"),
     log:
         L.log("align", "--".join(_A)),
     shell:
@@ -70,9 +70,9 @@ rule lmc:
         data=lambda w: _job(w).lmc_data,
         points=PLAN.config["align"]["lmc_points"],
         max_examples=PLAN.config["align"]["lmc_max_examples"],
-    threads: THREADS
+    threads: RES.threads("lmc", THREADS)
     resources:
-        mem_mb=8000,
+        **RES.of("lmc"),
     log:
         L.log("lmc", "--".join(_A)),
     shell:

@@ -7,6 +7,7 @@ import sys
 from mergesweep.errors import MergesweepError
 from mergesweep.ids import MERGE_ID_PATTERN
 from mergesweep.plan import build_plan
+import mergesweep.resources as _resources
 
 try:
     PLAN = build_plan(config)
@@ -14,10 +15,13 @@ except MergesweepError as err:
     sys.exit(f"config error: {err}")
 
 L = PLAN.layout
+# per-rule GPUs, time and memory (from the config and the base's size): mergesweep.resources
+RES = _resources.Resources(PLAN)
 # the CLI, run by the interpreter that runs Snakemake (no PATH assumptions, same on SLURM nodes)
 MS = f"{sys.executable} -m mergesweep"
 THREADS = PLAN.threads
 EVAL = PLAN.evaluation
+TRAIN = PLAN.config["training"]  # device and precision of pretrain_base and finetune
 # A merged model's id as Snakemake matches it in a path: the id's shape, not a list of every id
 # (Snakemake scans a wildcard's pattern each time it fills one in; an alternation of 10k ids
 # made dry runs 1.6-2x slower, see benchmarks/bench_dryrun.py). Base and expert names never

@@ -1,96 +1,71 @@
-# One lm-eval job per (model, suite) -> results/evals/<model_id>/<suite>.json.
-# Base and experts are reference runs (rule evaluate), computed once and shared by every merge;
-# merged models are evaluated by evaluate_merged (generated suites: plain patterns, no per-job
-# Python function, since a sweep has thousands of these jobs) and evaluate_merged_lm_eval.
+# lm-eval -> results/evals/<model_id>/<suite>.json, one JSON per (model, suite).
+# By default one job per model (evaluation.jobs: per_model): the model is loaded once and every
+# suite of the plan runs in that process; evaluation.jobs: per_suite gives one job per (model,
+# suite) instead, for huge suites. Base and experts are reference runs (rule evaluate), computed
+# once and shared by every merge; merged models are evaluated by evaluate_merged. Every job reads
+# the evaluation spec (the plan's suites and options, rule evaluation_spec).
 # A job that cannot run (model missing, bad argument, out of memory) exits non-zero and is
-# retried; a task-level failure after the model loaded is recorded as status "error".
-
-EVAL_OPTIONS = [
-    "--batch-size", str(EVAL["batch_size"]), "--device", EVAL["device"],
-    *(["--limit", str(EVAL["limit"])] if EVAL["limit"] else []),
-    *(["--log-samples"] if EVAL["log_samples"] else []),
-]
+# retried; a task-level failure after the model loaded is recorded as status "error" for that
+# suite only.
+import json
 
 
-def _suite_args(suite):
-    """The task arguments of a suite: generated suites read their task YAMLs, lm-eval suites name tasks."""
-    if suite not in PLAN.lm_eval_suites:
-        return ["--tasks-dir", L.tasks(suite)]
-    s = PLAN.lm_eval_suites[suite]
-    args = ["--lm-eval-tasks", *s.tasks]
-    if s.num_fewshot is not None:
-        args += ["--num-fewshot", str(s.num_fewshot)]
-    if s.unsafe_code:
-        args.append("--confirm-run-unsafe-code")
-    return args
+rule evaluation_spec:
+    output:
+        L.eval_spec,
+    params:
+        # a changed suite or option rewrites the spec, and so re-runs the evaluations
+        doc=json.dumps(PLAN.eval_spec_doc(), sort_keys=True),
+    localrule: True
+    run:
+        from mergesweep.atomic import write_json
+
+        write_json(output[0], json.loads(params.doc))
 
 
-SUITE_ARGS = {s: _suite_args(s) for s in PLAN.suites}
-SUITE_INPUTS = {s: [] if s in PLAN.lm_eval_suites else [L.tasks(s)] for s in PLAN.suites}
-
-
-def _suite_inputs(w):
-    return SUITE_INPUTS[w.suite]
+GEN_TASKS = [L.tasks(s) for s in PLAN.data_suites]  # generated suites' task YAMLs (directories)
+EVAL_THREADS = RES.threads("evaluate", EVAL["threads"])
+PER_SUITE = EVAL["jobs"] == "per_suite"
+# per model: every suite's JSON is an output of the one job; per suite: {suite} is a wildcard
+EVAL_SUITES = ["{suite}"] if PER_SUITE else PLAN.suites
+EVAL_PICK = "--suites {wildcards.suite:q}" if PER_SUITE else ""
+EVAL_LOG = ("{suite}",) if PER_SUITE else ()
+EVAL_LOG_STAGE = "evaluate_suite" if PER_SUITE else "evaluate"  # logs/<stage>/<model>[/<suite>].log
 
 
 rule evaluate:
     input:
         model=lambda w: model_dir(w.reference),
-        tasks=_suite_inputs,
+        tasks=GEN_TASKS,
+        spec=L.eval_spec,
     output:
-        L.eval_json("{reference}", "{suite}"),
+        [L.eval_json("{reference}", s) for s in EVAL_SUITES],
     wildcard_constraints:
         reference=_alt([PLAN.base.name, *PLAN.experts]),
-    params:
-        tasks=lambda w: SUITE_ARGS[w.suite],
-        options=EVAL_OPTIONS,
-    # evaluation of a small model is dominated by per-process start-up: by default one thread per
-    # job, so two jobs share a 2-core machine (evaluation.threads overrides)
-    threads: EVAL["threads"]
+    threads: EVAL_THREADS
     resources:
-        mem_mb=4000,
+        **RES.of("evaluate", units=lambda w: 1 if PER_SUITE else len(PLAN.suites)),
     log:
-        L.log("evaluate", "{reference}", "{suite}"),
+        L.log(EVAL_LOG_STAGE, "{reference}", *EVAL_LOG),
     shell:
-        "{MS} evaluate --model {input.model:q} --suite {wildcards.suite:q} {params.tasks:q} {params.options:q}"
+        "{MS} evaluate --model {input.model:q} --spec {input.spec:q} " + EVAL_PICK +
         " --threads {threads} --out {output:q} 2> {log:q}"
 
 
 rule evaluate_merged:
     input:
-        model=L.merged_model("{merge_id}"),
-        tasks=L.tasks("{gen_suite}"),
+        # ancient: a merged model rebuilt from its recipe (same id, same bytes) is not a reason
+        # to evaluate it again
+        model=ancient(L.merged_model("{merge_id}")),
+        tasks=GEN_TASKS,
+        spec=L.eval_spec,
     output:
-        L.eval_json("{merge_id}", "{gen_suite}"),
-    wildcard_constraints:
-        gen_suite=_alt(PLAN.data_suites),
-    params:
-        options=EVAL_OPTIONS,
-    threads: EVAL["threads"]
+        [L.eval_json("{merge_id}", s) for s in EVAL_SUITES],
+    threads: EVAL_THREADS
     resources:
-        mem_mb=4000,
+        **RES.of("evaluate", units=lambda w: 1 if PER_SUITE else len(PLAN.suites)),
     log:
-        L.log("evaluate", "{merge_id}", "{gen_suite}"),
+        L.log(EVAL_LOG_STAGE, "{merge_id}", *EVAL_LOG),
     shell:
-        "{MS} evaluate --model {input.model:q} --suite {wildcards.gen_suite:q} --tasks-dir {input.tasks:q}"
-        " {params.options:q} --threads {threads} --out {output:q} 2> {log:q}"
-
-
-rule evaluate_merged_lm_eval:
-    input:
-        model=L.merged_model("{merge_id}"),
-    output:
-        L.eval_json("{merge_id}", "{lm_suite}"),
-    wildcard_constraints:
-        lm_suite=_alt(list(PLAN.lm_eval_suites)),
-    params:
-        tasks=lambda w: SUITE_ARGS[w.lm_suite],
-        options=EVAL_OPTIONS,
-    threads: EVAL["threads"]
-    resources:
-        mem_mb=4000,
-    log:
-        L.log("evaluate", "{merge_id}", "{lm_suite}"),
-    shell:
-        "{MS} evaluate --model {input.model:q} --suite {wildcards.lm_suite:q} {params.tasks:q} {params.options:q}"
+        "{MS} evaluate --model {input.model:q} --spec {input.spec:q} " + EVAL_PICK +
         " --threads {threads} --out {output:q} 2> {log:q}"

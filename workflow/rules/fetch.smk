@@ -13,6 +13,8 @@ rule make_data:
         validation=lambda w: PLAN.data_sizes(w.data_suite)["validation"],
         test=lambda w: PLAN.data_sizes(w.data_suite)["test"],
         seed=PLAN.config["seed"],
+    resources:
+        **RES.of("make_data"),
     log:
         L.log("make_data", "{data_suite}"),
     shell:
@@ -31,7 +33,7 @@ rule fetch:
         uid=lambda w: PLAN.checkpoint(w.fetched).uid,
         cache=L.downloads,
     resources:
-        mem_mb=4000,
+        **RES.of("fetch"),
     log:
         L.log("fetch", "{fetched}"),
     shell:
@@ -50,9 +52,12 @@ if PLAN.base.stage == "pretrain":
             args=[f"--{k.replace('_', '-')}={v}" for k, v in sorted(PLAN.base.recipe.items())],
             name=PLAN.base.name,
             uid=PLAN.base.uid,
-        threads: THREADS
+        threads: RES.threads("pretrain", THREADS)
+        resources:
+            **RES.of("pretrain"),
         log:
             L.log("pretrain", PLAN.base.name),
         shell:
             "{MS} pretrain --name {params.name:q} --uid {params.uid:q} --data-dirs {input:q} {params.args:q}"
+            " --device {TRAIN[device]:q} --precision {TRAIN[precision]:q}"
             " --threads {threads} --out {output:q} 2> {log:q}"

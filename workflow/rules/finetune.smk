@@ -21,13 +21,14 @@ rule finetune:
         warmup=lambda w: _recipe(w)["warmup"],
         seed=lambda w: _recipe(w)["seed"],
         emb=lambda w: "--train-embeddings" if _recipe(w)["train_embeddings"] else "",
-    threads: THREADS
+    threads: RES.threads("finetune", THREADS)
     resources:
-        mem_mb=6000,
+        **RES.of("finetune"),
     log:
         L.log("finetune", "{expert}"),
     shell:
         "{MS} finetune --base {input.base:q} --data {params.train:q} --domain {params.skill:q}"
         " --name {wildcards.expert:q} --uid {params.uid:q} --steps {params.steps} --batch-size {params.batch_size}"
         " --lr {params.lr} --warmup {params.warmup} --seed {params.seed} {params.emb}"
+        " --device {TRAIN[device]:q} --precision {TRAIN[precision]:q}"
         " --threads {threads} --out {output:q} 2> {log:q}"

@@ -31,13 +31,14 @@ rule merge:
         unpack(merge_inputs),
         spec=L.merge_yaml("{merge_id}"),
     output:
-        directory(L.merged_model("{merge_id}")),
+        # keep_models selected/none: removed once evaluated (rebuilt on request, bit-identical)
+        directory(L.merged_model("{merge_id}")) if PLAN.keep_models == "all" else temp(directory(L.merged_model("{merge_id}"))),
     # one intra-op thread: the streaming engine already overlaps reading, computing and writing,
     # and on a busy 2-core machine a TIES merge took 40 s with one thread and 370 s with two
     # (docs/merge.md); the job asks for exactly what it uses
-    threads: 1
+    threads: RES.threads("merge", 1)
     resources:
-        mem_mb=4000,
+        **RES.of("merge", units=lambda w: len(PLAN.merges[w.merge_id].experts) + 1 if w.merge_id in PLAN.merges else 1),
     log:
         L.log("merge", "{merge_id}"),
     shell:

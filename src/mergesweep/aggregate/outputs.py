@@ -60,3 +60,12 @@ def regenerate(scores_path: str | Path, out_dir: str | Path, provenance: Mapping
     log.info("leaderboard: %d merged models, %d methods -> %s", len(tables.leaderboard),
              len(tables.selection), Path(out_dir))
     return tables, paths
+
+
+def selected_model_ids(selection_path: str | Path) -> list[str]:
+    """The selected merged model of every sweep in a ``selection.parquet`` (sweeps with no
+    eligible point select none), sorted. What ``keep_models: selected`` keeps on disk."""
+    import pandas as pd
+
+    sel = pd.read_parquet(selection_path, columns=["selected_model_id"])
+    return sorted({str(i) for i in sel["selected_model_id"].dropna()})

@@ -1,14 +1,18 @@
-"""Evaluate one model on one suite with lm-eval and write our own result JSON.
+"""Evaluate one model on its suites with lm-eval and write our own result JSON per suite.
+
+One evaluation job loads the model once and runs every suite of the plan on it
+(:func:`evaluate_suites`; the workflow passes the suites as a spec file, :func:`read_spec`).
 
 lm-eval's own output files carry timestamps in their names; we load the model with lm-eval's HF
 backend (``HFLM``), run ``lm_eval.simple_evaluate`` on it and write
-``results/evals/<model_id>/<suite>.json`` at a fixed path. The JSON (built by :func:`evaluate`)
+``results/evals/<model_id>/<suite>.json`` at a fixed path, one per suite. The JSON
 holds ``model_id``, ``suite``, ``status`` (``ok``/``error``), ``error``, ``model`` (the model's
 record, its ``mergesweep.json``), ``model_path``, ``results`` (one row per lm-eval task, metric,
 filter and split: ``task``, ``lm_eval_task``, ``metric``, ``filter``, ``split``, ``value``,
-``stderr``, ``n``), ``task_versions``, ``num_fewshot``, ``lm_eval_config``, ``device``,
+``stderr``, ``n``), ``task_versions``, ``num_fewshot``, ``lm_eval_config``, ``device`` (the one
+used) and ``requested_device``,
 ``chat_template``, ``log_samples`` (and ``samples_file``), library ``versions``, ``runtime_s`` and
-``peak_rss_mb``; an error adds a short ``traceback``.
+``peak_rss_mb``, ``load_s`` (loading the model, once per job); an error adds a short ``traceback``.
 
 Two kinds of failure, kept apart (docs/evaluate.md):
 
@@ -16,13 +20,13 @@ Two kinds of failure, kept apart (docs/evaluate.md):
   model record is malformed, the model cannot be loaded, an argument is wrong (batch size,
   device, dtype, tasks directory, an lm-eval task name), memory ran out, CUDA failed, lm-eval
   (or a module a task needs) cannot be imported, the network is unreachable.
-  :class:`EvaluationError` is raised, **no JSON is written**
-  and ``mergesweep evaluate`` exits 1 with one line naming the path or argument, so Snakemake
+  :class:`EvaluationError` is raised, **no JSON is written** for that suite (the workflow deletes
+  the job's other outputs too) and ``mergesweep evaluate`` exits 1 with one line naming the path or argument, so Snakemake
   retries the job (and, if it keeps failing, stops with that message). Everything that can be
   checked without loading lm-eval or the model is checked first.
 * **The model ran and the evaluation failed** — a task that fails to build or raises while
   scoring, or a model whose weights or log-likelihoods are not finite (NaN/inf). The JSON records
-  ``status: "error"`` and the message, the command exits 0 (unless ``--fail-on-error``) and the
+  ``status: "error"`` and the message for that suite only, the other suites go on, the command exits 0 (unless ``--fail-on-error``) and the
   sweep goes on; the tables show the failure. A non-finite model is never given a score.
 """
 
@@ -36,6 +40,7 @@ import os
 import re
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +53,7 @@ log = logging.getLogger(__name__)
 #: the dtypes ``--dtype`` accepts (passed to ``from_pretrained``)
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 _BATCH_RE = re.compile(r"^(auto(:[1-9][0-9]*)?|[1-9][0-9]*)$")
-_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:[0-9]+)?)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 #: weight files that make a directory a checkpoint (one of them must exist)
 _WEIGHT_GLOBS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
@@ -91,7 +96,7 @@ def parse_batch_size(text: str | int) -> int | str:
 def check_arguments(*, device: str, dtype: str, limit: int | None, num_fewshot: int | None) -> None:
     """The arguments that need no import: device spelling, dtype, limit, few-shot count."""
     if not _DEVICE_RE.match(str(device)):
-        raise EvaluationError(f"--device {device!r}: unknown device (expected cpu, cuda, cuda:N or mps)")
+        raise EvaluationError(f"--device {device!r}: unknown device (expected auto, cpu, cuda, cuda:N or mps)")
     if dtype not in DTYPES:
         raise EvaluationError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if limit is not None and limit < 1:
@@ -281,6 +286,9 @@ def nonfinite_results(rows: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------ evaluate
 
 
+_DEFAULT_TM = None
+
+
 def _task_manager(tasks_dir: Path, suite: str, extra_tasks: list[str] | None):
     """(task -> split, TaskManager), every task name checked against lm-eval's index."""
     try:
@@ -289,7 +297,10 @@ def _task_manager(tasks_dir: Path, suite: str, extra_tasks: list[str] | None):
         raise EvaluationError(f"cannot import lm-eval ({_describe(e)})") from e
     if extra_tasks:
         task_splits = {t: "test" for t in extra_tasks}
-        tm = TaskManager()
+        global _DEFAULT_TM
+        if _DEFAULT_TM is None:  # indexing lm-eval's own tasks takes seconds: once per process
+            _DEFAULT_TM = TaskManager()
+        tm = _DEFAULT_TM
         unknown = [t for t in extra_tasks if t not in tm.all_tasks]
         if unknown:
             raise EvaluationError(f"--lm-eval-tasks: lm-eval has no task named {', '.join(unknown)}")
@@ -303,15 +314,35 @@ def _task_manager(tasks_dir: Path, suite: str, extra_tasks: list[str] | None):
     return task_splits, tm
 
 
-def load_model(model_dir: Path, *, dtype: str, device: str, batch_size: int | str):
-    """lm-eval's HF backend on the checkpoint; any failure to load is an :class:`EvaluationError`."""
+#: lm-eval model backends ``--backend`` accepts
+BACKENDS = ("hf", "vllm")
+
+
+def load_model(model_dir: Path, *, dtype: str, device: str, batch_size: int | str, backend: str = "hf"):
+    """lm-eval's HF backend (or its vLLM backend) on the checkpoint; any failure to load is an
+    :class:`EvaluationError`."""
+    if backend not in BACKENDS:
+        raise EvaluationError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        if not str(device).startswith("cuda"):
+            raise EvaluationError(f"--backend vllm runs on a GPU, but the device is {device}")
+        try:
+            import vllm  # noqa: F401
+            from lm_eval.models.vllm_causallms import VLLM
+        except ImportError as e:
+            raise EvaluationError("--backend vllm needs vLLM, an optional extra "
+                                  f"(pip install 'mergesweep[vllm]'): {_describe(e)}") from e
+        factory = lambda: VLLM(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size,  # noqa: E731
+                               trust_remote_code=False)
+    else:
+        try:
+            from lm_eval.models.huggingface import HFLM
+        except ImportError as e:
+            raise EvaluationError(f"cannot import lm-eval's HF backend ({_describe(e)})") from e
+        factory = lambda: HFLM(pretrained=str(model_dir), dtype=dtype, device=device,  # noqa: E731
+                               batch_size=batch_size, trust_remote_code=False)
     try:
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as e:
-        raise EvaluationError(f"cannot import lm-eval's HF backend ({_describe(e)})") from e
-    try:
-        return HFLM(pretrained=str(model_dir), dtype=dtype, device=device, batch_size=batch_size,
-                    trust_remote_code=False)
+        return factory()
     except Exception as e:
         if is_infrastructure(e):
             raise EvaluationError(f"--model {model_dir}: {_describe(e)} while loading the model "
@@ -319,76 +350,187 @@ def load_model(model_dir: Path, *, dtype: str, device: str, batch_size: int | st
         raise EvaluationError(f"--model {model_dir}: cannot load the checkpoint ({_describe(e)})") from e
 
 
-def evaluate(
+@dataclass(frozen=True)
+class SuiteRun:
+    """One suite as an evaluation job runs it: a generated suite (its task YAMLs in
+    ``tasks_dir``) or real lm-eval tasks (``lm_eval_tasks``), with the suite's few-shot count and
+    whether its tasks execute model-written code."""
+
+    name: str
+    tasks_dir: Path | None = None
+    lm_eval_tasks: tuple[str, ...] = ()
+    num_fewshot: int | None = None
+    unsafe_code: bool = False
+
+    def check(self) -> None:
+        """The cheap checks: a task source is given, a generated suite's task YAMLs are readable."""
+        if not self.lm_eval_tasks:
+            if self.tasks_dir is None:
+                raise EvaluationError(f"suite {self.name}: --tasks-dir or --lm-eval-tasks is required")
+            suite_tasks(Path(self.tasks_dir), self.name)
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise EvaluationError(f"suite {self.name}: num_fewshot {self.num_fewshot} must be 0 or more")
+
+
+#: the evaluation options a spec file may set (and their defaults)
+SPEC_OPTIONS = {"batch_size": 16, "device": "auto", "dtype": "float32", "limit": None, "log_samples": False,
+                "apply_chat_template": False, "backend": "hf"}
+
+
+def read_spec(path: str | os.PathLike) -> tuple[list[SuiteRun], dict]:
+    """An evaluation spec (written by the workflow from its plan; see docs/evaluate.md) ->
+    (suites in order, options). Every key is checked; errors name the file and key."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvaluationError(f"--spec {path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvaluationError(f"--spec {path}: cannot read ({_describe(e)})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("suites"), list) or not doc["suites"]:
+        raise EvaluationError(f"--spec {path}: expected an object with a non-empty 'suites' list")
+    unknown = set(doc) - {"suites", "options"}
+    if unknown:
+        raise EvaluationError(f"--spec {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    options = doc.get("options") or {}
+    bad = set(options) - set(SPEC_OPTIONS)
+    if not isinstance(options, dict) or bad:
+        raise EvaluationError(f"--spec {path}: options: unknown key(s) {', '.join(sorted(bad or ['?']))}")
+    runs, seen = [], set()
+    fields = {"name", "tasks_dir", "lm_eval_tasks", "num_fewshot", "unsafe_code"}
+    for i, s in enumerate(doc["suites"]):
+        key = f"--spec {path}: suites[{i}]"
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not s["name"]:
+            raise EvaluationError(f"{key}: expected an object with a 'name'")
+        if set(s) - fields:
+            raise EvaluationError(f"{key}: unknown key(s) {', '.join(sorted(set(s) - fields))}")
+        if s["name"] in seen:
+            raise EvaluationError(f"{key}: suite '{s['name']}' appears twice")
+        seen.add(s["name"])
+        tasks = s.get("lm_eval_tasks") or ()
+        if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+            raise EvaluationError(f"{key}.lm_eval_tasks: expected a list of task names")
+        runs.append(SuiteRun(s["name"], Path(s["tasks_dir"]) if s.get("tasks_dir") else None, tuple(tasks),
+                             s.get("num_fewshot"), bool(s.get("unsafe_code", False))))
+    return runs, {**SPEC_OPTIONS, **options}
+
+
+def evaluate(model_dir: str | os.PathLike, suite: str, tasks_dir: str | os.PathLike | None,
+             out: str | os.PathLike, *, extra_tasks: list[str] | None = None, num_fewshot: int | None = None,
+             confirm_run_unsafe_code: bool = False, **options) -> dict:
+    """One model on one suite: :func:`evaluate_suites` with a single suite."""
+    run = SuiteRun(suite, Path(tasks_dir) if tasks_dir else None, tuple(extra_tasks or ()), num_fewshot,
+                   confirm_run_unsafe_code)
+    return evaluate_suites(model_dir, [run], [out], **options)[0]
+
+
+def evaluate_suites(
     model_dir: str | os.PathLike,
-    suite: str,
-    tasks_dir: str | os.PathLike | None,
-    out: str | os.PathLike,
+    suites: list[SuiteRun],
+    outs: list[str | os.PathLike],
     *,
     batch_size: int | str = 16,
     device: str = "cpu",
     dtype: str = "float32",
     limit: int | None = None,
     log_samples: bool = False,
-    num_fewshot: int | None = None,
     apply_chat_template: bool = False,
-    extra_tasks: list[str] | None = None,
-    confirm_run_unsafe_code: bool = False,
-) -> dict:
-    """Run lm-eval for (model, suite) and write the result JSON atomically; return it.
+    backend: str = "hf",
+) -> list[dict]:
+    """Load the model once and run every suite on it; write each suite's result JSON atomically
+    (``outs[i]`` for ``suites[i]``) as soon as it is done; return the records.
 
-    Raises :class:`EvaluationError` (and writes nothing) when the evaluation cannot run; a
-    model- or task-level failure after the model loaded is returned (and written) with
-    ``status: "error"``.
+    Raises :class:`EvaluationError` when the evaluation cannot run: every cheap check (arguments,
+    the model directory, each suite's task YAMLs, lm-eval's task index) is made for *all* suites
+    before the model is loaded, and an infrastructure failure in any suite (out of memory, CUDA)
+    stops the job (the workflow retries it). A model- or task-level failure after the model loaded
+    is written for *that suite* with ``status: "error"`` and the other suites go on. A model whose
+    weights are not finite gets ``status: "error"`` in every suite.
     """
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir = Path(model_dir)
+    outs = [Path(o) for o in outs]
+    if len(outs) != len(suites) or not suites:
+        raise EvaluationError(f"{len(suites)} suite(s) but {len(outs)} --out path(s): give one output per suite")
     # ---- cheap checks first: no lm-eval, no model
     batch_size = parse_batch_size(batch_size)
-    check_arguments(device=device, dtype=dtype, limit=limit, num_fewshot=num_fewshot)
+    check_arguments(device=device, dtype=dtype, limit=limit, num_fewshot=None)
     check_model_dir(model_dir)
-    if not extra_tasks:
-        if tasks_dir is None:
-            raise EvaluationError("--tasks-dir or --lm-eval-tasks is required")
-        suite_tasks(Path(tasks_dir), suite)
+    for s in suites:
+        s.check()
     try:
         rec = read_record(model_dir, required=False)
     except RecordError as e:
         raise EvaluationError(str(e)) from e
     model_id = rec.model_id if rec else model_dir.name
 
+    # ---- lm-eval, task index, device, model: failures here are the machine's or the inputs'
+    t0 = time.time()
+    try:
+        managers = {s.name: _task_manager(Path(s.tasks_dir or "."), s.name, list(s.lm_eval_tasks) or None)
+                    for s in suites}
+        used_device = resolve(device)
+        lm = load_model(model_dir, dtype=dtype, device=used_device, batch_size=batch_size, backend=backend)
+    except EvaluationError:
+        raise
+    except Exception as e:
+        if is_infrastructure(e):
+            raise EvaluationError(f"evaluation of {model_dir}: {_describe(e)}") from e
+        raise
+    load_s = round(time.time() - t0, 3)
+    log.info("loaded %s on %s in %.1f s; %d suite(s)", model_id, used_device, load_s, len(suites))
+
+    # ---- the model is loaded: from here on a failure of the model or a task is recorded
+    bad = nonfinite_parameters(lm.model) if backend == "hf" else []  # vLLM: the log-likelihood guard only
+    weights_error = (f"the model's weights are not finite: {len(bad)} tensor(s) hold NaN/inf "
+                     f"(e.g. {', '.join(bad[:3])}); no score is given") if bad else None
+    guard_loglikelihoods(lm)
+    records = []
+    for i, (suite, out) in enumerate(zip(suites, outs), 1):
+        log.info("suite %d/%d: %s", i, len(suites), suite.name)
+        task_splits, tm = managers[suite.name]
+        records.append(_run_suite(lm, suite, task_splits, tm, out, model_dir=model_dir, model_id=model_id, rec=rec,
+                                  device=used_device, requested_device=device, batch_size=batch_size, limit=limit,
+                                  log_samples=log_samples, apply_chat_template=apply_chat_template,
+                                  weights_error=weights_error, load_s=load_s))
+    return records
+
+
+def resolve(device: str) -> str:
+    """The device a ``--device`` value means on this machine (``auto``: CUDA when this process
+    was given a GPU, else CPU; mergesweep.devices); an explicit device that is not there is an
+    :class:`EvaluationError`."""
+    from mergesweep.devices import resolve_device
+
+    try:
+        used = resolve_device(device, key=f"--device {device}")
+    except MergesweepError as e:
+        raise EvaluationError(str(e)) from e
+    check_device(used)
+    return used
+
+
+def _run_suite(lm, suite: SuiteRun, task_splits: dict, tm, out: Path, *, model_dir: Path, model_id: str, rec,
+               device: str, requested_device: str, batch_size, limit, log_samples: bool, apply_chat_template: bool,
+               weights_error: str | None, load_s: float) -> dict:
+    """Run one suite on the loaded model and write its JSON; a model/task failure is recorded."""
     t0 = time.time()
     record: dict[str, Any] = {
         "model_id": model_id,
-        "suite": suite,
+        "suite": suite.name,
         "status": "ok",
         "error": None,
         "model": rec.to_dict() if rec else {},
         "model_path": str(model_dir),
         "results": [],
         "device": device,
+        "requested_device": requested_device,
         "chat_template": bool(apply_chat_template),
         "log_samples": bool(log_samples),
         "versions": library_versions(),
     }
-    # ---- lm-eval, task index, device, model: failures here are the machine's or the inputs'
     try:
-        task_splits, tm = _task_manager(Path(tasks_dir) if tasks_dir else Path("."), suite, extra_tasks)
-        check_device(device)
-        lm = load_model(model_dir, dtype=dtype, device=device, batch_size=batch_size)
-    except EvaluationError:
-        raise
-    except Exception as e:
-        if is_infrastructure(e):
-            raise EvaluationError(f"evaluation of {model_dir} on {suite}: {_describe(e)}") from e
-        raise
-
-    # ---- the model is loaded: from here on a failure of the model or a task is recorded
-    try:
-        bad = nonfinite_parameters(lm.model)
-        if bad:
-            raise NonFiniteError(f"the model's weights are not finite: {len(bad)} tensor(s) hold NaN/inf "
-                                 f"(e.g. {', '.join(bad[:3])}); no score is given")
-        guard_loglikelihoods(lm)
+        if weights_error:
+            raise NonFiniteError(weights_error)
         import lm_eval
 
         raw = lm_eval.simple_evaluate(
@@ -399,13 +541,13 @@ def evaluate(
             device=device,
             limit=limit,
             log_samples=log_samples,
-            num_fewshot=num_fewshot,
+            num_fewshot=suite.num_fewshot,
             apply_chat_template=apply_chat_template,
-            confirm_run_unsafe_code=confirm_run_unsafe_code,
+            confirm_run_unsafe_code=suite.unsafe_code,
         )
         if raw is None:
             raise RuntimeError("lm_eval.simple_evaluate returned nothing")
-        rows = results_to_rows(raw, task_splits, suite)
+        rows = results_to_rows(raw, task_splits, suite.name)
         if not rows:
             raise RuntimeError("lm-eval returned no metrics for the suite's tasks")
         nonfinite = nonfinite_results(rows)
@@ -425,13 +567,14 @@ def evaluate(
             record["samples_file"] = str(samples_path)
     except Exception as e:
         if is_infrastructure(e) or isinstance(e, MergesweepError):
-            raise EvaluationError(f"evaluation of {model_dir} on {suite}: {_describe(e)}") from e
-        log.error("evaluation of %s on %s failed: %s", model_id, suite, e)
+            raise EvaluationError(f"evaluation of {model_dir} on {suite.name}: {_describe(e)}") from e
+        log.error("evaluation of %s on %s failed: %s", model_id, suite.name, e)
         record["status"] = "error"
         record["error"] = _one_line(f"{type(e).__name__}: {e}", 2000)
         record["traceback"] = traceback.format_exc(limit=5)
         record["results"] = []
     record["runtime_s"] = round(time.time() - t0, 3)
+    record["load_s"] = load_s
     record["peak_rss_mb"] = peak_rss_mb()
     write_json(out, record)
     return record
