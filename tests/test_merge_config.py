@@ -69,7 +69,7 @@ def test_load_merge_yaml_fills_defaults(family, tmp_path):
     cfg = load_merge_yaml(_write(tmp_path / "m.yaml", {
         "method": "ties", "base": str(base), "experts": [str(e) for e in experts],
         "params": {"density": {"expert1": 0.4}}}))
-    assert cfg["method"] == "ties" and cfg["device"] == "cpu" and cfg["vocab_policy"] == "error"
+    assert cfg["method"] == "ties" and cfg["device"] == "auto" and cfg["vocab_policy"] == "error"
     assert cfg["shard_size"] == "2GB" and cfg["dtype"] is None and cfg["align"] is None
 
 

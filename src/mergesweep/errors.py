@@ -11,3 +11,8 @@ class ConfigError(MergesweepError, ValueError):
 
 class MergeError(MergesweepError, ValueError):
     """A merge cannot proceed (shape mismatch, missing tensor, NaN, bad parameter)."""
+
+
+class DeviceError(ConfigError):
+    """A device or precision cannot be used on this machine (or is misspelled); the message names
+    the option and what the machine has (:mod:`mergesweep.devices`)."""

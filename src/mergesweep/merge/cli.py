@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "merge's model unless --force)")
     parser.add_argument("--force", action="store_true",
                         help="replace --out even if it holds another model or other files (never an input)")
-    parser.add_argument("--device", default=None, help="override the YAML's device (cpu, cuda)")
+    parser.add_argument("--device", default=None,
+                        help="override the YAML's device: auto (CUDA when this process was given a GPU, else CPU), "
+                             "cpu, cuda, cuda:N (the device never changes the model's id)")
     parser.add_argument("--dtype", default=None, help="override the YAML's output dtype")
     parser.add_argument("--model-id", default=None,
                         help="the id this merge must get (the workflow passes its plan's): the merge fails if the id "
@@ -201,8 +203,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         print(f"mergesweep merge: replacing {out} (--force)", file=sys.stderr)
     check_writable(out)
 
+    from mergesweep.devices import resolve_device
     from mergesweep.merge.tuning import tune_for_merge
 
+    # resolved once, here: the threads are tuned for, and the engine merges on, the same device
+    device = resolve_device(device, "--device" if args.device else "device")
     tune_for_merge(device, args.threads)  # process-wide: torch threads, glibc malloc
     from mergesweep.merge.engine import merge_checkpoints
 

@@ -7,7 +7,7 @@
     experts: [resources/checkpoints/math, resources/checkpoints/code]
     params: {density: 0.2, weight: {per_expert: [1.0, 0.5]}}
     dtype: bfloat16          # optional, default: the base's
-    device: cpu              # optional
+    device: auto             # optional: auto (CUDA when given a GPU, else CPU), cpu, cuda, cuda:N
     shard_size: 2GB          # optional
     vocab_policy: error      # optional: error | base | truncate
     tie_policy: error        # optional: error | allow (tied and untied lm_heads mixed)
@@ -33,7 +33,7 @@ from mergesweep.merge.spec import resolve_params
 
 KEYS = ("method", "base", "experts", "params", "dtype", "device", "shard_size", "vocab_policy", "tie_policy",
         "align", "expert_names")
-DEFAULTS = {"base": None, "params": {}, "dtype": None, "device": "cpu", "shard_size": DEFAULT_SHARD_SIZE,
+DEFAULTS = {"base": None, "params": {}, "dtype": None, "device": "auto", "shard_size": DEFAULT_SHARD_SIZE,
             "vocab_policy": "error", "tie_policy": "error", "align": None, "expert_names": None}
 
 

@@ -47,7 +47,7 @@ from mergesweep.merge.config import align_by_index
 from mergesweep.merge.io import PlannedShardWriter
 from mergesweep.merge.methods import get_method
 from mergesweep.merge.provenance import MergeIdentity, identify_merge, merged_record
-from mergesweep.merge.settings import DEFAULT_SHARD_SIZE, canonical_dtype, check_device, parse_size
+from mergesweep.merge.settings import DEFAULT_SHARD_SIZE, canonical_dtype, parse_size
 from mergesweep.merge.spec import MethodSpec, resolve_params
 from mergesweep.merge.statistics import whole_model_statistics
 from mergesweep.merge.streaming import Streaming, TensorLoader, nonfinite, prefetched
@@ -60,15 +60,12 @@ __all__ = ["merge_checkpoints", "parse_device", "parse_dtype"]
 
 
 def parse_device(value: Any, key: str = "device") -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) -> torch device; CUDA must
-    be available when asked for."""
-    check_device(value, key)
-    if value == "auto":
-        value = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(value)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}: {value!r} requested but CUDA is not available (torch.cuda.is_available() is False)")
-    return dev
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` -> torch device, resolved by
+    :func:`mergesweep.devices.resolve_device` (``auto``: CUDA when this process was given a GPU,
+    else CPU); a device this machine lacks is a DeviceError (a ConfigError) naming ``key``."""
+    from mergesweep.devices import resolve_device
+
+    return torch.device(resolve_device(value, key))
 
 
 @dataclass
@@ -255,6 +252,12 @@ def _checked(out: torch.Tensor, tp, spec: MethodSpec, rparams: dict) -> torch.Te
     return out
 
 
+def _hardware(device: torch.device) -> str:
+    from mergesweep.devices import device_summary
+
+    return device_summary(str(device))
+
+
 def _write_record_and_card(tmp: Path, opts: _Options, identity: MergeIdentity, plan: MergePlan, stats: dict,
                            out_dtype: torch.dtype, files: list[str], fingerprint: str, t0: float):
     from mergesweep.merge.card import render_model_card
@@ -263,6 +266,7 @@ def _write_record_and_card(tmp: Path, opts: _Options, identity: MergeIdentity, p
         identity, opts.spec.name, base=opts.base, experts=opts.experts, expert_names=opts.names,
         align=opts.align, fingerprint=fingerprint,
         settings={"dtype": dtype_name(out_dtype), "requested_dtype": opts.dtype, "device": str(opts.device),
+                  "hardware": _hardware(opts.device),
                   "vocab_policy": opts.vocab_policy, "tie_policy": opts.tie_policy, "shard_size": opts.shard_size},
         output={"files": files, "num_tensors": len(plan), "num_parameters": plan.num_parameters,
                 "statistics": stats or None},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from mergesweep import devices as _devices
 from mergesweep.errors import ConfigError
 
 #: canonical output dtype names, and the spellings accepted for each
@@ -23,8 +24,9 @@ DTYPES = {
 _DTYPE_ALIASES = {alias: name for name, aliases in DTYPES.items() for alias in aliases}
 #: what to do when inputs' vocabularies (embedding rows) differ
 VOCAB_POLICIES = ("error", "base", "truncate")
-#: devices a stage may be given; ``auto`` is CUDA when visible, else CPU
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+#: devices a stage may be given (``auto``: CUDA when this process was given a GPU, else CPU;
+#: see :mod:`mergesweep.devices`, which resolves them when the job runs)
+DEVICE_RE = _devices.DEVICE_RE
 DEFAULT_SHARD_SIZE = "2GB"
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -48,10 +50,10 @@ def check_vocab_policy(value: Any, key: str = "vocab_policy") -> str:
 
 
 def check_device(value: Any, key: str = "device") -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is there is checked when the job runs)."""
-    if not isinstance(value, str) or not DEVICE_RE.match(value):
-        raise ConfigError(f"{key}: {value!r} is not a device (auto, cpu, cuda, cuda:N)")
-    return value
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether the device is there is
+    checked when the job runs, by :func:`mergesweep.devices.resolve_device`). DeviceError (a
+    ConfigError) naming ``key`` otherwise."""
+    return _devices.check_device_spelling(value, key)
 
 
 def parse_size(value: int | str, key: str = "shard_size") -> int:

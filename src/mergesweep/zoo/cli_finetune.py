@@ -33,6 +33,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-embeddings", action="store_true", help="also train the (tied) embeddings")
     p.add_argument("--threads", type=int)
+    add_device_arguments(p)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision`` of the training commands (finetune, pretrain)."""
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when this process was given a GPU, else CPU), cpu, cuda, cuda:N or mps "
+                        "(default: auto). The device never changes the model's id")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 autocast on a CUDA device that supports it, else fp32), fp32 or bf16 "
+                        "(default: auto); weights are saved in float32 either way")
+
+
+def training_device(args: argparse.Namespace) -> tuple[str, object, dict]:
+    """``(device, autocast dtype or None, record entry)`` for ``--device``/``--precision``
+    (DeviceError naming the option when this machine lacks the device)."""
+    from mergesweep.devices import autocast_dtype, device_summary, precision_name, resolve_device
+
+    device = resolve_device(args.device, "--device")
+    autocast = autocast_dtype(device, args.precision, "--precision")
+    entry = {"device": device, "requested_device": args.device, "precision": precision_name(autocast),
+             "requested_precision": args.precision, "hardware": device_summary(device)}
+    log.info("training on %s, %s", entry["hardware"], entry["precision"])
+    return device, autocast, entry
 
 
 def load_model(path: Path):
@@ -67,13 +91,15 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not args.data.exists():
         raise ConfigError(f"{args.data}: training data not found")
+    device, autocast, hw = training_device(args)
     t0 = time.time()
     model, tok = load_model(args.base)
     base_rec = read_record(args.base, required=False)
     stored_dtype = getattr(torch, str(model.config.to_dict().get("dtype") or "float32").replace("torch.", ""), torch.float32)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       seed=args.seed, freeze_embeddings=not args.train_embeddings)
-    summary = train(model, tok, read_jsonl(args.data), cfg, desc=f"finetune {args.name}")
+    summary = train(model, tok, read_jsonl(args.data), cfg, desc=f"finetune {args.name}", device=device,
+                    autocast=autocast)
     record = ModelRecord(
         model_id=args.name, role="expert", stage="finetune", uid=args.uid, domain=args.domain,
         base=base_rec.model_id if base_rec else args.base.name,
@@ -81,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                 "base_fingerprint": base_rec.fingerprint if base_rec else None, "data": str(args.data),
                 "recipe": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                            "warmup": args.warmup, "seed": args.seed, "train_embeddings": args.train_embeddings}},
-        runtime_s=round(time.time() - t0, 2), extra={"train": summary},
+        runtime_s=round(time.time() - t0, 2), extra={"train": summary, "compute": hw},
     )
     save_model(model, tok, args.out, record, dtype=stored_dtype)
     log.info("expert %s written to %s", args.name, args.out)

@@ -8,6 +8,8 @@ import logging
 import time
 from pathlib import Path
 
+from mergesweep.zoo.cli_finetune import add_device_arguments
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--tokenizer-from", type=Path, help="reuse this checkpoint's tokenizer (same vocabulary across seeds)")
     p.add_argument("--threads", type=int)
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,12 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from mergesweep.record import ModelRecord
-    from mergesweep.zoo.cli_finetune import save_model
+    from mergesweep.zoo.cli_finetune import save_model, training_device
     from mergesweep.zoo.tiny import read_records, tiny_llama_config, train_tokenizer
     from mergesweep.zoo.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, autocast, hw = training_device(args)
     t0 = time.time()
     records = read_records(args.data_dirs)
     if args.tokenizer_from:
@@ -51,15 +55,15 @@ def run(args: argparse.Namespace) -> int:
                             kv_heads=args.kv_heads, intermediate=args.intermediate,
                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)  # initialised on the CPU from the seed whatever the device: same init everywhere
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=10, seed=args.seed,
                        freeze_embeddings=False, loss_on="all")
-    summary = train(model, tok, records, tcfg, desc=f"pretrain {args.name}")
+    summary = train(model, tok, records, tcfg, desc=f"pretrain {args.name}", device=device, autocast=autocast)
     record = ModelRecord(
         model_id=args.name, role="base", stage="pretrain", uid=args.uid,
         source={"type": "tiny", "seed": args.seed, "data": [str(d) for d in args.data_dirs],
                 "config": cfg.to_diff_dict()},
-        runtime_s=round(time.time() - t0, 2), extra={"train": summary},
+        runtime_s=round(time.time() - t0, 2), extra={"train": summary, "compute": hw},
     )
     save_model(model, tok, args.out, record)
     log.info("tiny base %s written to %s", args.name, args.out)

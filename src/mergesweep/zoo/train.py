@@ -9,10 +9,19 @@ Logits are computed only at the positions that carry loss (the LM head over a 49
 a fifth of SmolLM2-135M's forward cost), embeddings can be frozen (``freeze_embeddings``), and the
 optimiser is AdamW with linear warm-up then constant learning rate. Batches are drawn with a
 seeded generator, so a run is reproducible for a given thread count.
+
+Devices: ``device`` is a resolved device (:func:`mergesweep.devices.resolve_device`); the model
+and each batch are moved there, and with ``autocast`` (a dtype from
+:func:`mergesweep.devices.autocast_dtype`) the forward pass runs under ``torch.autocast`` (the
+weights, gradients and optimiser state stay float32). Batches are built and drawn on the CPU from
+the same seeded generator on every device, so a CUDA run sees the CPU run's batches in the same
+order; the model is back on the CPU, in float32, when :func:`train` returns. On the CPU without
+autocast the loop is exactly the CPU-only loop it always was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,9 +29,12 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
+
+from mergesweep.devices import precision_name
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +93,19 @@ def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.T
     return torch.nn.functional.cross_entropy(logits, nxt[sel])
 
 
-def train(model, tokenizer, records: list[dict], cfg: TrainConfig, desc: str = "train") -> dict:
-    """Train ``model`` in place on ``records``; return a summary (losses, tokens, seconds)."""
+def train(model, tokenizer, records: list[dict], cfg: TrainConfig, desc: str = "train", *,
+          device: str = "cpu", autocast: torch.dtype | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train ``model`` in place on ``records`` on ``device`` (resolved: ``cpu``, ``cuda``,
+    ``cuda:N``...), the forward pass autocast to ``autocast`` if given; return a summary (losses,
+    tokens, seconds, device, precision). ``on_step(step, loss)`` is called after every step (loss
+    curves). The model is on the CPU when this returns."""
     if not records:
         raise ValueError("no training records")
+    dev = torch.device(device)
+    on_cpu = dev.type == "cpu"
+    if not on_cpu:
+        model.to(dev)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -103,20 +124,34 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, desc: str = "
     for step in bar:
         batch = [encoded[rng.randrange(len(encoded))] for _ in range(cfg.batch_size)]
         ids, labels, mask = _batch(batch, pad_id)
-        loss = causal_lm_loss(model, ids, labels, mask)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
+        n_tokens = int(mask.sum())
+        if not on_cpu:
+            ids, labels, mask = (t.to(dev, non_blocking=True) for t in (ids, labels, mask))
+        with (torch.autocast(device_type=dev.type, dtype=autocast) if autocast is not None
+              else contextlib.nullcontext()):
+            loss = causal_lm_loss(model, ids, labels, mask)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{desc}: loss became {value} at step {step}")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(mask.sum())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(value)
+        tokens += n_tokens
+        bar.set_postfix(loss=f"{value:.3f}")
+        if on_step is not None:
+            on_step(step, value)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
+    if not on_cpu:
+        del opt, sched, params
+        model.to("cpu")
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
     seconds = time.time() - t0
     k = max(1, len(losses) // 10)
     summary = {
@@ -126,6 +161,9 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, desc: str = "
         "tokens": tokens,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "device": str(dev),
+        "precision": precision_name(autocast),
     }
-    log.info("%s: loss %.3f -> %.3f in %.1fs", desc, summary["loss_first"], summary["loss_last"], seconds)
+    log.info("%s: loss %.3f -> %.3f in %.1fs on %s (%s)", desc, summary["loss_first"], summary["loss_last"], seconds,
+             summary["device"], summary["precision"])
     return summary
