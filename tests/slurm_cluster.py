@@ -48,12 +48,14 @@ def skip_reason() -> str | None:
     return None
 
 
-def env() -> dict[str, str]:
-    """Environment for Snakemake runs: this venv first on PATH, the repo's src importable."""
+def env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Snakemake runs: this venv first on PATH, the repo's src importable
+    (``extra`` added last, e.g. ``XDG_CONFIG_HOME`` for an installed profile)."""
     e = dict(os.environ)
     e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}:/usr/sbin"
     e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), e.get("PYTHONPATH")]))
     e.pop("SNAKEMAKE_PROFILE", None)
+    e.update(extra or {})
     return e
 
 
@@ -142,7 +144,8 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 
 
 # -------------------------------------------------------------------------------------------------
-def snakemake_args(workdir: Path, *extra: str, profile: Path = PROFILE, fast: bool = True) -> list[str]:
+def snakemake_args(workdir: Path, *extra: str, profile: Path | str = PROFILE, fast: bool = True) -> list[str]:
+    """``profile``: a path, or the name of an installed profile (``slurm``)."""
     args = [*SNAKEMAKE, "--profile", str(profile), "--directory", str(workdir),
             "--snakefile", str(workdir / "Snakefile")]
     if fast:
@@ -150,11 +153,12 @@ def snakemake_args(workdir: Path, *extra: str, profile: Path = PROFILE, fast: bo
     return args + list(extra)
 
 
-def run_snakemake(workdir: Path, *extra: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def run_snakemake(workdir: Path, *extra: str, timeout: float = 300, extra_env: dict | None = None,
+                  cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
     log = workdir / f"snakemake.{int(time.time() * 1000)}.log"
     with open(log, "w") as f:
         proc = subprocess.run(snakemake_args(workdir, *extra, **kw), stdout=f, stderr=subprocess.STDOUT,
-                              env=env(), cwd=workdir, timeout=timeout)
+                              env=env(extra_env), cwd=cwd or workdir, timeout=timeout)
     proc.log = log.read_text()  # type: ignore[attr-defined]
     return proc
 
@@ -329,6 +333,27 @@ rule step:
     output: "out/s{i}.txt"
     params: seconds=lambda wc: 1 if int(wc.i) in QUICK else 15
     shell: "echo s{wildcards.i} ${{SLURM_JOB_ID:-local}} >> runs.log; echo start > {output}; sleep {params.seconds}; echo DONE >> {output}"
+'''
+
+GPU_CPU = r'''
+# one stage that asks for a GPU, one that asks for none and two threads: each job writes what it saw
+rule all:
+    input: "out/gpu.txt", "out/cpu.txt"
+
+SEEN = ("echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}} > {output}; "
+        "echo SLURM_CPUS_PER_TASK=${{SLURM_CPUS_PER_TASK-unset}} >> {output}; "
+        "echo SLURM_JOB_ID=${{SLURM_JOB_ID-unset}} >> {output}")
+
+rule gpu_stage:
+    output: "out/gpu.txt"
+    resources: gpu=1, runtime=5, mem_mb=300
+    shell: SEEN
+
+rule cpu_stage:
+    output: "out/cpu.txt"
+    threads: 2
+    resources: gpu=0, runtime=5, mem_mb=300
+    shell: SEEN
 '''
 
 SLEEPERS = r'''

@@ -1,8 +1,10 @@
-"""Stopping Snakemake on the real single-node SLURM cluster (.ci/slurm/up.sh).
+"""Stopping Snakemake, and GPUs asked for = GPUs used, on the real single-node SLURM cluster
+(.ci/slurm/up.sh).
 
 Throwaway workflows from ``slurm_cluster`` run through ``profiles/slurm``: Ctrl-C cancels what was
 submitted; a Snakemake killed with SIGKILL and started again cancels the dead run's orphans and
-finishes without redoing finished jobs.
+finishes without redoing finished jobs. Through the installed profile (``snakemake --profile
+slurm``): a GPU stage gets and sees exactly its GPU, a CPU stage none, and CPUs = threads (sacct).
 """
 
 from __future__ import annotations
@@ -64,3 +66,53 @@ def test_killed_snakemake_restarts_without_redoing_finished_jobs(slurm, tmp_path
     assert all(counts[s] == 1 for s in finished_before), counts
     assert all(counts[p.stem] == 2 for p in partial), counts
     assert all((workdir / "out" / f"s{i}.txt").read_text().endswith("DONE\n") for i in range(6))
+
+
+def _tres(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+
+
+def _seen(path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+
+def test_gpus_asked_for_are_gpus_used(slurm, tmp_path, monkeypatch):
+    """A stage asking one GPU gets exactly that (sacct) and sees it (CUDA_VISIBLE_DEVICES); a stage
+    asking none gets none and sees none, even with a CUDA_VISIBLE_DEVICES leaking from the
+    submitting shell; CPUs = threads. Run as a cluster user types it, from the repository root,
+    through the installed profile: ``mergesweep profile install slurm`` then
+    ``snakemake --profile slurm``."""
+    from mergesweep.profile import install
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    path, status = install("slurm", partition="debug", account="ci")
+    assert status == "installed" and path.is_relative_to(tmp_path / "xdg")
+
+    since = dt.datetime.now() - dt.timedelta(seconds=1)
+    workdir = sc.write_workflow(tmp_path / "wf", sc.GPU_CPU)
+    proc = sc.run_snakemake(workdir, profile="slurm", cwd=sc.REPO, timeout=240,
+                            extra_env={"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "CUDA_VISIBLE_DEVICES": "7"})
+    assert proc.returncode == 0, proc.log[-4000:]
+    assert "Using profiles slurm" in proc.log
+
+    def done():
+        rows = sc.Cluster.sacct(since, workdir=workdir)
+        return rows if sorted(r["State"] for r in rows) == ["COMPLETED", "COMPLETED"] else None
+
+    rows = sc.wait_for(done, 30, "both jobs COMPLETED in sacct")
+    [gpu] = sc.by_name(rows, "smk-gpu_stage")
+    [cpu] = sc.by_name(rows, "smk-cpu_stage")
+    for row in (gpu, cpu):
+        assert (row["Partition"], row["Account"]) == ("debug", "ci"), row  # from the installed profile
+    assert _tres(gpu["ReqTRES"]).get("gres/gpu") == "1" and _tres(gpu["AllocTRES"]).get("gres/gpu") == "1", gpu
+    assert _tres(gpu["AllocTRES"])["cpu"] == "1", gpu
+    assert "gres/gpu" not in _tres(cpu["ReqTRES"]) and "gres/gpu" not in _tres(cpu["AllocTRES"]), cpu
+    assert _tres(cpu["AllocTRES"])["cpu"] == "2", cpu  # threads: 2
+
+    seen_gpu, seen_cpu = _seen(workdir / "out" / "gpu.txt"), _seen(workdir / "out" / "cpu.txt")
+    assert seen_gpu["SLURM_JOB_ID"] == gpu["JobIDRaw"] and seen_cpu["SLURM_JOB_ID"] == cpu["JobIDRaw"]
+    assert seen_gpu["CUDA_VISIBLE_DEVICES"] in {"0", "1", "2", "3"}, seen_gpu  # SLURM's, not the leaked 7
+    # no GPU visible to a CPU stage: the executor sets it empty for jobs that asked none (this
+    # SLURM would unset it; one without a GPU plugin on the node would pass the shell's 7 on)
+    assert seen_cpu["CUDA_VISIBLE_DEVICES"] == "", seen_cpu
+    assert (seen_gpu["SLURM_CPUS_PER_TASK"], seen_cpu["SLURM_CPUS_PER_TASK"]) == ("1", "2")

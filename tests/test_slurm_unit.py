@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster as sc
-from mergesweep.executor.backend import JobRegistry, SubmititBackend
+from mergesweep.executor.backend import JobRegistry, SubmititBackend, parse_sacct
 from mergesweep.executor.command import CommandFailed, ShellCommand
 from mergesweep.executor.request import ExecutorError, JobRequest, parse_sbatch_options
 
@@ -121,23 +121,88 @@ def test_jobs_with_one_request_become_one_array(fake_slurm):
 
 
 def test_poll_reads_sacct_once_and_trusts_squeue_over_stale_failures(fake_slurm):
-    import submitit
-
-    submitit.SlurmExecutor.job_class.watcher.clear()
     backend = SubmititBackend(fake_slurm / "logs", cluster="slurm")
     req = JobRequest.from_resources("smk-a", {"runtime": 5})
-    handles = backend.submit(_items(3, req))  # array 100, tasks 0..2
+    handles = backend.submit(_items(3, req)) + backend.submit(_items(2, req))  # arrays 100 and 101
     (fake_slurm / "sacct.out").write_text(
-        "JobID|State|NodeList\n100_0|RUNNING|n1\n100_1|PREEMPTED|n1\n100_2|CANCELLED by 0|n1\n")
+        "100_0|RUNNING\n100_0.batch|RUNNING\n100_1|PREEMPTED\n100_2|CANCELLED by 0\n"
+        "101_[0-1%1000]|PENDING\n")
     (fake_slurm / "squeue.out").write_text("100_0\n100_1\n")  # 100_1 was requeued after preemption
     status = backend.poll(handles)
     kinds = [status[id(h)].kind for h in handles]
-    assert kinds == ["active", "active", "failed"]
+    assert kinds == ["active", "active", "failed", "active", "active"]
+    assert [status[id(h)].state for h in handles[3:]] == ["PENDING", "PENDING"]
     assert "CANCELLED" in status[id(handles[2])].message
-    calls = (fake_slurm / "calls").read_text()
-    assert calls.count("sacct ") == 1 and calls.count("squeue ") == 1
+    calls = (fake_slurm / "calls").read_text().splitlines()
+    assert [c for c in calls if c.startswith("sacct")] == ["sacct -X -n -P -o JobID,State -j 100,101"]
+    assert sum(c.startswith("squeue") for c in calls) == 1
+    # a requeued job is asked about again at the next poll (no cached final state)
+    (fake_slurm / "sacct.out").write_text("100_1|RUNNING\n")
+    assert backend.poll(handles[1:2])[id(handles[1])].state == "RUNNING"
     backend.cancel(handles[:2])
     assert "scancel 100_0 100_1" in (fake_slurm / "calls").read_text()
+
+
+def test_poll_keeps_the_last_state_while_sacct_fails(fake_slurm):
+    backend = SubmititBackend(fake_slurm / "logs", cluster="slurm")
+    [handle] = backend.submit(_items(1, JobRequest.from_resources("smk-a", {})))
+    (fake_slurm / "sacct.out").write_text("100|RUNNING\n")
+    assert backend.poll([handle])[id(handle)].state == "RUNNING"
+    (fake_slurm / "bin" / "sacct").write_text("#!/bin/bash\necho 'sacct: error: db down' >&2; exit 1\n")
+    status = backend.poll([handle])[id(handle)]
+    assert (status.kind, status.state) == ("active", "RUNNING")
+
+
+def test_parse_sacct_expands_arrays_and_skips_steps():
+    text = "JobID|State\n7|COMPLETED\n7.batch|COMPLETED\n8_3|RUNNING\n9_[0-2,5%4]|PENDING\n10_[4]|PENDING\n"
+    assert parse_sacct(text) == {
+        "7": "COMPLETED", "8_3": "RUNNING", "9_0": "PENDING", "9_1": "PENDING", "9_2": "PENDING",
+        "9_5": "PENDING", "10_4": "PENDING"}
+
+
+def test_jobs_without_gpus_see_no_gpu(fake_slurm):
+    """SLURM sets CUDA_VISIBLE_DEVICES for jobs given GPUs; others must not inherit one from the
+    submitting shell (sbatch exports the environment)."""
+    backend = SubmititBackend(fake_slurm / "logs", cluster="slurm")
+    cpu = JobRequest.from_resources("smk-a", {"gpu": 0})
+    for gpu in (JobRequest.from_resources("smk-b", {"gpu": 1}),
+                JobRequest.from_resources("smk-c", {"gres": "gpu:1"}),
+                JobRequest.from_resources("smk-d", {"slurm_extra": "--gpus=2"})):
+        assert gpu.asks_gpu and "CUDA_VISIBLE_DEVICES" not in backend._command("k", "true", gpu, "x").env
+    assert not cpu.asks_gpu
+    assert backend._command("k", "true", cpu, "x").env == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def private_api_uses(files) -> list[str]:
+    """Private attributes of objects the code does not own (``ex._throttling``,
+    ``watcher._registered``...), submitit's watcher, and imports from submitit's inner modules
+    (other than the exception a job's ``exception()`` returns)."""
+    import ast
+
+    problems, used, defined = [], {}, set()
+    for path in files:
+        tree = ast.parse(Path(path).read_text())
+        for node in ast.walk(tree):
+            where = f"{Path(path).name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                used.setdefault(node.attr, where)
+                if isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                    defined.add(node.attr)  # the code's own attribute
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            if isinstance(node, ast.Attribute) and node.attr == "watcher":
+                problems.append(f"{where}: submitit's watcher")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("submitit."):
+                if node.module != "submitit.core.utils" or [a.name for a in node.names] != ["UncompletedJobError"]:
+                    problems.append(f"{where}: imports from {node.module}")
+    problems += [f"{where}: .{name}" for name, where in used.items() if name not in defined]
+    return problems
+
+
+def test_executor_uses_no_private_submitit_api():
+    files = [*(sc.REPO / "src" / "mergesweep" / "executor").glob("*.py"),
+             sc.REPO / "src" / "snakemake_executor_plugin_submitit" / "__init__.py"]
+    assert private_api_uses(files) == []
 
 
 # -- submitit's checkpoint protocol --------------------------------------------------------------

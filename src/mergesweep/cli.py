@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "aggregate": ("mergesweep.aggregate.cli", "collect evaluation JSONs into results/tables/scores.parquet"),
     "lmc-table": ("mergesweep.aggregate.lmc", "collect linear-mode-connectivity results into a parquet table"),
     "leaderboard": ("mergesweep.aggregate.cli_leaderboard", "regenerate tables, leaderboard and report from scores.parquet"),
+    "profile": ("mergesweep.profile", "install a repository profile as a named Snakemake profile (snakemake --profile slurm)"),
 }
 
 

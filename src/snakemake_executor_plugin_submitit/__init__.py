@@ -2,9 +2,10 @@
 
 Use with ``snakemake --executor submitit`` (the repository's ``profiles/slurm`` does this).
 Snakemake keeps what it is good at: the DAG, scheduling, ``retries`` with ``attempt``-dependent
-resources, incomplete-output tracking. submitit does the cluster side: sbatch scripts, job arrays,
-status polling through ``sacct``, requeueing on its checkpoint signal, and the local executor
-for a workstation. The cluster half lives in :mod:`mergesweep.executor` (no Snakemake imports).
+resources, incomplete-output tracking. submitit does the cluster side through its public API:
+sbatch scripts, job arrays, requeueing on its checkpoint signal, and the local executor for a
+workstation; the status of all jobs comes from one ``sacct`` call per check. The cluster half
+lives in :mod:`mergesweep.executor` (no Snakemake imports).
 
 Each scheduling round, the jobs Snakemake hands over (``run_jobs``) are grouped by rule and
 cluster resources; each group becomes one job array. See ``docs/slurm.md``.

@@ -6,11 +6,17 @@ This is the cluster half of the ``submitit`` Snakemake executor plugin
 * :meth:`SubmititBackend.submit` takes ``(key, command, JobRequest)`` items, groups them by
   request signature and submits each group as one job array (``executor.batch()``), at most
   ``array_max_size`` tasks per array.
-* :meth:`SubmititBackend.poll` asks SLURM once (submitit's ``sacct`` watcher) about every job and
-  says which are active, done or failed.
+* :meth:`SubmititBackend.poll` asks SLURM once (one ``sacct`` call, :func:`sacct_states`) about
+  every job and says which are active, done or failed.
 * :meth:`SubmititBackend.cancel` cancels jobs with one ``scancel``.
 * :class:`JobRegistry` remembers submitted, unfinished jobs on disk, so that a run that was
   killed without cancelling its jobs can have them cancelled by the next run.
+
+Only submitit's public API is used (pinned in pyproject.toml): ``SlurmExecutor`` /
+``LocalExecutor`` with ``update_parameters``, ``batch()`` and ``submit``; a job's ``job_id``,
+``paths``, ``state`` (local jobs), ``exception()`` and ``cancel``; ``helpers.Checkpointable`` and
+``helpers.DelayedSubmission`` in :mod:`mergesweep.executor.command`. SLURM states come from our
+own ``sacct`` call, not from submitit's watcher.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import submitit
-from submitit.core import utils as submitit_utils
 
 from mergesweep.executor.command import ShellCommand
 from mergesweep.executor.request import ExecutorError, JobRequest, parse_sbatch_options
@@ -61,6 +66,7 @@ class Handle:
     array_size: int
     submitted_at: float = dataclasses.field(default_factory=time.time)
     unknown_since: float | None = None
+    last_state: str = "PENDING"  # what sacct said last (kept while sacct cannot be asked)
 
     @property
     def job_id(self) -> str:
@@ -150,7 +156,8 @@ class SubmititBackend:
             if extra:
                 params["additional_parameters"] = extra
             ex.update_parameters(**params)
-            ex._throttling = 0.0  # submitit sleeps 0.2 s between sbatch calls by default
+            # (submitit sleeps 0.2 s between two sbatch calls of one executor; every array gets a
+            # fresh executor here, so that pause never applies)
         else:
             ex = submitit.LocalExecutor(folder=folder, max_num_timeout=10**6, python=self.python)
             params = request.local_parameters()
@@ -160,10 +167,15 @@ class SubmititBackend:
             if self.setup:
                 params["setup"] = list(self.setup)
             ex.update_parameters(**params)
-            ex._throttling = 0.0
         return ex
 
     def _command(self, key: Any, command: str, request: JobRequest, label: str) -> ShellCommand:
+        env = {}
+        if self.cluster == "slurm" and not request.asks_gpu:
+            # SLURM sets CUDA_VISIBLE_DEVICES for jobs given GPUs; a job that asked for none must
+            # not use one of another job's through a value leaked from the submitting shell
+            # (sbatch exports it). Empty hides every GPU, as submitit's LocalExecutor does.
+            env["CUDA_VISIBLE_DEVICES"] = ""
         return ShellCommand(
             command,
             self.cwd,
@@ -171,6 +183,7 @@ class SubmititBackend:
             time_min=request.time_min,
             signal_delay_s=self.signal_delay_s,
             timeout_requeues=self.timeout_requeues,
+            env=env,
         )
 
     def submit(self, items: Iterable[tuple[Any, str, JobRequest, str]]) -> list[Handle]:
@@ -209,8 +222,9 @@ class SubmititBackend:
             else:
                 with ex.batch():
                     jobs = [ex.submit(fn) for fn in fns]
-        except (subprocess.CalledProcessError, submitit_utils.FailedJobError,
-                submitit_utils.FailedSubmissionError, OSError) as e:
+        except (subprocess.SubprocessError, OSError, RuntimeError) as e:
+            # sbatch's own error (CalledProcessError), or submitit's submission errors
+            # (RuntimeError subclasses)
             raise ExecutorError(
                 f"sbatch refused {len(fns)} job(s) of {request.name!r} ({request.describe()}): "
                 f"{_error_text(e)}"
@@ -250,36 +264,37 @@ class SubmititBackend:
         out: dict[int, Status] = {}
         if not handles:
             return out
-        if self.cluster == "slurm":
-            watcher = handles[0].job.watcher
-            for h in handles:  # make sure all are registered (also after a restart)
-                if h.job_id not in watcher._registered:
-                    watcher.register_job(h.job_id)
-            watcher.update()
-        for h in handles:
-            out[id(h)] = self._status(h)
-        if self.cluster == "slurm":
+        if self.cluster == "local":
+            for h in handles:
+                out[id(h)] = self._local_status(h)
+        else:
+            states = sacct_states(h.job_id for h in handles)
+            if states is None:
+                log.warning("sacct failed; keeping the last known state of %d job(s)", len(handles))
+            for h in handles:
+                out[id(h)] = self._slurm_status(h, None if states is None else states.get(h.job_id, "UNKNOWN"))
             # sacct reports PREEMPTED/NODE_FAIL/... for a while after SLURM requeued the job
             # (and REQUEUED is not final either): a job still in squeue is not over.
             doubtful = [h for h in handles if out[id(h)].kind == "failed" and out[id(h)].state in FAILED_STATES]
             queued = squeue_ids(h.job_id for h in doubtful) if doubtful else set()
             for h in doubtful:
                 if queued is None or h.job_id in queued:
-                    h.job.watcher._finished.discard(h.job_id)  # make submitit ask again
                     out[id(h)] = Status("active", out[id(h)].state + " (requeued)")
         for h in handles:
             if out[id(h)].kind != "active":
                 self._release(h)
         return out
 
-    def _status(self, h: Handle) -> Status:
-        if self.cluster == "local":
-            state = h.job.state
-            if state == "RUNNING":
-                return Status("active", state)
-            return self._outcome(h, state)
-        raw = h.job.watcher.get_state(h.job_id, mode="cache")
-        state = raw.split()[0].upper().rstrip("+") if raw else "UNKNOWN"
+    def _local_status(self, h: Handle) -> Status:
+        state = h.job.state
+        if state == "RUNNING":
+            return Status("active", state)
+        return self._outcome(h, state)
+
+    def _slurm_status(self, h: Handle, raw: str | None) -> Status:
+        if raw is None:  # sacct could not be asked
+            return Status("active", h.last_state)
+        state = raw.split()[0].upper().rstrip("+") if raw.strip() else "UNKNOWN"
         if state == "UNKNOWN":
             # not in the accounting database yet (or no accounting): trust a result file
             if h.job.paths.result_pickle.exists() and not _in_squeue(h.job_id):
@@ -290,6 +305,7 @@ class SubmititBackend:
                 return Status("failed", state, f"SLURM lost track of job {h.job_id} (not in sacct nor squeue)")
             return Status("active", state)
         h.unknown_since = None
+        h.last_state = state
         if state in ACTIVE_STATES:
             return Status("active", state)
         if state == "COMPLETED":
@@ -297,14 +313,14 @@ class SubmititBackend:
         return Status("failed", state, self._failure_message(h, raw))
 
     def _outcome(self, h: Handle, state: str) -> Status:
-        path = h.job.paths.result_pickle
-        if not path.exists():
+        """Success or failure of a job that is over, from submitit's result file."""
+        if not h.job.paths.result_pickle.exists():
             return Status("failed", state, self._failure_message(h, f"{state}, no result file"))
         try:
-            outcome, _ = submitit_utils.pickle_load(path)
-        except Exception as e:  # truncated/corrupt pickle
+            error = h.job.exception()  # None on success; returns at once: the result file is there
+        except Exception as e:  # truncated/corrupt result file
             return Status("failed", state, self._failure_message(h, f"{state}, unreadable result ({e})"))
-        if outcome == "success":
+        if error is None:
             return Status("success", state)
         return Status("failed", state, self._failure_message(h, f"{state}, command failed"))
 
@@ -351,6 +367,57 @@ def scancel(job_ids: Iterable[str], timeout: float = 60.0) -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning("scancel of %d job(s) failed: %s", len(chunk), e)
+
+
+def sacct_states(job_ids: Iterable[str], timeout: float = 60.0) -> dict[str, str] | None:
+    """SLURM state of each job (``123`` or array task ``123_4``) from ``sacct``; ``None`` if it failed.
+
+    One ``sacct`` call per 500 distinct job (array) ids: ``sacct -X -n -P -o JobID,State -j ...``.
+    Tasks of an array not yet started are reported as a range (``123_[0-7%4]``) and expanded.
+    Jobs sacct does not know (yet) are missing from the result. States are sacct's text
+    (``CANCELLED by 0``, ``COMPLETED``...).
+    """
+    mains = sorted({str(j).split("_")[0] for j in job_ids})
+    states: dict[str, str] = {}
+    for start in range(0, len(mains), 500):
+        chunk = mains[start : start + 500]
+        cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(chunk)]
+        try:
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            log.debug("sacct failed: %s", e)
+            return None
+        states.update(parse_sacct(out))
+    return states
+
+
+def parse_sacct(text: str) -> dict[str, str]:
+    """``{job id: state}`` from ``sacct -P -o JobID,State`` lines (a header line is skipped)."""
+    states: dict[str, str] = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) < 2 or not fields[0] or fields[0] == "JobID" or "." in fields[0]:
+            continue  # empty, the header, or a job step (123.batch)
+        for job_id in _expand_job_id(fields[0]):
+            states[job_id] = fields[1].strip()
+    return states
+
+
+def _expand_job_id(text: str) -> list[str]:
+    """``123`` -> [123]; ``123_4`` -> [123_4]; ``123_[0-2,5%4]`` -> [123_0, 123_1, 123_2, 123_5]."""
+    main, sep, rest = text.partition("_")
+    if not sep:
+        return [main]
+    if not rest.startswith("["):
+        return [text]
+    ids = []
+    for part in rest.strip("[]").split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        try:
+            ids.extend(f"{main}_{i}" for i in range(int(low), int(high or low) + 1))
+        except ValueError:
+            log.debug("unreadable sacct job id %r", text)
+    return ids
 
 
 def squeue_ids(job_ids: Iterable[str] | None = None) -> set[str] | None:

@@ -34,6 +34,9 @@ RESOURCE_NAMES = {
     "slurm_extra": "extra sbatch options, e.g. '--reservation=x --exclusive'",
 }
 
+#: sbatch options (in ``slurm_extra``) that ask for GPUs
+GPU_OPTIONS = {"gpus", "gres", "gpus-per-node", "gpus-per-task", "gpus-per-socket"}
+
 
 class ExecutorError(MergesweepError):
     """A job cannot be submitted (bad resource value, submission refused)."""
@@ -158,6 +161,13 @@ class JobRequest:
             gres=gres,
             extra=tuple(sorted(extra.items())),
         )
+
+    @property
+    def asks_gpu(self) -> bool:
+        """Whether SLURM is asked for GPUs (``gpu``, ``gres`` or a GPU option in ``slurm_extra``)."""
+        if self.gpus or self.gres:
+            return True
+        return any(key in GPU_OPTIONS for key, _ in self.extra)
 
     def signature(self) -> "JobRequest":
         """Jobs with equal signatures can be tasks of one array (the request is its own key)."""
