@@ -201,7 +201,7 @@ def test_nothing_to_redo_then_only_new_jobs(run, tmp_path):
     new_cfg = work / "tiny_plus.yaml"
     new_cfg.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(work, new_cfg, "-n").stdout)
-    assert jobs.get("merge") == 1 and jobs.get("evaluate_merged") == len(run["plan"].suites), jobs
+    assert jobs.get("merge") == 1 and jobs.get("evaluate_merged") == 1, jobs  # one job: every suite
     for rule in ("finetune", "pretrain_base", "make_data", "evaluate"):
         assert rule not in jobs, jobs
 

@@ -128,7 +128,7 @@ def test_missing_optional_sections_get_schema_defaults(cfg):
     assert plan.data_sizes("arithmetic") == {"train": 2000, "validation": 32, "test": 64}
     assert plan.data_sizes("capitals") == {"train": 0, "validation": 20, "test": 40}
     assert plan.experts["tiny-reverse"].recipe["steps"] == 60
-    assert plan.merge_settings == {"device": "cpu", "dtype": None, "shard_size": "2GB", "vocab_policy": "error",
+    assert plan.merge_settings == {"device": "auto", "dtype": None, "shard_size": "2GB", "vocab_policy": "error",
                                    "tie_policy": "error"}
     assert plan.evaluation["batch_size"] == 16 and plan.threads == 2
 

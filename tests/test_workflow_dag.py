@@ -28,8 +28,75 @@ def test_default_config_dag(tmp_path):
     out = proc.stdout
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
     assert jobs["fetch"] == "1" and jobs["finetune"] == "3" and jobs["leaderboard"] == "1", jobs
-    # 4 suites x (1 base + 3 experts + 3 merges)
+    # one evaluation job per model (every suite in it): 1 base + 3 experts, 8 merged models
+    assert int(jobs["evaluate"]) == 4 and int(jobs["evaluate_merged"]) == 8, jobs
+    assert int(jobs["merge"]) == 8 and len({m for m in re.findall(r"^rule merge:", out, re.M)}) == 1
+    # the disk a sweep needs, before it starts
+    assert re.search(r"disk: 8 merged model\(s\) x 0\.54 GB = 4\.30 GB kept \(keep_models: all\)", proc.stderr) \
+        or "base not fetched yet" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_per_suite_jobs_are_an_option(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/presets/tiny.yaml").read_text())
+    cfg["evaluation"]["jobs"] = "per_suite"
+    proc = dry_run(tmp_path, cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
+    # 4 suites x (1 base + 3 experts) and 4 suites x 3 merged models
     assert int(jobs["evaluate"]) == 16 and int(jobs["evaluate_merged"]) == 12, jobs
+    assert "logs/evaluate_suite/tiny-base/capitals.log" in proc.stdout
+
+
+def _resources(stdout: str) -> dict:
+    """rule -> the resources of its first job in a dry run's listing."""
+    out = {}
+    for block in re.split(r"\n(?=\[.*\]\n(?:local)?rule )", stdout):
+        m = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        r = re.search(r"^\s+resources: (.*)$", block, re.M)
+        t = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        if m and r and m.group(1) not in out:
+            res = dict(kv.split("=", 1) for kv in r.group(1).split(", "))
+            res["threads"] = t.group(1) if t else "1"
+            out[m.group(1)] = res
+    return out
+
+
+def test_rules_ask_for_what_their_stage_uses(tmp_path):
+    """GPUs follow the stages' devices (auto: training and evaluation ask for one, merge does
+    not; cpu: none); time and memory grow with the base's size; config overrides win."""
+    cfg = yaml.safe_load((REPO / "config/presets/tiny.yaml").read_text())
+    res = _resources(dry_run(tmp_path, cfg).stdout)
+    assert res["pretrain_base"]["gpu"] == "1" and res["finetune"]["gpu"] == "1" and res["evaluate"]["gpu"] == "1"
+    assert res["make_data"]["gpu"] == "0" and res["merge"]["gpu"] == "0" and res["aggregate"]["gpu"] == "0"
+    assert res["merge"]["threads"] == "1" and res["finetune"]["threads"] == str(cfg["threads"])
+    tiny_eval_runtime = int(res["evaluate"]["runtime"])
+
+    cfg["evaluation"]["device"] = "cpu"
+    cfg["training"] = {"device": "cpu"}
+    cfg["merge"]["device"] = "cuda"
+    cfg["resources"] = {"merge": {"runtime": 7, "threads": 2}, "finetune": {"mem_mb": 1234}}
+    res = _resources(dry_run(tmp_path, cfg).stdout)
+    assert res["evaluate"]["gpu"] == "0" and res["finetune"]["gpu"] == "0" and res["merge"]["gpu"] == "1"
+    assert res["merge"]["runtime"] == "7" and res["merge"]["threads"] == "2"  # (dry run: at most --cores)
+    assert res["finetune"]["mem_mb"] == "1234"
+
+    # the default's base (SmolLM2, 135M parameters) asks for more time than the tiny one
+    default = _resources(dry_run(tmp_path / "default").stdout)
+    assert int(default["evaluate"]["runtime"]) > tiny_eval_runtime
+
+
+@pytest.mark.parametrize("resources, message", [
+    ({"merge": {"gpu": 1}}, "resources.merge.gpu: 1, but merge.device is"),
+    ({"make_data": {"gpu": 1}}, "resources.make_data.gpu: 1, but the make_data stage runs on CPU only"),
+    ({"evaluate": {"gpus": 1}}, "resources.evaluate.gpus: unknown key"),
+    ({"merge": {"runtime": 0}}, "resources.merge.runtime"),
+])
+def test_bad_resources_are_named(tmp_path, resources, message):
+    cfg = yaml.safe_load((REPO / "config/presets/tiny.yaml").read_text())
+    cfg["merge"]["device"] = "cpu"
+    cfg["resources"] = resources
+    proc = dry_run(tmp_path, cfg)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
 
 
 def test_tiny_config_dag(tmp_path):

@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     "methods": ("mergesweep.merge.cli_methods", "list merge methods, parameters, defaults and papers"),
     "align": ("mergesweep.align.cli", "permutation-align a model onto a reference"),
     "lmc": ("mergesweep.align.cli_lmc", "linear mode connectivity: loss along the path between two models"),
-    "evaluate": ("mergesweep.evaluate.cli", "evaluate one model on one suite with lm-eval"),
+    "evaluate": ("mergesweep.evaluate.cli", "evaluate one model on its suites with lm-eval (the model loaded once)"),
     "aggregate": ("mergesweep.aggregate.cli", "collect evaluation JSONs into results/tables/scores.parquet"),
     "lmc-table": ("mergesweep.aggregate.lmc", "collect linear-mode-connectivity results into a parquet table"),
     "leaderboard": ("mergesweep.aggregate.cli_leaderboard", "regenerate tables, leaderboard and report from scores.parquet"),
