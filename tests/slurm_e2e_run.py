@@ -14,7 +14,7 @@ from pathlib import Path
 
 import slurm_cluster as sc
 
-#: 2 real cores: one thread per job here (the profile's set-threads is for real clusters)
+#: 2 real cores: one thread per job here (the rules take the config's threads; this overrides them)
 THREADS = ["--set-threads", "pretrain_base=1", "finetune=1", "merge=1", "evaluate=1", "evaluate_merged=1"]
 
 
@@ -25,7 +25,7 @@ def run_through_slurm(workdir: Path, config: Path, slurm) -> dict:
         # scancel an evaluation once its `mergesweep evaluate` is under way (its log exists)
         def running_eval():
             for row in sc.Cluster.squeue("smk-evaluate", workdir):
-                if row["state"] == "RUNNING" and list((workdir / "results" / "logs" / "evaluate").glob("*/*.log")):
+                if row["state"] == "RUNNING" and list((workdir / "results" / "logs" / "evaluate").glob("*.log")):
                     return row["id"]
             return None
 

@@ -217,6 +217,42 @@ def test_deleted_model_is_rebuilt(run, tmp_path):
     assert f"--model-id {victim.model_id} " in dry and f"--out {victim.dir} " in dry
 
 
+def test_keep_models_selected_keeps_only_the_selected_points(run, tmp_path):
+    """keep_models: selected: merged models are removed once evaluated and each sweep's selected
+    point is kept; a rerun has nothing to do; a removed model rebuilt on request from its recipe
+    has the bytes the keep-everything run wrote, and its evaluations stay up to date.
+
+    Starts from a copy of the shared run with every merged model and its evaluations removed (the
+    base, experts, data and reference evaluations are kept), so only the merge half runs again."""
+    from mergesweep.aggregate.outputs import selected_model_ids
+
+    work = copy_of(run, tmp_path)
+    cfg_path = work / "config/presets/tiny.yaml"
+    plan = run["plan"]
+    for m in plan.merges.values():
+        shutil.rmtree(work / m.dir)
+        shutil.rmtree(work / "results/evals" / m.model_id)
+    keep = ("--config", "keep_models=selected")
+    dry = snakemake(work, cfg_path, "-n", *keep)
+    assert "keep_models: selected" in dry.stderr and "2 kept" in dry.stderr, dry.stderr[-2000:]
+    snakemake(work, cfg_path, *keep)
+    selected = selected_model_ids(work / "results/tables/selection.parquet")
+    # one selected point per sweep (linear; task arithmetic over lambda), and only those on disk
+    assert len(selected) == 2 and set(selected) <= set(plan.merges)
+    on_disk = sorted(p.name for p in (work / "results/models").iterdir())
+    assert on_disk == selected
+    for m in plan.merges.values():  # every merged model was evaluated on every suite
+        assert sorted(p.stem for p in (work / "results/evals" / m.model_id).glob("*.json")) == sorted(plan.suites)
+    assert "Nothing to be done" in snakemake(work, cfg_path, "-n", *keep).stdout
+
+    removed = next(m for m in plan.merges.values() if m.model_id not in selected)
+    snakemake(work, cfg_path, removed.dir, *keep)  # rebuild on request
+    for f in ("model.safetensors", "config.json"):
+        assert (work / removed.dir / f).read_bytes() == (run["workdir"] / removed.dir / f).read_bytes(), f
+    assert read_record(work / removed.dir).fingerprint == read_record(run["workdir"] / removed.dir).fingerprint
+    assert "Nothing to be done" in snakemake(work, cfg_path, "-n", *keep).stdout  # its evaluations stand
+
+
 def test_failing_suite_is_recorded_and_the_rest_survive(run, tmp_path):
     """A task YAML that cannot load records an error for that (model, suite); every other score
     stays in the tables and the failure shows in the report."""

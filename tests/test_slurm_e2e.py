@@ -54,15 +54,27 @@ def test_every_job_ran_through_slurm(slurm_run):
     local = {line.split()[-1].rstrip(":") for line in slurm_run["log"].splitlines() if line.startswith("localrule ")}
     assert local <= LOCAL_RULES, local
     completed = [r for r in rows if r["State"] == "COMPLETED"]
-    assert sum(r["JobName"] in EVALUATE for r in completed) == 28
+    assert sum(r["JobName"] in EVALUATE for r in completed) == 7  # one job per model, every suite in it
     assert sum(r["JobName"] == "smk-finetune" for r in completed) == 3
     assert sum(r["JobName"] == "smk-merge" for r in completed) == 3
-    # GPU stages got a (fake) GPU, CPU stages none (profiles/slurm set-resources)
+    # each job got the GPUs its stage uses (the config's devices: auto -> training and evaluation
+    # ask for one, the rest none; mergesweep.resources) and the CPUs it runs on (its threads)
+    import yaml
+
+    from mergesweep.plan import build_plan
+    from mergesweep.resources import STAGES, Resources
+
+    res = Resources(build_plan(yaml.safe_load(slurm_run["config"].read_text())))
+    stage_of = {rule: stage for stage, rules in STAGES.items() for rule in rules}
+    expected_gpu = {f"smk-{rule}": res.gpu(stage) for rule, stage in stage_of.items()}
+    assert {expected_gpu[n] for n in EVALUATE | {"smk-finetune", "smk-pretrain_base"}} == {1}
+    assert {expected_gpu[n] for n in ("smk-merge", "smk-make_data", "smk-aggregate", "smk-leaderboard")} == {0}
     for r in completed:
         has_gpu = "gres/gpu=1" in r["AllocTRES"]
-        assert has_gpu == (r["JobName"] in EVALUATE | {"smk-finetune", "smk-pretrain_base"}), r
+        assert has_gpu == bool(expected_gpu[r["JobName"]]), r
+        assert "cpu=1," in r["AllocTRES"] + ",", r  # the e2e run sets one thread per job (2 real cores)
     # jobs that became ready together went out as arrays
-    assert any("_" in r["JobID"] for r in rows if r["JobName"] in EVALUATE)
+    assert any("_" in r["JobID"] for r in rows)
     assert list((slurm_run["workdir"] / "results" / "logs" / "slurm").glob("smk-evaluate*/*/*_log.out"))
 
 

@@ -229,5 +229,8 @@ def _bytes_per_param(config: dict) -> int:
 
 
 def _gb(x: float) -> str:
+    """A size in GB, written in MB, GB or TB."""
+    if x < 0.1:
+        return f"{x * 1000:.1f} MB"
     return f"{x:.2f} GB" if x < 100 else f"{x / 1000:.1f} TB" if x >= 1000 else f"{x:.0f} GB"
 
