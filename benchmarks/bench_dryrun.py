@@ -2,11 +2,11 @@
 """Planning cost: ``snakemake -n`` of mergesweep against a bare Snakemake workflow of the same jobs.
 
     .venv/bin/python benchmarks/bench_dryrun.py                 # default config + a ~10k-job sweep
-    .venv/bin/python benchmarks/bench_dryrun.py --merges 3300   # ~20k jobs
+    .venv/bin/python benchmarks/bench_dryrun.py --merges 6600   # ~20k jobs
     .venv/bin/python benchmarks/bench_dryrun.py --repeats 3 --json out.json
 
 The sweep is the tiny preset with one task-arithmetic grid of ``--merges`` lambda values: each
-merge is a merge-YAML job, a merge job and one evaluation per suite (4), so ~6 jobs per merge.
+merge is a merge-YAML job, a merge job and one evaluation job (every suite in it), so 3 jobs per merge.
 The *bare* workflow has the same rules, the same job count and the same file names (outputs and
 logs), with the ids written into the Snakefile as plain lists, no plan, no schema, no params and
 ``shell: "true"``: what Snakemake itself costs for this DAG. Both run from a fresh directory (nothing exists, every job
@@ -87,12 +87,17 @@ rule merge:
     log: "results/logs/merge/{{merge_id}}.log"
     shell: "true"
 
+rule evaluation_spec:
+    output: "results/evaluation.json"
+    shell: "true"
+
 rule evaluate:
     input:
         model=lambda w: model_dir(w.model_id),
-        tasks=lambda w: f"resources/tasks/{{w.suite}}",
-    output: "results/evals/{{model_id}}/{{suite}}.json"
-    log: "results/logs/evaluate/{{model_id}}/{{suite}}.log"
+        tasks=[f"resources/tasks/{{s}}" for s in SUITES],
+        spec="results/evaluation.json",
+    output: [f"results/evals/{{{{model_id}}}}/{{s}}.json" for s in SUITES]
+    log: "results/logs/evaluate/{{model_id}}.log"
     shell: "true"
 
 rule provenance:
@@ -183,7 +188,7 @@ def import_cost() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--merges", type=int, default=1650, help="merges in the sweep (~6 jobs each)")
+    ap.add_argument("--merges", type=int, default=3300, help="merges in the sweep (3 jobs each)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

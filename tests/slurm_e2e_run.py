@@ -21,7 +21,8 @@ THREADS = ["--set-threads", "pretrain_base=1", "finetune=1", "merge=1", "evaluat
 def run_through_slurm(workdir: Path, config: Path, slurm) -> dict:
     since = dt.datetime.now() - dt.timedelta(seconds=1)
     events: dict = {}
-    with sc.Background(workdir, "--configfile", str(config), *THREADS) as smk:
+    # keep every merged model (the profile keeps the selected ones): the e2e tests compare them
+    with sc.Background(workdir, *THREADS, "--configfile", str(config), "--config", "keep_models=all") as smk:
         # scancel an evaluation once its `mergesweep evaluate` is under way (its log exists)
         def running_eval():
             for row in sc.Cluster.squeue("smk-evaluate", workdir):

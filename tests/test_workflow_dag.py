@@ -133,3 +133,15 @@ def test_aligned_merge_adds_align_and_lmc_jobs(tmp_path):
         assert f"results/align/{expert}--tiny-base--weight_matching/perm.safetensors" in out
         assert f"results/lmc/{expert}--tiny-base--weight_matching.json" in out
     assert "results/tables/lmc.parquet" in out
+
+
+def test_config_values_lay_over_the_default(tmp_path):
+    """`--config keep_models=selected` (what the SLURM profile sets) keeps the embedded default
+    and changes only that key; the dry run says what the sweep keeps on disk."""
+    proc = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--config", "keep_models=selected"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
+    assert int(jobs["merge"]) == 8 and jobs["fetch"] == "1", jobs  # still the default's sweep
+    assert re.search(r"8 merged model\(s\) x .*removed once evaluated \(keep_models: selected\), 7 kept", proc.stderr), \
+        proc.stderr[-2000:]
