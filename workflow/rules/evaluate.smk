@@ -62,6 +62,7 @@ rule evaluate_merged:
     output:
         [L.eval_json("{merge_id}", s) for s in EVAL_SUITES],
     threads: EVAL_THREADS
+    priority: PRIORITY["evaluate_merged"]
     resources:
         **RES.of("evaluate", units=lambda w: 1 if PER_SUITE else len(PLAN.suites)),
     log:

@@ -32,6 +32,7 @@ rule fetch:
         domain=lambda w: ["--domain", PLAN.checkpoint(w.fetched).domain] if PLAN.checkpoint(w.fetched).domain else [],
         uid=lambda w: PLAN.checkpoint(w.fetched).uid,
         cache=L.downloads,
+    priority: PRIORITY["fetch"]
     resources:
         **RES.of("fetch"),
     log:
@@ -53,6 +54,7 @@ if PLAN.base.stage == "pretrain":
             name=PLAN.base.name,
             uid=PLAN.base.uid,
         threads: RES.threads("pretrain", THREADS)
+        priority: PRIORITY["fetch"]
         resources:
             **RES.of("pretrain"),
         log:

@@ -22,6 +22,8 @@ rule finetune:
         seed=lambda w: _recipe(w)["seed"],
         emb=lambda w: "--train-embeddings" if _recipe(w)["train_embeddings"] else "",
     threads: RES.threads("finetune", THREADS)
+    # the longest fine-tune first: it is the run's critical path
+    priority: lambda w: PRIORITY["finetune"] + min(_recipe(w)["steps"] // 10, 9)
     resources:
         **RES.of("finetune"),
     log:

@@ -37,6 +37,7 @@ rule merge:
     # and on a busy 2-core machine a TIES merge took 40 s with one thread and 370 s with two
     # (docs/merge.md); the job asks for exactly what it uses
     threads: RES.threads("merge", 1)
+    priority: PRIORITY["merge"]
     resources:
         **RES.of("merge", units=lambda w: len(PLAN.merges[w.merge_id].experts) + 1 if w.merge_id in PLAN.merges else 1),
     log:
