@@ -85,22 +85,17 @@ def copy_workflow(workdir: Path) -> None:
         shutil.copytree(REPO / sub, workdir / sub)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, request):
-    """The tiny preset end to end, once per session: through the real SLURM test cluster when it
-    is available (``snakemake --profile profiles/slurm``, with a job cancelled and the node drained
-    mid-run: tests/test_slurm_e2e.py asserts on that), else ``snakemake --cores 2`` locally.
-    Returns ``{"workdir", "config", "via", "rc", "log", "events", "sacct", "seconds"}``."""
+def _tiny_run(workdir: Path, cluster) -> dict:
+    """Run the tiny preset in ``workdir``: through SLURM when ``cluster`` is given, else locally."""
     import time
 
-    workdir = tmp_path_factory.mktemp("tiny-run")
     copy_workflow(workdir)
     config = workdir / "config/presets/tiny.yaml"
     started = time.time()
-    if sc.skip_reason() is None:
+    if cluster is not None:
         from slurm_e2e_run import run_through_slurm
 
-        result = run_through_slurm(workdir, config, request.getfixturevalue("slurm"))
+        result = run_through_slurm(workdir, config, cluster)
     else:
         proc = subprocess.run(
             [sys.executable, "-m", "snakemake", "--snakefile", str(workdir / "Snakefile"), "--directory",
@@ -108,5 +103,48 @@ def tiny_run(tmp_path_factory, request):
             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
         result = {"via": "local", "rc": proc.returncode, "log": proc.stdout + proc.stderr, "events": {}, "sacct": []}
     result.update(workdir=workdir, config=config, seconds=round(time.time() - started, 1))
+    return result
+
+
+_EARLY: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_run_early(request, tmp_path_factory):
+    """The shared tiny run mostly waits on its jobs (one thread each), so when a collected test
+    needs it, it starts with the session in a background thread and the unit tests run meanwhile
+    (``MERGESWEEP_TINY_RUN_EARLY=0``: start it when first needed instead)."""
+    wanted = any("tiny_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if wanted and os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") != "0":
+        import threading
+
+        cluster = request.getfixturevalue("slurm") if sc.skip_reason() is None else None
+        workdir = tmp_path_factory.mktemp("tiny-run")
+
+        def work():
+            try:
+                _EARLY["result"] = _tiny_run(workdir, cluster)
+            except BaseException as e:  # re-raised in the test that asks for the run
+                _EARLY["error"] = e
+
+        _EARLY["thread"] = threading.Thread(target=work, name="tiny-run", daemon=True)
+        _EARLY["thread"].start()
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, request):
+    """The tiny preset end to end, once per session: through the real SLURM test cluster when it
+    is available (``snakemake --profile profiles/slurm``, with a job cancelled and the node drained
+    mid-run: tests/test_slurm_e2e.py asserts on that), else ``snakemake --cores 2`` locally.
+    Returns ``{"workdir", "config", "via", "rc", "log", "events", "sacct", "seconds"}``."""
+    if "thread" in _EARLY:
+        _EARLY["thread"].join()
+        if "error" in _EARLY:
+            raise _EARLY["error"]
+        result = _EARLY["result"]
+    else:
+        cluster = request.getfixturevalue("slurm") if sc.skip_reason() is None else None
+        result = _tiny_run(tmp_path_factory.mktemp("tiny-run"), cluster)
     sys.stderr.write(f"\n[mergesweep tests] shared tiny run ({result['via']}): {result['seconds']} s\n")
     return result

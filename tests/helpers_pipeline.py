@@ -31,3 +31,31 @@ def tiny_checkpoint(path: Path, seed: int = 0, hidden: int = 32, vocab: int = 64
                       tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def tiny_eval_model(root: Path, suites: list[str], model_id: str, train: int = 60, validation: int = 4,
+                    test: int = 4) -> Path:
+    """Skill data and task YAMLs for ``suites`` (``mergesweep make-data`` into ``root/data/<suite>``
+    and ``root/tasks/<suite>``) and a random tiny Llama with a tokenizer trained on them and a model
+    record, saved to ``root/models/<model_id>``: a real checkpoint lm-eval can evaluate."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mergesweep.cli import main
+    from mergesweep.record import ModelRecord, write_record
+    from mergesweep.zoo.tiny import read_records, tiny_llama_config, train_tokenizer
+
+    for s in suites:
+        assert main(["make-data", "--suite", s, "--train", str(train), "--validation", str(validation),
+                     "--test", str(test), "--data-dir", str(root / "data" / s),
+                     "--tasks-dir", str(root / "tasks" / s)]) == 0
+    recs = read_records([root / "data" / s for s in suites])
+    tok = train_tokenizer([r["prompt"] + r["target"] for r in recs], vocab_size=300)
+    cfg = tiny_llama_config(len(tok), hidden=32, intermediate=64, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = root / "models" / model_id
+    LlamaForCausalLM(cfg).save_pretrained(model, safe_serialization=True)
+    tok.save_pretrained(model)
+    write_record(model, ModelRecord(model_id=model_id, role="base", stage="pretrain", uid=f"{model_id}@0"))
+    return model

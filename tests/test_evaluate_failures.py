@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers_pipeline import tiny_eval_model
 from mergesweep.cli import main
 
 SUITE = "arithmetic"
@@ -27,25 +28,12 @@ MODEL_ID = "tiny-eval"
 def tiny(tmp_path_factory):
     """Skill data and task YAMLs (make-data), a random tiny Llama with a tokenizer and a record,
     and two broken copies: NaN weights, and finite weights whose logits overflow to inf."""
-    import torch
     from safetensors.torch import load_file, save_file
-    from transformers import LlamaForCausalLM
 
     from mergesweep.record import ModelRecord, write_record
-    from mergesweep.zoo.tiny import read_records, tiny_llama_config, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_eval")
-    assert main(["make-data", "--suite", SUITE, "--train", "60", "--validation", "4", "--test", "4",
-                 "--data-dir", str(root / "data"), "--tasks-dir", str(root / "tasks")]) == 0
-    recs = read_records([root / "data"])
-    tok = train_tokenizer([r["prompt"] + r["target"] for r in recs], vocab_size=300)
-    cfg = tiny_llama_config(len(tok), hidden=32, intermediate=64, pad_token_id=tok.pad_token_id,
-                            eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = root / "models" / MODEL_ID
-    LlamaForCausalLM(cfg).save_pretrained(model, safe_serialization=True)
-    tok.save_pretrained(model)
-    write_record(model, ModelRecord(model_id=MODEL_ID, role="base", stage="pretrain", uid=f"{MODEL_ID}@0"))
+    model = tiny_eval_model(root, [SUITE], MODEL_ID)
 
     def broken(name: str, change) -> Path:
         d = root / "models" / name
@@ -60,7 +48,7 @@ def tiny(tmp_path_factory):
     nan = broken("tiny-nan", lambda k, t: t.fill_(float("nan")) if ".mlp." in k else None)
     # every weight finite, but the final norm scales hidden states past float32: logits are inf/NaN
     huge = broken("tiny-huge", lambda k, t: t.fill_(3e38) if k == "model.norm.weight" else None)
-    return {"root": root, "tasks": root / "tasks", "model": model, "nan": nan, "huge": huge}
+    return {"root": root, "tasks": root / "tasks" / SUITE, "model": model, "nan": nan, "huge": huge}
 
 
 def args(tiny, out: Path, **over) -> list[str]:
@@ -125,7 +113,7 @@ def _other_suite_tasks(tiny, tmp):
 CHEAP = [
     ("missing model dir", lambda t, tmp: {"--model": tmp / "no-such-model"}, r"--model \S*no-such-model: directory not found"),
     ("model path is a file", lambda t, tmp: {"--model": _file(t, tmp)}, r"--model \S*afile: not a directory"),
-    ("not a checkpoint (no config.json)", lambda t, tmp: {"--model": t["tasks"]}, r"--model \S*tasks: not a checkpoint \(no config.json\)"),
+    ("not a checkpoint (no config.json)", lambda t, tmp: {"--model": t["tasks"]}, r"--model \S*tasks/arithmetic: not a checkpoint \(no config.json\)"),
     ("checkpoint without weights", lambda t, tmp: {"--model": _no_weights(t, tmp)}, r"--model \S*noweights: not a checkpoint \(no weight files"),
     ("malformed model record", lambda t, tmp: {"--model": _bad_record(t, tmp)}, r"badrecord/mergesweep.json: role: 'teacher' is not one of"),
     ("batch size not a number", lambda t, tmp: {"--batch-size": "lots"}, r"--batch-size 'lots': expected a positive integer, 'auto' or 'auto:N'"),
@@ -136,7 +124,7 @@ CHEAP = [
     ("threads 0", lambda t, tmp: {"--threads": "0"}, r"--threads 0: must be 1 or more"),
     ("missing tasks dir", lambda t, tmp: {"--tasks-dir": tmp / "no-tasks"}, r"--tasks-dir \S*no-tasks: directory not found"),
     ("no task YAML for the suite", lambda t, tmp: {"--suite": "reverse", "--tasks-dir": _other_suite_tasks(t, tmp)},
-     r"--tasks-dir \S*tasks: no task YAML for suite 'reverse'"),
+     r"--tasks-dir \S*tasks/arithmetic: no task YAML for suite 'reverse'"),
     ("unreadable task YAML", lambda t, tmp: {"--tasks-dir": _broken_yaml(t, tmp)}, r"ms_arithmetic_test.yaml: cannot read task YAML"),
     ("no tasks at all", lambda t, tmp: {"--tasks-dir": None}, r"--tasks-dir or --lm-eval-tasks is required"),
 ]

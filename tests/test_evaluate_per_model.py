@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers_pipeline import tiny_eval_model
 from mergesweep.cli import main
 
 SUITES = ["arithmetic", "reverse"]
@@ -21,26 +22,8 @@ MODEL_ID = "tiny-eval"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from mergesweep.record import ModelRecord, write_record
-    from mergesweep.zoo.tiny import read_records, tiny_llama_config, train_tokenizer
-
     root = tmp_path_factory.mktemp("per_model")
-    for s in SUITES:
-        assert main(["make-data", "--suite", s, "--train", "40", "--validation", "4", "--test", "4",
-                     "--data-dir", str(root / "data" / s), "--tasks-dir", str(root / "tasks" / s)]) == 0
-    recs = read_records([root / "data" / s for s in SUITES])
-    tok = train_tokenizer([r["prompt"] + r["target"] for r in recs], vocab_size=300)
-    cfg = tiny_llama_config(len(tok), hidden=32, intermediate=64, pad_token_id=tok.pad_token_id,
-                            eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = root / "models" / MODEL_ID
-    LlamaForCausalLM(cfg).save_pretrained(model, safe_serialization=True)
-    tok.save_pretrained(model)
-    write_record(model, ModelRecord(model_id=MODEL_ID, role="base", stage="pretrain", uid=f"{MODEL_ID}@0"))
-    return {"root": root, "model": model}
+    return {"root": root, "model": tiny_eval_model(root, SUITES, MODEL_ID, train=40)}
 
 
 def write_spec(path: Path, tasks_root: Path, suites=SUITES, **options) -> Path:

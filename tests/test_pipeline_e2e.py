@@ -222,19 +222,22 @@ def test_keep_models_selected_keeps_only_the_selected_points(run, tmp_path):
     point is kept; a rerun has nothing to do; a removed model rebuilt on request from its recipe
     has the bytes the keep-everything run wrote, and its evaluations stay up to date.
 
-    Starts from a copy of the shared run with every merged model and its evaluations removed (the
-    base, experts, data and reference evaluations are kept), so only the merge half runs again."""
+    Starts from a copy of the shared run with the task-arithmetic sweep's models and evaluations
+    removed (everything else kept), so only that sweep is merged and evaluated again."""
     from mergesweep.aggregate.outputs import selected_model_ids
 
     work = copy_of(run, tmp_path)
     cfg_path = work / "config/presets/tiny.yaml"
     plan = run["plan"]
-    for m in plan.merges.values():
+    redo = [m for m in plan.merges.values() if m.method == "task_arithmetic"]
+    assert len(redo) == 2
+    for m in redo:
         shutil.rmtree(work / m.dir)
         shutil.rmtree(work / "results/evals" / m.model_id)
     keep = ("--config", "keep_models=selected")
     dry = snakemake(work, cfg_path, "-n", *keep)
     assert "keep_models: selected" in dry.stderr and "2 kept" in dry.stderr, dry.stderr[-2000:]
+    assert planned_jobs(dry.stdout).get("merge") == 2, dry.stdout[-2000:]
     snakemake(work, cfg_path, *keep)
     selected = selected_model_ids(work / "results/tables/selection.parquet")
     # one selected point per sweep (linear; task arithmetic over lambda), and only those on disk
@@ -245,7 +248,7 @@ def test_keep_models_selected_keeps_only_the_selected_points(run, tmp_path):
         assert sorted(p.stem for p in (work / "results/evals" / m.model_id).glob("*.json")) == sorted(plan.suites)
     assert "Nothing to be done" in snakemake(work, cfg_path, "-n", *keep).stdout
 
-    removed = next(m for m in plan.merges.values() if m.model_id not in selected)
+    removed = next(m for m in redo if m.model_id not in selected)
     snakemake(work, cfg_path, removed.dir, *keep)  # rebuild on request
     for f in ("model.safetensors", "config.json"):
         assert (work / removed.dir / f).read_bytes() == (run["workdir"] / removed.dir / f).read_bytes(), f
