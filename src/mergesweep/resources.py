@@ -195,14 +195,15 @@ class Resources:
         _, _, base, per_gb = _SCALE[stage]
         return int(math.ceil((base + per_gb * self.base_gb()) * attempt))
 
-    def of(self, stage: str, units: Callable[[Any], float] | None = None) -> dict:
-        """``resources:`` of a rule: gpu, runtime and mem_mb as Snakemake callables."""
+    def of(self, stage: str, units: float | Callable[[Any], float] = 1.0) -> dict:
+        """``resources:`` of a rule: gpu, runtime and mem_mb as Snakemake callables. ``units``
+        (a number, or a function of the job's wildcards) scales the per-GB part of the runtime."""
         if stage not in _SCALE:
             raise KeyError(stage)
         gpu = self.gpu(stage)
 
         def runtime(wildcards, attempt):
-            return self.runtime(stage, attempt, units(wildcards) if units else 1.0)
+            return self.runtime(stage, attempt, units(wildcards) if callable(units) else units)
 
         def mem_mb(wildcards, attempt):
             return self.mem_mb(stage, attempt)

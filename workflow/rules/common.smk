@@ -21,10 +21,10 @@ RES = _resources.Resources(PLAN)
 MS = f"{sys.executable} -m mergesweep"
 THREADS = PLAN.threads
 EVAL = PLAN.evaluation
-TRAIN = PLAN.config["training"]
+TRAIN = PLAN.config["training"]  # device and precision of pretrain_base and finetune
 # Snakemake runs ready jobs of higher priority first: the critical path (base -> fine-tunes ->
 # merges -> their evaluations) before the reference evaluations, which fill the gaps
-PRIORITY = {"fetch": 100, "finetune": 80, "merge": 60, "evaluate_merged": 40}  # device and precision of pretrain_base and finetune
+PRIORITY = {"fetch": 100, "finetune": 80, "merge": 60, "evaluate_merged": 40}
 # A merged model's id as Snakemake matches it in a path: the id's shape, not a list of every id
 # (Snakemake scans a wildcard's pattern each time it fills one in; an alternation of 10k ids
 # made dry runs 1.6-2x slower, see benchmarks/bench_dryrun.py). Base and expert names never

@@ -31,6 +31,10 @@ EVAL_SUITES = ["{suite}"] if PER_SUITE else PLAN.suites
 EVAL_PICK = "--suites {wildcards.suite:q}" if PER_SUITE else ""
 EVAL_LOG = ("{suite}",) if PER_SUITE else ()
 EVAL_LOG_STAGE = "evaluate_suite" if PER_SUITE else "evaluate"  # logs/<stage>/<model>[/<suite>].log
+# the same resources and command for reference and merged models
+EVAL_RESOURCES = RES.of("evaluate", units=1 if PER_SUITE else len(PLAN.suites))
+EVAL_CMD = ("{MS} evaluate --model {input.model:q} --spec {input.spec:q} " + EVAL_PICK +
+            " --threads {threads} --out {output:q} 2> {log:q}")
 
 
 rule evaluate:
@@ -44,12 +48,11 @@ rule evaluate:
         reference=_alt([PLAN.base.name, *PLAN.experts]),
     threads: EVAL_THREADS
     resources:
-        **RES.of("evaluate", units=lambda w: 1 if PER_SUITE else len(PLAN.suites)),
+        **EVAL_RESOURCES,
     log:
         L.log(EVAL_LOG_STAGE, "{reference}", *EVAL_LOG),
     shell:
-        "{MS} evaluate --model {input.model:q} --spec {input.spec:q} " + EVAL_PICK +
-        " --threads {threads} --out {output:q} 2> {log:q}"
+        EVAL_CMD
 
 
 rule evaluate_merged:
@@ -64,9 +67,8 @@ rule evaluate_merged:
     threads: EVAL_THREADS
     priority: PRIORITY["evaluate_merged"]
     resources:
-        **RES.of("evaluate", units=lambda w: 1 if PER_SUITE else len(PLAN.suites)),
+        **EVAL_RESOURCES,
     log:
         L.log(EVAL_LOG_STAGE, "{merge_id}", *EVAL_LOG),
     shell:
-        "{MS} evaluate --model {input.model:q} --spec {input.spec:q} " + EVAL_PICK +
-        " --threads {threads} --out {output:q} 2> {log:q}"
+        EVAL_CMD

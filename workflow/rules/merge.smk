@@ -26,13 +26,16 @@ rule merge_yaml:
             yaml.safe_dump(PLAN.merge_yaml_doc(wildcards.merge_id), f, sort_keys=False)
 
 
+MERGED = directory(L.merged_model("{merge_id}"))
+
+
 rule merge:
     input:
         unpack(merge_inputs),
         spec=L.merge_yaml("{merge_id}"),
     output:
         # keep_models selected/none: removed once evaluated (rebuilt on request, bit-identical)
-        directory(L.merged_model("{merge_id}")) if PLAN.keep_models == "all" else temp(directory(L.merged_model("{merge_id}"))),
+        MERGED if PLAN.keep_models == "all" else temp(MERGED),
     # one intra-op thread: the streaming engine already overlaps reading, computing and writing,
     # and on a busy 2-core machine a TIES merge took 40 s with one thread and 370 s with two
     # (docs/merge.md); the job asks for exactly what it uses
