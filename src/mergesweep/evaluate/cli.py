@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", help="one suite by hand (instead of --spec)")
     p.add_argument("--tasks-dir", type=Path, help="directory holding the suite's task YAMLs")
     p.add_argument("--lm-eval-tasks", nargs="*", help="real lm-eval task names (registered suites)")
+    p.add_argument("--include-path", dest="include_paths", nargs="+", type=str,
+                   help="directories of your own lm-eval task YAMLs (default: the spec's include_paths)")
     p.add_argument("--out", required=True, type=Path, nargs="+", help="one result JSON per suite, in order")
     p.add_argument("--batch-size", help="a positive integer, 'auto' or 'auto:N' (default 16)")
     p.add_argument("--device", help="auto (default: CUDA when this job was given a GPU), cpu, cuda, cuda:N or mps")
@@ -70,7 +72,8 @@ def _suites(args: argparse.Namespace):
                          bool(args.confirm_run_unsafe_code))]
         options = dict(SPEC_OPTIONS)
     # command-line options win over the spec's
-    for key in ("batch_size", "device", "dtype", "limit", "log_samples", "apply_chat_template", "backend"):
+    for key in ("batch_size", "device", "dtype", "limit", "log_samples", "apply_chat_template", "backend",
+                "include_paths"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     return runs, options
@@ -85,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if len(args.out) != len(runs):
         raise EvaluationError(f"{len(runs)} suite(s) ({', '.join(r.name for r in runs)}) but {len(args.out)} "
                               "--out path(s): give one output per suite, in the same order")
+    # the compute jobs run offline: the datasets were fetched before them (`mergesweep
+    # prefetch-datasets`, the workflow's rule prefetch_datasets) into the HF datasets cache
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # lm-eval bootstraps stderrs in a forked multiprocessing pool; forking a process that runs

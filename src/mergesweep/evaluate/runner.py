@@ -12,7 +12,12 @@ filter and split: ``task``, ``lm_eval_task``, ``metric``, ``filter``, ``split``,
 ``stderr``, ``n``), ``task_versions``, ``num_fewshot``, ``lm_eval_config``, ``device`` (the one
 used) and ``requested_device``,
 ``chat_template``, ``log_samples`` (and ``samples_file``), library ``versions``, ``runtime_s`` and
-``peak_rss_mb``, ``load_s`` (loading the model, once per job); an error adds a short ``traceback``.
+``peak_rss_mb``, ``load_s`` (loading the model, once per job and dtype); an error adds a short
+``traceback``. ``settings`` holds the suite's effective evaluation settings (``dtype``,
+``apply_chat_template``, ``num_fewshot``, ``limit``, ``batch_size``, ``validation``: ``{size,
+seed}`` for lm-eval suites, else null); ``splits`` (lm-eval suites; null for generated suites,
+whose tasks are one per split) records per leaf lm-eval task which examples form each split
+(:mod:`mergesweep.evaluate.splits`: ``rule``, ``fewshot_split``, ``validation``, ``test``).
 
 Two kinds of failure, kept apart (docs/evaluate.md):
 
@@ -286,25 +291,49 @@ def nonfinite_results(rows: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------ evaluate
 
 
-_DEFAULT_TM = None
+_MANAGERS: dict = {}  # indexing lm-eval's own tasks takes seconds: once per process and include paths
 
 
-def _task_manager(tasks_dir: Path, suite: str, extra_tasks: list[str] | None):
-    """(task -> split, TaskManager), every task name checked against lm-eval's index."""
+def lm_eval_task_manager(include_paths=(), names=(), key: str = "--lm-eval-tasks"):
+    """A TaskManager that knows ``names``, every one checked against its index. With
+    ``include_paths`` (the user's own task YAMLs, ``evaluation.include_paths``) and every name
+    found there, the index holds those directories only (a fraction of a second); otherwise it
+    holds lm-eval's own tasks too."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise EvaluationError(f"cannot import lm-eval ({_describe(e)})") from e
+    paths = tuple(str(p) for p in include_paths or ())
+    for p in paths:
+        if not Path(p).is_dir():
+            raise EvaluationError(f"include_paths: directory {p} not found")
+    tm = None
+    if paths:
+        if (paths, False) not in _MANAGERS:
+            _MANAGERS[(paths, False)] = TaskManager(include_path=list(paths), include_defaults=False)
+        tm = _MANAGERS[(paths, False)]
+        if any(n not in tm.all_tasks for n in names):
+            tm = None
+    if tm is None:
+        if (paths, True) not in _MANAGERS:
+            _MANAGERS[(paths, True)] = TaskManager(include_path=list(paths) or None)
+        tm = _MANAGERS[(paths, True)]
+    unknown = [t for t in names if t not in tm.all_tasks]
+    if unknown:
+        where = f" (nor in include_paths {', '.join(paths)})" if paths else ""
+        raise EvaluationError(f"{key}: lm-eval has no task named {', '.join(unknown)}{where}")
+    return tm
+
+
+def _task_manager(tasks_dir: Path, suite: str, extra_tasks: list[str] | None, include_paths=()):
+    """(task -> split, TaskManager), every task name checked against lm-eval's index. For real
+    lm-eval tasks the split of each is decided when the tasks are built (both splits are run)."""
     if extra_tasks:
-        task_splits = {t: "test" for t in extra_tasks}
-        global _DEFAULT_TM
-        if _DEFAULT_TM is None:  # indexing lm-eval's own tasks takes seconds: once per process
-            _DEFAULT_TM = TaskManager()
-        tm = _DEFAULT_TM
-        unknown = [t for t in extra_tasks if t not in tm.all_tasks]
-        if unknown:
-            raise EvaluationError(f"--lm-eval-tasks: lm-eval has no task named {', '.join(unknown)}")
-        return task_splits, tm
+        return {t: None for t in extra_tasks}, lm_eval_task_manager(include_paths, extra_tasks)
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise EvaluationError(f"cannot import lm-eval ({_describe(e)})") from e
     task_splits = dict(suite_tasks(tasks_dir, suite))
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     unknown = [t for t in task_splits if t not in tm.all_tasks]
@@ -312,6 +341,21 @@ def _task_manager(tasks_dir: Path, suite: str, extra_tasks: list[str] | None):
         raise EvaluationError(f"--tasks-dir {tasks_dir}: lm-eval does not index task(s) "
                               f"{', '.join(unknown)} (invalid task YAML?)")
     return task_splits, tm
+
+
+def build_tasks(tm, names) -> list:
+    """The top-level lm-eval objects (tasks, groups; a tag's tasks) for ``names``, built (their
+    datasets loaded: from the cache, or downloaded when downloads are allowed)."""
+    objs = []
+    for n in names:
+        loaded = tm.load([n])
+        if n in loaded["groups"]:
+            objs.append(loaded["groups"][n])
+        elif n in loaded["tasks"]:
+            objs.append(loaded["tasks"][n])
+        else:  # a tag: its tasks
+            objs.extend(loaded["tasks"].values())
+    return objs
 
 
 #: lm-eval model backends ``--backend`` accepts
@@ -361,6 +405,27 @@ class SuiteRun:
     lm_eval_tasks: tuple[str, ...] = ()
     num_fewshot: int | None = None
     unsafe_code: bool = False
+    # the suite's own settings; None: the spec's options (or the command line) decide
+    apply_chat_template: bool | None = None
+    limit: int | None = None
+    batch_size: int | str | None = None
+    dtype: str | None = None
+    validation: dict | None = None  # {size, seed}, either may be missing
+
+    def settings(self, options: dict) -> dict:
+        """The suite's effective settings: its own values over the options'."""
+        own = {"dtype": self.dtype, "apply_chat_template": self.apply_chat_template,
+               "num_fewshot": self.num_fewshot, "limit": self.limit, "batch_size": self.batch_size}
+        out = {k: (v if v is not None else options.get(k)) for k, v in own.items()}
+        out["batch_size"] = parse_batch_size(out["batch_size"] if out["batch_size"] is not None else 16)
+        out["dtype"] = out["dtype"] or "float32"
+        out["apply_chat_template"] = bool(out["apply_chat_template"])
+        if self.lm_eval_tasks:
+            out["validation"] = {**SPEC_OPTIONS["validation"], **(options.get("validation") or {}),
+                                 **(self.validation or {})}
+        else:
+            out["validation"] = None
+        return out
 
     def check(self) -> None:
         """The cheap checks: a task source is given, a generated suite's task YAMLs are readable."""
@@ -370,11 +435,33 @@ class SuiteRun:
             suite_tasks(Path(self.tasks_dir), self.name)
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise EvaluationError(f"suite {self.name}: num_fewshot {self.num_fewshot} must be 0 or more")
+        if self.limit is not None and self.limit < 1:
+            raise EvaluationError(f"suite {self.name}: limit {self.limit} must be a positive number of examples")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise EvaluationError(f"suite {self.name}: dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.batch_size is not None:
+            try:
+                parse_batch_size(self.batch_size)
+            except EvaluationError as e:
+                raise EvaluationError(f"suite {self.name}: {e}") from None
+        _check_validation(self.validation or {}, f"suite {self.name}: validation")
 
 
-#: the evaluation options a spec file may set (and their defaults)
+#: the evaluation options a spec file may set (and their defaults, for a suite run by hand; the
+#: workflow's spec carries the config's values, whose defaults the schema owns)
 SPEC_OPTIONS = {"batch_size": 16, "device": "auto", "dtype": "float32", "limit": None, "log_samples": False,
-                "apply_chat_template": False, "backend": "hf"}
+                "apply_chat_template": False, "backend": "hf", "num_fewshot": None, "include_paths": [],
+                "validation": {"size": 100, "seed": 0}}
+
+
+def _check_validation(v, key: str) -> None:
+    """``{size, seed}`` of a validation slice: size a positive integer, seed an integer."""
+    if not isinstance(v, dict) or set(v) - {"size", "seed"}:
+        raise EvaluationError(f"{key}: expected an object with 'size' and/or 'seed'")
+    if "size" in v and (not isinstance(v["size"], int) or isinstance(v["size"], bool) or v["size"] < 1):
+        raise EvaluationError(f"{key}.size: {v['size']!r} must be a positive integer")
+    if "seed" in v and (not isinstance(v["seed"], int) or isinstance(v["seed"], bool)):
+        raise EvaluationError(f"{key}.seed: {v['seed']!r} must be an integer")
 
 
 def read_spec(path: str | os.PathLike) -> tuple[list[SuiteRun], dict]:
@@ -396,8 +483,13 @@ def read_spec(path: str | os.PathLike) -> tuple[list[SuiteRun], dict]:
     bad = set(options) - set(SPEC_OPTIONS)
     if not isinstance(options, dict) or bad:
         raise EvaluationError(f"--spec {path}: options: unknown key(s) {', '.join(sorted(bad or ['?']))}")
+    _check_validation(options.get("validation", {}), f"--spec {path}: options.validation")
+    paths = options.get("include_paths", [])
+    if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+        raise EvaluationError(f"--spec {path}: options.include_paths: expected a list of directories")
     runs, seen = [], set()
-    fields = {"name", "tasks_dir", "lm_eval_tasks", "num_fewshot", "unsafe_code"}
+    fields = {"name", "tasks_dir", "lm_eval_tasks", "num_fewshot", "unsafe_code", "apply_chat_template", "limit",
+              "batch_size", "dtype", "validation"}
     for i, s in enumerate(doc["suites"]):
         key = f"--spec {path}: suites[{i}]"
         if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not s["name"]:
@@ -411,7 +503,9 @@ def read_spec(path: str | os.PathLike) -> tuple[list[SuiteRun], dict]:
         if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
             raise EvaluationError(f"{key}.lm_eval_tasks: expected a list of task names")
         runs.append(SuiteRun(s["name"], Path(s["tasks_dir"]) if s.get("tasks_dir") else None, tuple(tasks),
-                             s.get("num_fewshot"), bool(s.get("unsafe_code", False))))
+                             s.get("num_fewshot"), bool(s.get("unsafe_code", False)),
+                             apply_chat_template=s.get("apply_chat_template"), limit=s.get("limit"),
+                             batch_size=s.get("batch_size"), dtype=s.get("dtype"), validation=s.get("validation")))
     return runs, {**SPEC_OPTIONS, **options}
 
 
@@ -436,9 +530,16 @@ def evaluate_suites(
     log_samples: bool = False,
     apply_chat_template: bool = False,
     backend: str = "hf",
+    num_fewshot: int | None = None,
+    include_paths: list[str] | tuple = (),
+    validation: dict | None = None,
 ) -> list[dict]:
-    """Load the model once and run every suite on it; write each suite's result JSON atomically
-    (``outs[i]`` for ``suites[i]``) as soon as it is done; return the records.
+    """Load the model once per distinct dtype and run every suite on it; write each suite's result
+    JSON atomically (``outs[i]`` for ``suites[i]``) as soon as it is done; return the records.
+
+    The keyword options are the defaults of every suite; a suite's own settings
+    (:meth:`SuiteRun.settings`) override them. Suites are run grouped by their dtype, the model
+    loaded once per group, in the order the suites first need each dtype.
 
     Raises :class:`EvaluationError` when the evaluation cannot run: every cheap check (arguments,
     the model directory, each suite's task YAMLs, lm-eval's task index) is made for *all* suites
@@ -453,46 +554,80 @@ def evaluate_suites(
         raise EvaluationError(f"{len(suites)} suite(s) but {len(outs)} --out path(s): give one output per suite")
     # ---- cheap checks first: no lm-eval, no model
     batch_size = parse_batch_size(batch_size)
-    check_arguments(device=device, dtype=dtype, limit=limit, num_fewshot=None)
+    check_arguments(device=device, dtype=dtype, limit=limit, num_fewshot=num_fewshot)
+    _check_validation(validation or {}, "validation")
     check_model_dir(model_dir)
     for s in suites:
         s.check()
+    options = {"batch_size": batch_size, "dtype": dtype, "limit": limit, "apply_chat_template": apply_chat_template,
+               "num_fewshot": num_fewshot, "validation": validation}
+    settings = [s.settings(options) for s in suites]
     try:
         rec = read_record(model_dir, required=False)
     except RecordError as e:
         raise EvaluationError(str(e)) from e
     model_id = rec.model_id if rec else model_dir.name
 
-    # ---- lm-eval, task index, device, model: failures here are the machine's or the inputs'
-    t0 = time.time()
+    # ---- lm-eval, task index, device: failures here are the machine's or the inputs'
     try:
-        managers = {s.name: _task_manager(Path(s.tasks_dir or "."), s.name, list(s.lm_eval_tasks) or None)
-                    for s in suites}
+        managers = {s.name: _task_manager(Path(s.tasks_dir or "."), s.name, list(s.lm_eval_tasks) or None,
+                                          include_paths) for s in suites}
         used_device = resolve(device)
-        lm = load_model(model_dir, dtype=dtype, device=used_device, batch_size=batch_size, backend=backend)
     except EvaluationError:
         raise
     except Exception as e:
         if is_infrastructure(e):
             raise EvaluationError(f"evaluation of {model_dir}: {_describe(e)}") from e
         raise
-    load_s = round(time.time() - t0, 3)
-    log.info("loaded %s on %s in %.1f s; %d suite(s)", model_id, used_device, load_s, len(suites))
 
-    # ---- the model is loaded: from here on a failure of the model or a task is recorded
-    bad = nonfinite_parameters(lm.model) if backend == "hf" else []  # vLLM: the log-likelihood guard only
-    weights_error = (f"the model's weights are not finite: {len(bad)} tensor(s) hold NaN/inf "
-                     f"(e.g. {', '.join(bad[:3])}); no score is given") if bad else None
-    guard_loglikelihoods(lm)
-    records = []
-    for i, (suite, out) in enumerate(zip(suites, outs), 1):
-        log.info("suite %d/%d: %s", i, len(suites), suite.name)
-        task_splits, tm = managers[suite.name]
-        records.append(_run_suite(lm, suite, task_splits, tm, out, model_dir=model_dir, model_id=model_id, rec=rec,
-                                  device=used_device, requested_device=device, batch_size=batch_size, limit=limit,
-                                  log_samples=log_samples, apply_chat_template=apply_chat_template,
-                                  weights_error=weights_error, load_s=load_s))
+    # ---- one model load per dtype, in the order the suites first need it
+    by_dtype: dict[str, list[int]] = {}
+    for i, st in enumerate(settings):
+        by_dtype.setdefault(st["dtype"], []).append(i)
+    records: list[dict] = [{}] * len(suites)
+    for dt, indices in by_dtype.items():
+        t0 = time.time()
+        try:
+            lm = load_model(model_dir, dtype=dt, device=used_device, batch_size=settings[indices[0]]["batch_size"],
+                            backend=backend)
+        except EvaluationError:
+            raise
+        except Exception as e:
+            if is_infrastructure(e):
+                raise EvaluationError(f"evaluation of {model_dir}: {_describe(e)}") from e
+            raise
+        load_s = round(time.time() - t0, 3)
+        log.info("loaded %s (%s) on %s in %.1f s; %d suite(s)", model_id, dt, used_device, load_s, len(indices))
+
+        # ---- the model is loaded: from here on a failure of the model or a task is recorded
+        bad = nonfinite_parameters(lm.model) if backend == "hf" else []  # vLLM: the log-likelihood guard only
+        weights_error = (f"the model's weights are not finite: {len(bad)} tensor(s) hold NaN/inf "
+                         f"(e.g. {', '.join(bad[:3])}); no score is given") if bad else None
+        guard_loglikelihoods(lm)
+        for i in indices:
+            suite = suites[i]
+            log.info("suite %d/%d: %s", i + 1, len(suites), suite.name)
+            task_splits, tm = managers[suite.name]
+            records[i] = _run_suite(lm, suite, task_splits, tm, outs[i], model_dir=model_dir, model_id=model_id,
+                                    rec=rec, device=used_device, requested_device=device, settings=settings[i],
+                                    log_samples=log_samples, weights_error=weights_error, load_s=load_s)
+        del lm
+        _release_memory()
     return records
+
+
+def _release_memory() -> None:
+    """Free a model before loading it again in another dtype."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def resolve(device: str) -> str:
@@ -509,8 +644,62 @@ def resolve(device: str) -> str:
     return used
 
 
+def set_batch_size(lm, batch_size: int | str) -> None:
+    """A loaded lm-eval model's batch size, per suite (lm-eval reads it when it batches requests)."""
+    if hasattr(lm, "batch_size_per_gpu"):  # HFLM
+        if str(batch_size).startswith("auto"):
+            _, _, n = str(batch_size).partition(":")
+            lm.batch_size_per_gpu = "auto"
+            lm.batch_schedule = float(n) if n else 1
+        else:
+            lm.batch_size_per_gpu = int(batch_size)
+    elif hasattr(lm, "batch_size"):  # vLLM
+        lm.batch_size = "auto" if str(batch_size).startswith("auto") else int(batch_size)
+
+
+def _simple_evaluate(lm, tasks, tm, settings: dict, *, device: str, log_samples: bool, unsafe_code: bool) -> dict:
+    import lm_eval
+
+    raw = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=tm,
+        batch_size=settings["batch_size"],
+        device=device,
+        limit=settings["limit"],
+        log_samples=log_samples,
+        num_fewshot=settings["num_fewshot"],
+        apply_chat_template=settings["apply_chat_template"],
+        confirm_run_unsafe_code=unsafe_code,
+    )
+    if raw is None:
+        raise RuntimeError("lm_eval.simple_evaluate returned nothing")
+    return raw
+
+
+def _run_lm_eval_suite(lm, suite: SuiteRun, tm, settings: dict, *, device: str, log_samples: bool):
+    """Real lm-eval tasks, run on both splits: (rows, raw of the test run, splits record,
+    {split: raw}). The tasks are built once (their datasets from the cache); each leaf task's
+    split rule is :func:`mergesweep.evaluate.splits.plan_splits`."""
+    from mergesweep.evaluate.splits import SPLITS, leaf_tasks, plan_splits, use_split
+
+    objs = build_tasks(tm, suite.lm_eval_tasks)
+    leaves = leaf_tasks(objs)
+    v = settings["validation"]
+    plans = {t.config.task: plan_splits(t, v["size"], v["seed"]) for t in leaves}
+    rows, raws = [], {}
+    for split in SPLITS:
+        with use_split(leaves, plans, split):
+            raw = _simple_evaluate(lm, objs, tm, settings, device=device, log_samples=log_samples,
+                                   unsafe_code=suite.unsafe_code)
+        raws[split] = raw
+        rows += results_to_rows(raw, {name: split for name in plans}, suite.name)
+    rows.sort(key=lambda r: (r["split"], r["lm_eval_task"], r["metric"]))
+    return rows, raws["test"], {name: p.to_dict() for name, p in plans.items()}, raws
+
+
 def _run_suite(lm, suite: SuiteRun, task_splits: dict, tm, out: Path, *, model_dir: Path, model_id: str, rec,
-               device: str, requested_device: str, batch_size, limit, log_samples: bool, apply_chat_template: bool,
+               device: str, requested_device: str, settings: dict, log_samples: bool,
                weights_error: str | None, load_s: float) -> dict:
     """Run one suite on the loaded model and write its JSON; a model/task failure is recorded."""
     t0 = time.time()
@@ -524,30 +713,27 @@ def _run_suite(lm, suite: SuiteRun, task_splits: dict, tm, out: Path, *, model_d
         "results": [],
         "device": device,
         "requested_device": requested_device,
-        "chat_template": bool(apply_chat_template),
+        "chat_template": settings["apply_chat_template"],
         "log_samples": bool(log_samples),
+        "settings": settings,
+        "splits": None,
         "versions": library_versions(),
     }
     try:
         if weights_error:
             raise NonFiniteError(weights_error)
-        import lm_eval
-
-        raw = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(task_splits),
-            task_manager=tm,
-            batch_size=batch_size,
-            device=device,
-            limit=limit,
-            log_samples=log_samples,
-            num_fewshot=suite.num_fewshot,
-            apply_chat_template=apply_chat_template,
-            confirm_run_unsafe_code=suite.unsafe_code,
-        )
-        if raw is None:
-            raise RuntimeError("lm_eval.simple_evaluate returned nothing")
-        rows = results_to_rows(raw, task_splits, suite.name)
+        set_batch_size(lm, settings["batch_size"])
+        if suite.lm_eval_tasks:
+            rows, raw, splits, raws = _run_lm_eval_suite(lm, suite, tm, settings, device=device,
+                                                         log_samples=log_samples)
+            record["splits"] = splits
+            names = set(splits)
+        else:
+            raw = _simple_evaluate(lm, list(task_splits), tm, settings, device=device, log_samples=log_samples,
+                                   unsafe_code=suite.unsafe_code)
+            rows = results_to_rows(raw, task_splits, suite.name)
+            raws = {None: raw}
+            names = set(task_splits)
         if not rows:
             raise RuntimeError("lm-eval returned no metrics for the suite's tasks")
         nonfinite = nonfinite_results(rows)
@@ -555,15 +741,17 @@ def _run_suite(lm, suite: SuiteRun, task_splits: dict, tm, out: Path, *, model_d
             raise NonFiniteError(f"lm-eval reported non-finite scores: {', '.join(nonfinite[:4])}; "
                                  "no score is given")
         record["results"] = rows
-        record["task_versions"] = {k: v for k, v in raw.get("versions", {}).items() if k in task_splits}
-        record["num_fewshot"] = {k: v for k, v in raw.get("n-shot", {}).items() if k in task_splits}
+        record["task_versions"] = {k: v for k, v in raw.get("versions", {}).items() if k in names}
+        record["num_fewshot"] = {k: v for k, v in raw.get("n-shot", {}).items() if k in names}
         record["lm_eval_config"] = {k: raw.get("config", {}).get(k) for k in ("batch_size", "limit", "model")}
         if log_samples:
             samples_path = out.with_suffix(".samples.jsonl")
             with atomic_file(samples_path) as f:
-                for task, samples in raw.get("samples", {}).items():
-                    for s in samples:
-                        f.write(json.dumps({"task": task, **s}, default=str) + "\n")
+                for split, r in raws.items():
+                    for task, samples in r.get("samples", {}).items():
+                        for s in samples:
+                            extra = {"split": split} if split else {}
+                            f.write(json.dumps({"task": task, **extra, **s}, default=str) + "\n")
             record["samples_file"] = str(samples_path)
     except Exception as e:
         if is_infrastructure(e) or isinstance(e, MergesweepError):
