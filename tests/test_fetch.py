@@ -112,3 +112,13 @@ def test_cli_reports_missing_directory_without_traceback(tmp_path):
     proc = run_cli("fetch", "--name", "x", "--source", f"{{type: local, path: {tmp_path}/nope}}", "--out", tmp_path / "o")
     assert proc.returncode == 1
     assert "nope: directory not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_placeholder_revision_is_refused_naming_the_key(tmp_path):
+    """The presets ship FILL-IN revisions; fetching one stops with the key and what to do, and
+    writes nothing."""
+    src = {"type": "hub", "repo_id": "MergeBench/Llama-3.2-3B_math", "revision": "FILL-IN-COMMIT-SHA"}
+    with pytest.raises(ConfigError, match=r"source\.revision: 'FILL-IN-COMMIT-SHA' is a placeholder: pin the commit "
+                                          r"of MergeBench/Llama-3.2-3B_math"):
+        fetch("math", src, tmp_path / "out", role="expert")
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,10 @@ def cfg():
     return yaml.safe_load((REPO / "config/presets/tiny.yaml").read_text())
 
 
+#: the tiny preset's arithmetic expert's uid before experts declared a `domain` (they said `skill`)
+EXPERT_UID_BEFORE_DOMAIN = "tiny-arithmetic@8bd7be06"
+
+
 def ids_of(cfg, merges):
     c = copy.deepcopy(cfg)
     c["merges"] = merges
@@ -153,3 +157,84 @@ def test_out_of_range_param_names_the_key(cfg):
     cfg["merges"] = [{"method": "ties", "params": {"density": [0.5, 1.5]}}]
     with pytest.raises(ConfigError, match=r"merges\[0\]\.params\.density: 1\.5 is out of range"):
         build_plan(cfg)
+
+
+def _five_experts(cfg):
+    """The tiny preset with five experts: two more fine-tunes of existing skills."""
+    cfg["experts"] += [{"name": "tiny-arithmetic-2", "domain": "arithmetic", "finetune": {"seed": 1}},
+                       {"name": "tiny-reverse-2", "domain": "reverse", "finetune": {"seed": 1}}]
+    return cfg
+
+
+def test_expert_subsets_expand_to_every_combination(cfg):
+    """5 experts x subsets [2, 3, 4, 5]: C(5,2)+C(5,3)+C(5,4)+C(5,5) = 10+10+5+1 = 26 subsets,
+    each merged once per grid point, experts in the config's order."""
+    import itertools
+
+    cfg = _five_experts(cfg)
+    names = [e["name"] for e in cfg["experts"]]
+    cfg["merges"] = [{"method": "task_arithmetic", "experts": {"subsets": [2, 3, 4, 5]},
+                      "params": {"lambda": [0.5, 1.0]}}]
+    plan = build_plan(cfg)
+    sets = [m.experts for m in plan.merges.values()]
+    expected = [c for k in (2, 3, 4, 5) for c in itertools.combinations(names, k)]
+    assert len(expected) == 26
+    assert sorted(set(sets)) == sorted(expected)
+    assert len(plan.merges) == 52 and all(sets.count(c) == 2 for c in expected)
+    # `all` is every size from 2 to n
+    cfg["merges"][0]["experts"] = {"subsets": "all"}
+    assert list(build_plan(cfg).merges) == list(plan.merges)
+
+
+def test_subset_ids_are_canonical(cfg):
+    """A subset reached through `subsets` (in any `from` order) has the id of the same experts
+    listed by hand in the config's order; a hand-listed entry and a subset entry dedupe."""
+    cfg = _five_experts(cfg)
+    names = [e["name"] for e in cfg["experts"]]
+    by_hand = ids_of(cfg, [{"method": "dare_linear", "experts": [names[0], names[3]], "params": {"density": 0.5}}])
+    via_subsets = build_plan({**cfg, "merges": [{"method": "dare_linear", "params": {"density": 0.5},
+                                                 "experts": {"subsets": [2], "from": [names[3], names[0]]}}]})
+    assert list(via_subsets.merges) == by_hand
+    assert via_subsets.merges[by_hand[0]].experts == (names[0], names[3])
+    both = ids_of(cfg, [{"method": "dare_linear", "experts": [names[0], names[3]], "params": {"density": 0.5}},
+                        {"method": "dare_linear", "experts": {"subsets": [2]}, "params": {"density": 0.5}}])
+    assert len(both) == 10 and by_hand[0] in both
+
+
+def test_suites_of_any_kind_and_roles(cfg):
+    """Experts declare a domain among the plan's suites; only the configured embedded suites are
+    planned; a suite no expert covers is held out."""
+    cfg["suites"] = {"skills": ["arithmetic"], "lm_eval": {"math": ["gsm8k"], "general": ["arc_easy"]}}
+    cfg["experts"] = [{"name": "tiny-arithmetic", "domain": "arithmetic"},
+                      {"name": "math-expert", "domain": "math", "source": {"type": "hub", "repo_id": "o/math"}}]
+    plan = build_plan(cfg)
+    assert plan.data_suites == ["arithmetic"]
+    assert plan.suites == ["arithmetic", "math", "general"]
+    assert plan.domains == ["arithmetic", "math"] and plan.heldout_suites == ["general"]
+    assert plan.experts["math-expert"].domain == "math" and plan.experts["math-expert"].stage == "fetch"
+
+
+def test_domain_keeps_the_expert_uid(cfg):
+    """`domain` replaced `skill`: an expert defined the same way keeps its uid (its checkpoint is
+    not rebuilt). The uid below was computed by the version that still used `skill`."""
+    plan = build_plan(cfg)
+    assert plan.experts["tiny-arithmetic"].uid == EXPERT_UID_BEFORE_DOMAIN
+
+
+def test_subset_sample_is_seeded_and_per_size(cfg):
+    """`sample: k` keeps k subsets of each size (all of a size with fewer), the same ones for the
+    same seed, others for another seed; adding a size leaves the other sizes' draws alone."""
+    from mergesweep.plan import expert_sets
+
+    cfg = _five_experts(cfg)
+    plan = build_plan(cfg)
+
+    def sets(**spec):
+        return expert_sets(plan, {"experts": spec}, "merges[0]")
+
+    a = sets(subsets=[2, 3, 5], sample=3)
+    assert [len(s) for s in a] == [2, 2, 2, 3, 3, 3, 5]
+    assert len(set(a)) == 7 and a == sets(subsets=[2, 3, 5], sample=3)
+    assert [s for s in sets(subsets=[2, 5], sample=3)] == [s for s in a if len(s) != 3]
+    others = [sets(subsets=[2], sample=3, seed=s) for s in range(1, 6)]
+    assert any(o != a[:3] for o in others)

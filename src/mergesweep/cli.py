@@ -24,9 +24,11 @@ SUBCOMMANDS = {
     "align": ("mergesweep.align.cli", "permutation-align a model onto a reference"),
     "lmc": ("mergesweep.align.cli_lmc", "linear mode connectivity: loss along the path between two models"),
     "evaluate": ("mergesweep.evaluate.cli", "evaluate one model on its suites with lm-eval (the model loaded once)"),
+    "prefetch-datasets": ("mergesweep.evaluate.prefetch", "fetch the datasets of the spec's lm-eval tasks into the HF cache"),
     "aggregate": ("mergesweep.aggregate.cli", "collect evaluation JSONs into results/tables/scores.parquet"),
     "lmc-table": ("mergesweep.aggregate.lmc", "collect linear-mode-connectivity results into a parquet table"),
     "leaderboard": ("mergesweep.aggregate.cli_leaderboard", "regenerate tables, leaderboard and report from scores.parquet"),
+    "plan": ("mergesweep.cost", "what a config's sweep costs: jobs per stage, GPU hours reserved, disk"),
     "profile": ("mergesweep.profile", "install a repository profile as a named Snakemake profile (snakemake --profile slurm)"),
 }
 

@@ -6,7 +6,7 @@ Snakemake (and without torch), and is unit-tested.
 
 - :func:`mergesweep.config.validate_config` checks every key and fills the defaults (the schema
   owns them); :func:`build_plan` then checks what a schema cannot: cross-references (an expert's
-  skill, a merge's experts, an alignment reference), merge parameters against each method's
+  domain, a merge's experts and subsets, an alignment reference), merge parameters against each method's
   spec, merge settings with the parsers ``mergesweep merge`` uses, paths of local sources.
 - Paths come from :class:`mergesweep.layout.Layout`.
 - Ids: the base and experts keep their configured names as model ids and get a *uid*
@@ -19,6 +19,7 @@ Snakemake (and without torch), and is unit-tested.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,21 @@ class Plan:
 
     @property
     def data_suites(self) -> list[str]:
-        """Suites whose data and task YAMLs the workflow generates."""
+        """Suites whose data and task YAMLs the workflow generates (only those the config lists)."""
         return [*self.skills, *self.heldout]
+
+    @property
+    def domains(self) -> list[str]:
+        """Suites that are some expert's domain, in suite order (the leaderboard normalises these
+        by their expert); every other suite is held out."""
+        used = {e.domain for e in self.experts.values()}
+        return [s for s in self.suites if s in used]
+
+    @property
+    def heldout_suites(self) -> list[str]:
+        """Suites no expert is specialised in: forgetting / generalisation against the base."""
+        used = {e.domain for e in self.experts.values()}
+        return [s for s in self.suites if s not in used]
 
     @property
     def models(self) -> list[str]:
@@ -169,12 +183,18 @@ class Plan:
         for name in self.suites:
             if name in self.lm_eval_suites:
                 s = self.lm_eval_suites[name]
+                # a suite's own settings (None: the options' value applies)
                 suites.append({"name": name, "lm_eval_tasks": list(s.tasks), "num_fewshot": s.num_fewshot,
-                               "unsafe_code": s.unsafe_code})
+                               "unsafe_code": s.unsafe_code, "apply_chat_template": s.apply_chat_template,
+                               "limit": s.limit, "batch_size": s.batch_size, "dtype": s.dtype,
+                               "validation": s.validation})
             else:
                 suites.append({"name": name, "tasks_dir": self.layout.tasks(name)})
         e = self.evaluation
-        options = {k: e[k] for k in ("batch_size", "device", "limit", "log_samples", "backend")}
+        options = {k: e[k] for k in ("batch_size", "device", "limit", "log_samples", "backend", "dtype",
+                                     "apply_chat_template", "num_fewshot", "include_paths")}
+        options["validation"] = {"size": e["validation"]["size"],
+                                 "seed": e["validation"].get("seed", self.config["seed"])}
         return {"suites": suites, "options": options}
 
     @property
@@ -205,18 +225,22 @@ class Plan:
 def build_plan(config: dict, layout: Layout | None = None) -> Plan:
     """Validate ``config`` and expand it into every job of the run.
 
-    Raises ConfigError naming the key (``merges[1].params.density``, ``experts[0].skill``...)."""
-    from mergesweep.evaluate.suites import resolve
+    Raises ConfigError naming the key (``merges[1].params.density``, ``experts[0].domain``...)."""
+    from mergesweep.evaluate.suites import resolve_all
     from mergesweep.merge.settings import canonical_dtype, check_device, check_vocab_policy, parse_size
 
     cfg = validate_config(config)
     layout = layout or Layout()
     suites = cfg["suites"]
     skills, heldout = list(suites["skills"]), list(suites["heldout"])
-    lm_eval = {name: resolve(name, v) for name, v in suites["lm_eval"].items()}
+    lm_eval = resolve_all(suites["lm_eval"], cfg["evaluation"])
     clash = set(lm_eval) & set(skills + heldout)
     if clash:
         raise ConfigError(f"suites.lm_eval.{sorted(clash)[0]}: the name is already a skill or held-out suite")
+    all_suites = [*skills, *heldout, *lm_eval]
+    if not all_suites:
+        raise ConfigError("suites: no suite to evaluate on: list embedded suites (suites.skills, suites.heldout) "
+                          "or lm-eval suites (suites.lm_eval)")
 
     # merge settings, parsed as `mergesweep merge` parses them
     ms = cfg["merge"]
@@ -238,8 +262,15 @@ def build_plan(config: dict, layout: Layout | None = None) -> Plan:
         name = _model_name(e["name"], f"{key}.name")
         if name in experts or name == base.name:
             raise ConfigError(f"{key}.name: '{name}' is used twice")
-        if e["skill"] not in skills:
-            raise ConfigError(f"{key}.skill: '{e['skill']}' is not one of suites.skills ({', '.join(skills)})")
+        domain = e["domain"]
+        if domain not in all_suites:
+            raise ConfigError(f"{key}.domain: '{domain}' is not a suite of this config "
+                              f"(suites: {', '.join(all_suites)})")
+        if not e.get("source") and domain not in skills:
+            raise ConfigError(
+                f"{key}.domain: '{domain}' has no training data here: an expert without a source is fine-tuned "
+                f"on an embedded skill's train split ({', '.join(skills) or 'none listed in suites.skills'}); "
+                "give the expert a source (hub or local) or a skill domain")
         experts[name] = _expert(cfg, e, key, base, layout)
 
     plan = Plan(config=cfg, layout=layout, base=base, experts=experts, skills=skills, heldout=heldout,
@@ -265,6 +296,9 @@ def _base(cfg: dict, layout: Layout) -> Checkpoint:
     source = b.get("source")
     _check_local_source(source, "base.source")
     pretrain = None if source else {**b["pretrain"], "seed": b["pretrain"].get("seed", cfg["seed"])}
+    if pretrain and not (cfg["suites"]["skills"] or cfg["suites"]["heldout"]):
+        raise ConfigError("base.pretrain: a pretrained base is trained on the embedded suites' data, but the "
+                          "config lists none (suites.skills, suites.heldout); give the base a source instead")
     definition = {"source": source, "pretrain": pretrain}
     if pretrain:  # a pretrained base also depends on the data it is trained on
         definition["data"] = {"skills": cfg["suites"]["skills"], "heldout": cfg["suites"]["heldout"],
@@ -279,24 +313,38 @@ def _expert(cfg: dict, e: dict, key: str, base: Checkpoint, layout: Layout) -> C
     source = e.get("source")
     _check_local_source(source, f"{key}.source")
     if source:
-        definition = {"source": source, "skill": e["skill"], "base": base.uid}
+        definition = {"source": source, "skill": e["domain"], "base": base.uid}
         return Checkpoint(name=name, role="expert", stage="fetch", uid=definition_uid(name, definition),
-                          dir=layout.checkpoint(name), domain=e["skill"], source=source)
+                          dir=layout.checkpoint(name), domain=e["domain"], source=source)
     recipe = {**cfg["finetune"], **(e.get("finetune") or {})}
     recipe.setdefault("seed", cfg["seed"])
-    definition = {"skill": e["skill"], "finetune": recipe, "base": base.uid,
+    # "skill" is the key the uid was first computed with: kept so existing experts keep their uid
+    definition = {"skill": e["domain"], "finetune": recipe, "base": base.uid,
                   "data": {"sizes": cfg["suites"]["sizes"], "seed": cfg["seed"]}}
     return Checkpoint(name=name, role="expert", stage="finetune", uid=definition_uid(name, definition),
-                      dir=layout.trained_expert(name), domain=e["skill"], recipe=recipe)
+                      dir=layout.trained_expert(name), domain=e["domain"], recipe=recipe)
 
 
-def _align_job(plan: Plan, model: str, reference: str, method: str) -> AlignJob:
-    key = (model, reference, method)
-    if key in plan.align_jobs:
-        return plan.align_jobs[key]
+def _align_text_suite(plan: Plan, model: str, key: str) -> str:
+    """The generated suite whose text an align job uses (activation matching, the LMC curve): the
+    expert's domain when it is a generated suite, else the first generated suite of the config."""
+    domain = plan.experts[model].domain if model in plan.experts else None
+    if domain in plan.data_suites:
+        return domain
+    if plan.data_suites:
+        return plan.data_suites[0]
+    raise ConfigError(f"{key}: alignment measures its linear-mode-connectivity curve (and activation matching "
+                      "its activations) on text of an embedded suite, but the config lists none; add one to "
+                      "suites.skills or suites.heldout, or drop the align key")
+
+
+def _align_job(plan: Plan, model: str, reference: str, method: str, key: str = "align") -> AlignJob:
+    jkey = (model, reference, method)
+    if jkey in plan.align_jobs:
+        return plan.align_jobs[jkey]
     acfg = plan.config["align"]
     seed = acfg.get("seed", plan.config["seed"])
-    skill = plan.experts[model].domain if model in plan.experts else plan.skills[0]
+    skill = _align_text_suite(plan, model, key)
     uid = "align@" + short_hash({"model": plan.uid(model), "reference": plan.uid(reference), "method": method,
                                  "seed": seed, "max_iter": acfg["max_iter"],
                                  "data": [skill, acfg["data_split"]] if method == "activation_matching" else None})
@@ -308,22 +356,76 @@ def _align_job(plan: Plan, model: str, reference: str, method: str) -> AlignJob:
         data=L.data_split(skill, acfg["data_split"]) if method == "activation_matching" else None,
         lmc_data=L.data_split(skill, acfg["lmc_split"]), seed=seed, max_iter=acfg["max_iter"],
     )
-    plan.align_jobs[key] = job
+    plan.align_jobs[jkey] = job
     return job
+
+
+def expert_sets(plan: Plan, m: dict, key: str) -> list[tuple[str, ...]]:
+    """The expert lists one ``merges[]`` entry merges: its ``experts`` list (default: every
+    expert), or every combination of ``experts.subsets`` sizes (``all``: 2 .. n) drawn from
+    ``experts.from`` (default: every expert), or ``experts.sample`` of them per size (a seeded
+    draw: ``experts.seed``, else the config's seed). Combinations keep the config's expert order,
+    so a subset has one canonical order and so one id per grid point, however it was reached."""
+    spec = m.get("experts")
+    if not isinstance(spec, dict):
+        names = list(spec or plan.experts)
+        for n in names:
+            if n not in plan.experts:
+                raise ConfigError(f"{key}.experts: '{n}' is not a configured expert ({', '.join(plan.experts)})")
+        return [tuple(names)]
+    pool = list(spec.get("from") or plan.experts)
+    for n in pool:
+        if n not in plan.experts:
+            raise ConfigError(f"{key}.experts.from: '{n}' is not a configured expert ({', '.join(plan.experts)})")
+    order = {n: i for i, n in enumerate(plan.experts)}
+    pool.sort(key=order.__getitem__)
+    sizes = spec["subsets"]
+    if sizes == "all":
+        sizes = list(range(2, len(pool) + 1))
+        if not sizes:
+            raise ConfigError(f"{key}.experts.subsets: 'all' needs at least two experts to choose from "
+                              f"(there is {len(pool)})")
+    too_big = [k for k in sizes if k > len(pool)]
+    if too_big:
+        raise ConfigError(f"{key}.experts.subsets: size {too_big[0]} is larger than the {len(pool)} expert(s) "
+                          f"to choose from ({', '.join(pool)})")
+    sets = []
+    for k in sorted(sizes):
+        combos = list(itertools.combinations(pool, k))
+        if spec.get("sample") and spec["sample"] < len(combos):
+            import random
+
+            # seeded by (seed, size): adding a size to the list does not change the other sizes' draws
+            rng = random.Random(f"{spec.get('seed', plan.config['seed'])}:{k}")
+            picked = sorted(rng.sample(range(len(combos)), spec["sample"]))
+            combos = [combos[i] for i in picked]
+        sets.extend(combos)
+    return sets
 
 
 def _plan_merges(plan: Plan, m: dict, key: str, entry: int) -> None:
     from mergesweep.merge.grid import expand_grid
-    from mergesweep.merge.identity import merge_identity
     from mergesweep.merge.methods import REGISTRY
 
     method = m["method"]
     if method not in REGISTRY:
         raise ConfigError(f"{key}.method: unknown merge method '{method}' (known: {', '.join(sorted(REGISTRY))})")
-    names = list(m.get("experts") or plan.experts)
-    for n in names:
-        if n not in plan.experts:
-            raise ConfigError(f"{key}.experts: '{n}' is not a configured expert ({', '.join(plan.experts)})")
+    sets = expert_sets(plan, m, key)
+    try:
+        points = expand_grid(m["params"])
+    except ConfigError as err:
+        raise ConfigError(f"{key}.{err}") from None
+    subsets = isinstance(m.get("experts"), dict)
+    for names in sets:
+        # a subset's error says which subset: ``merges[2] (experts a, b).params.weight: ...``
+        where = f"{key} (experts {', '.join(names)})" if subsets else key
+        _plan_merge_set(plan, m, where, key, entry, method, names, points)
+
+
+def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, method: str,
+                    names: tuple[str, ...], points: list[dict]) -> None:
+    from mergesweep.merge.identity import merge_identity
+
     align = None
     if m.get("align") is not None:
         a = m["align"]
@@ -331,11 +433,10 @@ def _plan_merges(plan: Plan, m: dict, key: str, entry: int) -> None:
         ref = plan.base.name if ref == "base" else ref
         if ref != plan.base.name and ref not in plan.experts:
             raise ConfigError(f"{key}.align.reference: '{ref}' is neither 'base' nor an expert")
-        align = tuple(None if e == ref else _align_job(plan, e, ref, a["method"]) for e in names)
-    try:
-        points = expand_grid(m["params"])
-    except ConfigError as err:
-        raise ConfigError(f"{key}.{err}") from None
+        if ref != plan.base.name and ref not in names:
+            raise ConfigError(f"{where}.align.reference: '{ref}' is not one of the experts merged; with "
+                              "expert subsets align onto the base (reference: base)")
+        align = tuple(None if e == ref else _align_job(plan, e, ref, a["method"], f"{key}.align") for e in names)
     ms = plan.merge_settings
     for point in points:
         try:
@@ -345,7 +446,7 @@ def _plan_merges(plan: Plan, m: dict, key: str, entry: int) -> None:
                 dtype=ms["dtype"], vocab_policy=ms["vocab_policy"],
             )
         except ConfigError as err:
-            raise ConfigError(f"{key}.{err}") from None
+            raise ConfigError(f"{where}.{err}") from None
         if mid not in plan.merges:
             plan.merges[mid] = Merge(mid, method, params, tuple(names), align, entry,
                                      plan.layout.merged_model(mid), plan.layout.merge_yaml(mid))

