@@ -16,7 +16,8 @@ selects on validation and ranks on test). Per leaf task (groups such as ``mmlu``
 
 When the few-shot examples of a sliced task come from its source split (it has no training or
 separate few-shot split), each run draws them from its own slice only, so no test example is
-ever shown while scoring validation, nor the other way round.
+ever shown while scoring validation, nor the other way round; and never the example being scored
+(lm-eval 0.4.13 excludes it only when the task names its few-shot split explicitly).
 
 lm-eval 0.4.13's ``ConfigurableTask`` evaluates ``test_docs()`` when ``config.test_split`` is set,
 else ``validation_docs()`` (``eval_docs``); each reads ``task.dataset[<split>]`` through
@@ -139,12 +140,14 @@ def use_split(tasks: list, plans: dict[str, SplitPlan], which: str) -> Iterator[
     """Within the block, each task of ``tasks`` evaluates the ``which`` split of its plan."""
     if which not in SPLITS:
         raise ValueError(f"split {which!r}: expected one of {SPLITS}")
-    saved: list[tuple[Any, Any, Any, Any]] = []
+    saved: list[tuple[Any, ...]] = []
     try:
         for task in tasks:
             plan = plans[task.config.task]
             sampler = getattr(task, "sampler", None)
-            saved.append((task, task.config.test_split, task.dataset, getattr(sampler, "df", None)))
+            fs_cfg = getattr(task, "fewshot_cfg", None)
+            saved.append((task, task.config.test_split, task.dataset, getattr(sampler, "df", None),
+                          getattr(sampler, "_loaded", None), getattr(fs_cfg, "split", None)))
             if plan.rule == "task_splits":
                 task.config.test_split = plan.validation["split"] if which == "validation" else plan.test["split"]
                 continue
@@ -155,12 +158,19 @@ def use_split(tasks: list, plans: dict[str, SplitPlan], which: str) -> Iterator[
             task.dataset = dataset
             task.config.test_split = source
             if sampler is not None and plan.fewshot_split == source:
-                # few-shot examples from this slice only
+                # few-shot examples from this slice only, never the example being scored (lm-eval
+                # leaves it out when the few-shot split is the evaluated one)
                 sampler.df = list(task.test_docs())
+                sampler._loaded = True  # the pool as given (no fewshot_indices applied to it)
+                if fs_cfg is not None:
+                    fs_cfg.split = source
         yield
     finally:
-        for task, test_split, dataset, df in reversed(saved):
+        for task, test_split, dataset, df, loaded, fs_split in reversed(saved):
             task.config.test_split = test_split
             task.dataset = dataset
             if df is not None:
                 task.sampler.df = df
+                task.sampler._loaded = loaded
+            if getattr(task, "fewshot_cfg", None) is not None:
+                task.fewshot_cfg.split = fs_split
