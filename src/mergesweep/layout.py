@@ -18,6 +18,7 @@ name from a config can climb out of its root.
     results/align/<model>--<ref>--<method>/{perm.safetensors,summary.json}
     results/lmc/<model>--<ref>--<method>.{json,png}
     results/evals/<model_id>/<suite>.json
+    results/datasets.json                the lm-eval datasets fetched before the evaluations
     results/tables/{scores,leaderboard,selection,pareto,lmc}.parquet, provenance.json
     results/leaderboard.md, results/report/{report.html,<figure>.png}
     results/logs/<stage>/...log
@@ -119,6 +120,11 @@ class Layout:
     def eval_spec(self) -> str:
         """The evaluation spec every evaluation job reads (its suites and options)."""
         return self._under(self.results, "evaluation.json")
+
+    @property
+    def datasets_manifest(self) -> str:
+        """What `mergesweep prefetch-datasets` fetched for the lm-eval suites (and where)."""
+        return self._under(self.results, "datasets.json")
 
     def table(self, name: str) -> str:
         return self._under(self.results, "tables", name, suffix=".parquet")

@@ -23,7 +23,24 @@ rule evaluation_spec:
         write_json(output[0], json.loads(params.doc))
 
 
+rule prefetch_datasets:
+    # the lm-eval suites' datasets, fetched on the submitting host into the HF datasets cache
+    # (HF_DATASETS_CACHE / HF_HOME as the user set them) before any evaluation job; the jobs
+    # themselves run offline. A dataset that cannot be fetched stops here, naming task and dataset.
+    input:
+        spec=L.eval_spec,
+    output:
+        L.datasets_manifest,
+    log:
+        L.log("prefetch_datasets", "datasets"),
+    localrule: True
+    shell:
+        "{MS} prefetch-datasets --spec {input.spec:q} --out {output:q} 2> {log:q}"
+
+
 GEN_TASKS = [L.tasks(s) for s in PLAN.data_suites]  # generated suites' task YAMLs (directories)
+# the prefetched datasets' manifest, when the plan has lm-eval suites
+EVAL_DATASETS = [L.datasets_manifest] if PLAN.lm_eval_suites else []
 EVAL_THREADS = RES.threads("evaluate", EVAL["threads"])
 PER_SUITE = EVAL["jobs"] == "per_suite"
 # per model: every suite's JSON is an output of the one job; per suite: {suite} is a wildcard
@@ -42,6 +59,7 @@ rule evaluate:
         model=lambda w: model_dir(w.reference),
         tasks=GEN_TASKS,
         spec=L.eval_spec,
+        datasets=EVAL_DATASETS,
     output:
         [L.eval_json("{reference}", s) for s in EVAL_SUITES],
     wildcard_constraints:
@@ -62,6 +80,7 @@ rule evaluate_merged:
         model=ancient(L.merged_model("{merge_id}")),
         tasks=GEN_TASKS,
         spec=L.eval_spec,
+        datasets=EVAL_DATASETS,
     output:
         [L.eval_json("{merge_id}", s) for s in EVAL_SUITES],
     threads: EVAL_THREADS
