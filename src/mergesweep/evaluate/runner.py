@@ -312,7 +312,7 @@ def lm_eval_task_manager(include_paths=(), names=(), key: str = "--lm-eval-tasks
         if (paths, False) not in _MANAGERS:
             _MANAGERS[(paths, False)] = TaskManager(include_path=list(paths), include_defaults=False)
         tm = _MANAGERS[(paths, False)]
-        if any(n not in tm.all_tasks for n in names):
+        if not _self_contained(tm, names):
             tm = None
     if tm is None:
         if (paths, True) not in _MANAGERS:
@@ -323,6 +323,34 @@ def lm_eval_task_manager(include_paths=(), names=(), key: str = "--lm-eval-tasks
         where = f" (nor in include_paths {', '.join(paths)})" if paths else ""
         raise EvaluationError(f"{key}: lm-eval has no task named {', '.join(unknown)}{where}")
     return tm
+
+
+def _self_contained(tm, names) -> bool:
+    """Whether ``names`` and, for groups, every member they name (recursively) are in ``tm``'s
+    index, so lm-eval's own tasks are not needed."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    todo, seen = list(names), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        entry = tm.task_index.get(n)
+        if entry is None:
+            return False
+        if entry.kind.name == "GROUP" and entry.yaml_path:
+            try:
+                cfg = load_yaml(entry.yaml_path, resolve_func=False)
+            except Exception:
+                return False
+            members = cfg.get("task") if isinstance(cfg, dict) else None
+            for m in members if isinstance(members, list) else []:
+                if isinstance(m, str):
+                    todo.append(m)
+                elif isinstance(m, dict) and isinstance(m.get("task"), str) and m["task"] in tm.task_index:
+                    todo.append(m["task"])
+    return True
 
 
 def _task_manager(tasks_dir: Path, suite: str, extra_tasks: list[str] | None, include_paths=()):
