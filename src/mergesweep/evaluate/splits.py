@@ -10,9 +10,11 @@ selects on validation and ranks on test). Per leaf task (groups such as ``mmlu``
 * **a seeded slice** (``rule: seeded_slice``): otherwise, of the split lm-eval evaluates the task
   on (its ``test_split``, else its ``validation_split``: the *source split*), ``size`` examples
   drawn with ``random.Random(seed).sample`` form the validation split and every other example
-  forms the test split; the two never overlap. The indices are those of the source split as the
-  dataset holds it (before the task's ``process_docs``, which may drop some); a slice that would
-  leave the test split empty is an error naming the task.
+  forms the test split; the two never overlap. ``size`` is capped at half the source split (a
+  small task keeps a test split as large as its validation split; the record keeps the size asked
+  for as ``requested_size``). The indices are those of the source split as the dataset holds it
+  (before the task's ``process_docs``, which may drop some); a source split of fewer than two
+  examples is an error naming the task.
 
 When the few-shot examples of a sliced task come from its source split (it has no training or
 separate few-shot split), each run draws them from its own slice only, so no test example is
@@ -123,14 +125,16 @@ def plan_splits(task, size: int, seed: int) -> SplitPlan:
         raise SplitError(f"task {name}: no split to evaluate on (test_split {cfg.test_split!r}, validation_split "
                          f"{cfg.validation_split!r}; the dataset has {', '.join(task.dataset or [])})")
     n = len(task.dataset[source])
-    try:
-        val, test = slice_indices(n, size, seed)
-    except SplitError:
-        raise SplitError(f"task {name}: validation size {size} leaves no test examples (its split '{source}' "
-                         f"has {n}); lower the suite's validation.size") from None
+    # at most half of the source split: the default size (100) must not empty the test split of
+    # a small task (COPA has 100 examples, CB 56); the record keeps the size asked for
+    take = min(size, n // 2)
+    if take < 1:
+        raise SplitError(f"task {name}: its split '{source}' has {n} example(s): too few to hold out a "
+                         "validation slice")
+    val, test = slice_indices(n, take, seed)
     common = {"source_split": source, "seed": seed}
     return SplitPlan(name, "seeded_slice",
-                     {**common, "size": len(val), "indices": val},
+                     {**common, "size": len(val), "requested_size": size, "indices": val},
                      {**common, "size": len(test), "indices": test}, fs,
                      _indices={"validation": val, "test": test})
 
