@@ -116,16 +116,18 @@ def failures(scores: pd.DataFrame) -> pd.DataFrame:
     evaluation at all (``status="missing"``) although the suite was evaluated for other models."""
     cols = ["model_id", "role", "method", "params", "suite", "status", "error"]
     err = scores.loc[scores["status"] == "error", cols].drop_duplicates(["model_id", "suite"])
-    have = set(zip(scores["model_id"], scores["suite"]))
+    pairs = scores[["model_id", "suite"]].drop_duplicates()
+    have = set(zip(pairs["model_id"], pairs["suite"]))
     models = scores.drop_duplicates("model_id").set_index("model_id")
+    suites = sorted(scores["suite"].unique())
     missing = [
         {"model_id": m, "role": models.at[m, "role"], "method": models.at[m, "method"],
          "params": models.at[m, "params"], "suite": s, "status": "missing",
          "error": "no evaluation file for this (model, suite)"}
         for m in models.index
-        for s in sorted(scores["suite"].unique())
+        for s in suites
         if (m, s) not in have
-    ]
+    ] if len(have) < len(models) * len(suites) else []
     out = pd.concat([err, pd.DataFrame(missing, columns=cols)], ignore_index=True)
     return out.sort_values(["model_id", "suite"], kind="stable").reset_index(drop=True)
 
@@ -143,28 +145,27 @@ def models_table(scores: pd.DataFrame) -> pd.DataFrame:
     first = scores.drop_duplicates("model_id").set_index("model_id")
     meta = first[["role", "method", "params", "base", "experts", "domain", "align", "source",
                   "fingerprint", "merge_runtime_s", "merge_peak_rss_mb"]].copy()
-    cost = scores.drop_duplicates(["model_id", "suite"]).groupby("model_id").agg(
-        eval_runtime_s=("runtime_s", lambda s: s.sum(min_count=1)),
-        eval_peak_rss_mb=("peak_rss_mb", "max"),
-    )
+    per_eval = scores.drop_duplicates(["model_id", "suite"]).groupby("model_id")
+    cost = pd.DataFrame({"eval_runtime_s": per_eval["runtime_s"].sum(min_count=1),
+                         "eval_peak_rss_mb": per_eval["peak_rss_mb"].max()})
     meta = meta.join(cost)
     skills = sorted(scores.loc[scores["suite_role"] == "skill", "suite"].unique())
     expert_domain = meta.loc[meta["role"] == "expert", "domain"].to_dict()
 
-    def domains(row) -> list[str]:
-        if row["role"] == "expert":
-            return [row["domain"]] if isinstance(row["domain"], str) else []
-        if row["role"] == "merged":
-            ids = json.loads(row["experts"] or "[]")
+    def domains(model_id, role, domain, experts) -> list[str]:
+        if role == "expert":
+            return [domain] if isinstance(domain, str) else []
+        if role == "merged":
+            ids = json.loads(experts or "[]")
             found = [expert_domain[e] for e in ids if isinstance(expert_domain.get(e), str)]
             unknown = [e for e in ids if e not in expert_domain]
             if unknown:
                 log.warning("merged model %s: expert(s) %s have no evaluations; their domains "
-                            "are unknown", row.name, ", ".join(unknown))
+                            "are unknown", model_id, ", ".join(unknown))
             return list(dict.fromkeys(found))
         return list(skills)
 
-    meta["domains"] = [domains(r) for _, r in meta.iterrows()]
+    meta["domains"] = [domains(*r) for r in zip(meta.index, meta["role"], meta["domain"], meta["experts"])]
     return meta
 
 
@@ -221,6 +222,40 @@ def base_for(model_row: pd.Series, models: pd.DataFrame) -> str | None:
 # normalised scores and forgetting
 
 
+def _own_experts(models: pd.DataFrame) -> list[list[str]]:
+    """Each model's experts (JSON list), parsed once."""
+    return [json.loads(e or "[]") if isinstance(e, str) else [] for e in models["experts"]]
+
+
+def _expert_of(model_id, role, domain, own: list[str], d: str, by_domain: dict[str, list[str]]) -> str | None:
+    """:func:`expert_for` on plain values."""
+    if role == "expert" and domain == d:
+        return model_id
+    experts = by_domain.get(d, [])
+    mine = [e for e in own if e in experts]
+    if mine:
+        return mine[0]
+    return experts[0] if len(experts) == 1 else None
+
+
+def _scores_of(suites: pd.DataFrame, model_ids, suite_names, splits, value: str = "score",
+               error: str = "stderr") -> tuple[np.ndarray, np.ndarray]:
+    """(value, error) columns of ``suites`` for each (model_id, suite, split) triple; NaN where
+    there is no such row."""
+    idx = pd.MultiIndex.from_frame(suites[["model_id", "suite", "split"]])
+    pos = idx.get_indexer(pd.MultiIndex.from_arrays([np.asarray(model_ids, dtype=object),
+                                                    np.asarray(suite_names, dtype=object),
+                                                    np.asarray(splits, dtype=object)]))
+    score = pd.to_numeric(suites[value], errors="coerce").astype(float).to_numpy()
+    stderr = pd.to_numeric(suites[error], errors="coerce").astype(float).to_numpy()
+    found = pos >= 0
+    out_s = np.full(len(pos), np.nan)
+    out_se = np.full(len(pos), np.nan)
+    out_s[found] = score[pos[found]]
+    out_se[found] = stderr[pos[found]]
+    return out_s, out_se
+
+
 def normalised_scores(suites: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     """Per (model, domain d, split): ``norm = s(m, d) / s(E_d, d)``.
 
@@ -233,27 +268,30 @@ def normalised_scores(suites: pd.DataFrame, models: pd.DataFrame) -> pd.DataFram
             "ref_stderr", "norm", "norm_stderr"]
     skills = sorted(set(d for ds in models["domains"] for d in ds) | set(
         models.loc[models["role"] == "expert", "domain"].dropna()))
-    idx = _index(suites)
     by_domain = _experts_by_domain(models)
-    rows = []
-    for mid, row in models.iterrows():
+    mids, doms, refs, splits = [], [], [], []
+    for mid, role, domain, own in zip(models.index, models["role"], models["domain"], _own_experts(models)):
         for d in skills:
-            ref = expert_for(row, d, models, by_domain)
+            ref = _expert_of(mid, role, domain, own, d, by_domain)
             for split in SPLITS:
-                s, se = _lookup(idx, mid, d, split)
-                rs, rse = _lookup(idx, ref, d, split) if ref else (math.nan, math.nan)
-                if rs and not math.isnan(rs) and rs > 0:
-                    norm = s / rs
-                    if ref == mid:
-                        nse = 0.0 if not math.isnan(s) else math.nan
-                    else:
-                        nse = math.sqrt((se / rs) ** 2 + (s * rse / rs**2) ** 2)
-                else:
-                    norm = nse = math.nan
-                if math.isnan(s) and math.isnan(rs):
-                    continue
-                rows.append([mid, d, split, s, se, ref, rs, rse, norm, nse])
-    return pd.DataFrame(rows, columns=cols)
+                mids.append(mid)
+                doms.append(d)
+                refs.append(ref)
+                splits.append(split)
+    s, se = _scores_of(suites, mids, doms, splits)
+    rs, rse = _scores_of(suites, refs, doms, splits)
+    is_ref = np.array([r == m for r, m in zip(refs, mids)], dtype=bool)
+    usable = np.isfinite(rs) & (rs > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = np.where(usable, s / rs, np.nan)
+        nse = np.where(is_ref, np.where(np.isnan(s), np.nan, 0.0),
+                       np.sqrt((se / rs) ** 2 + (s * rse / rs**2) ** 2))
+    nse = np.where(usable, nse, np.nan)
+    keep = ~(np.isnan(s) & np.isnan(rs))
+    out = pd.DataFrame({"model_id": mids, "suite": doms, "split": splits, "score": s, "stderr": se,
+                        "ref_model_id": refs, "ref_score": rs, "ref_stderr": rse, "norm": norm,
+                        "norm_stderr": nse}, columns=cols)
+    return out[keep].reset_index(drop=True)
 
 
 def heldout_deltas(suites: pd.DataFrame, models: pd.DataFrame, heldout: list[str]) -> pd.DataFrame:
@@ -262,53 +300,55 @@ def heldout_deltas(suites: pd.DataFrame, models: pd.DataFrame, heldout: list[str
     ``se = sqrt(se_m^2 + se_B^2)``. The base itself is left out."""
     cols = ["model_id", "suite", "split", "score", "stderr", "base_model_id", "base_score",
             "base_stderr", "delta", "delta_stderr"]
-    idx = _index(suites)
-    rows = []
-    for mid, row in models.iterrows():
-        if row["role"] == "base":
+    bases = list(models.index[models["role"] == "base"])
+    only = bases[0] if len(bases) == 1 else None
+    base_set = set(bases)
+    mids, hs, bs, splits = [], [], [], []
+    for mid, role, base in zip(models.index, models["role"], models["base"]):
+        if role == "base":
             continue
-        b = base_for(row, models)
+        b = base if isinstance(base, str) and base in base_set else only
         for h in heldout:
             for split in SPLITS:
-                s, se = _lookup(idx, mid, h, split)
-                bs, bse = _lookup(idx, b, h, split) if b else (math.nan, math.nan)
-                if math.isnan(s) and math.isnan(bs):
-                    continue
-                rows.append([mid, h, split, s, se, b, bs, bse, s - bs, math.hypot(se, bse)])
-    return pd.DataFrame(rows, columns=cols)
-
-
-def _index(suites: pd.DataFrame) -> dict[tuple, tuple[float, float]]:
-    """(model_id, suite, split) -> (score, stderr)."""
-    return {
-        (m, q, sp): (float(v), float(se) if pd.notna(se) else math.nan)
-        for m, q, sp, v, se in zip(suites["model_id"], suites["suite"], suites["split"],
-                                   suites["score"], suites["stderr"])
-    }
-
-
-def _lookup(idx: dict, model_id, suite, split) -> tuple[float, float]:
-    return idx.get((model_id, suite, split), (math.nan, math.nan))
+                mids.append(mid)
+                hs.append(h)
+                bs.append(b)
+                splits.append(split)
+    s, se = _scores_of(suites, mids, hs, splits)
+    b_s, b_se = _scores_of(suites, bs, hs, splits)
+    keep = ~(np.isnan(s) & np.isnan(b_s))
+    out = pd.DataFrame({"model_id": mids, "suite": hs, "split": splits, "score": s, "stderr": se,
+                        "base_model_id": bs, "base_score": b_s, "base_stderr": b_se, "delta": s - b_s,
+                        "delta_stderr": np.hypot(se, b_se)}, columns=cols)
+    return out[keep].reset_index(drop=True)
 
 
 def mean_normalised(norm: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     """Per (model, split): ``norm_mean = (1/D) sum_d norm(m, d)`` over the model's own domains
     ``D``, with ``se = sqrt(sum_d se_d^2) / D``. NaN if any of its domains is NaN: a model is
     never averaged over fewer domains than it covers."""
-    rows = []
-    idx = {(m, q, sp): (v, se) for m, q, sp, v, se in
-           zip(norm["model_id"], norm["suite"], norm["split"], norm["norm"], norm["norm_stderr"])}
-    for mid, row in models.iterrows():
-        ds = row["domains"]
-        for split in SPLITS:
-            if not ds:
-                m = se = math.nan
-            else:
-                v = np.array([idx.get((mid, d, split), (math.nan, math.nan)) for d in ds], dtype=float)
-                m = float(v[:, 0].mean())
-                se = float(math.sqrt((v[:, 1] ** 2).sum()) / len(ds))
-            rows.append([mid, split, m, se, len(ds)])
-    return pd.DataFrame(rows, columns=["model_id", "split", "norm_mean", "norm_mean_stderr", "n_domains"])
+    cols = ["model_id", "split", "norm_mean", "norm_mean_stderr", "n_domains"]
+    ids = list(models.index)
+    n_dom = np.array([len(ds) for ds in models["domains"]], dtype=int)
+    mean = np.full((len(ids), len(SPLITS)), np.nan)
+    se = np.full((len(ids), len(SPLITS)), np.nan)
+    for D in sorted(set(n_dom) - {0}):
+        rows = np.flatnonzero(n_dom == D)
+        for k, split in enumerate(SPLITS):
+            m_ids = [ids[i] for i in rows for _ in range(D)]
+            doms = [d for i in rows for d in models["domains"].iloc[i]]
+            v, e = _scores_of(norm, m_ids, doms, [split] * len(m_ids), "norm", "norm_stderr")
+            v, e = v.reshape(len(rows), D), e.reshape(len(rows), D)
+            # the same reductions, in the same order, as numpy over each model's own row
+            mean[rows, k] = v.mean(axis=1)
+            se[rows, k] = np.sqrt((e**2).sum(axis=1)) / D
+    return pd.DataFrame({
+        "model_id": np.repeat(np.asarray(ids, dtype=object), len(SPLITS)),
+        "split": np.tile(np.asarray(SPLITS, dtype=object), len(ids)),
+        "norm_mean": mean.ravel(),
+        "norm_mean_stderr": se.ravel(),
+        "n_domains": np.repeat(n_dom, len(SPLITS)),
+    }, columns=cols)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,13 +399,24 @@ def pareto_front(x, y) -> np.ndarray:
     Point ``i`` is dominated if some ``j`` has ``x_j >= x_i`` and ``y_j >= y_i`` with at least
     one strict inequality; identical points do not dominate each other. Points with a NaN
     coordinate are never on the front.
+
+    O(n log n): sorted by x descending (then y descending), a point is dominated exactly when a
+    point of strictly larger x has y at least as large (the running maximum of y before its
+    group of equal x), or a point of equal x has a strictly larger y (its group's first y).
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
     front = np.zeros(len(x), dtype=bool)
-    for i in np.flatnonzero(ok):
-        ge = ok & (x >= x[i]) & (y >= y[i])
-        gt = (x > x[i]) | (y > y[i])
-        front[i] = not np.any(ge & gt)
+    ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    if not len(ok):
+        return front
+    xs, ys = x[ok], y[ok]
+    order = np.lexsort((-ys, -xs))
+    xs, ys = xs[order], ys[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(xs)]))
+    best_before = np.full(len(starts), -np.inf)  # max y over strictly larger x
+    best_before[1:] = np.maximum.accumulate(ys)[starts[1:] - 1]
+    dominated = (best_before[group] >= ys) | (ys[starts][group] > ys)
+    front[ok[order]] = ~dominated
     return front

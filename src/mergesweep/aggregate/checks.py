@@ -13,6 +13,7 @@ import fnmatch
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 
 INF = math.inf
@@ -117,17 +118,37 @@ def check_scores(df: pd.DataFrame, source: str, *, inputs: Iterable[str] | None 
         examples = "; ".join(f"{r.model_id}/{r.suite}: {r.error}" for r in errs.itertuples())
         raise ScoresError(f"{source}: no evaluation succeeded ({len(df)} error rows, e.g. {examples}); "
                           "nothing is written")
-    keys = df[ROW_KEY].astype(object).where(df[ROW_KEY].notna(), "")
-    dup = keys.duplicated(keep=False)
+    dup = df.duplicated(ROW_KEY, keep=False)  # nulls are equal to each other here
     if dup.any():
         first = df[dup].iloc[0]
-        same = (keys == keys[dup].iloc[0]).all(axis=1)
+        same = pd.Series(True, index=df.index)
+        for c in ROW_KEY:
+            v = first[c]
+            same &= df[c].isna() if _py(v) is None else (df[c] == v).fillna(False).astype(bool)
         files = sorted({str(f) for f in df.loc[same, "eval_file"].dropna()}) if "eval_file" in df else []
         raise ScoresError(f"{source}: duplicated row ({_origin(first)}) appears {int(same.sum())} times"
                           + (f", in {', '.join(files)}" if files else ""))
-    for _, row in ok.iterrows():
+    bad = _impossible(ok)
+    for i in np.flatnonzero(bad.to_numpy()):  # the first row whose problem has a message
+        row = ok.iloc[i]
         if not isinstance(_py(row["metric"]), str):
             raise ScoresError(f"{source}: ok row without a metric ({_origin(row)})")
         problem = value_problem(row["metric"], _py(row["value"]), _py(row["stderr"]), _py(row["n"]))
         if problem:
             raise ScoresError(f"{source}: {problem} ({_origin(row)})")
+
+
+def _impossible(ok: pd.DataFrame) -> pd.Series:
+    """Rows :func:`value_problem` may refuse, found column-wise (a superset: each is re-checked
+    with :func:`value_problem`, which words the message)."""
+    value = pd.to_numeric(ok["value"], errors="coerce").astype(float)
+    stderr = pd.to_numeric(ok["stderr"], errors="coerce").astype(float)
+    n = pd.to_numeric(ok["n"], errors="coerce").astype(float)
+    bad = ok["metric"].isna() | ~np.isfinite(value) | (ok["value"].notna() & value.isna())
+    bad |= np.isinf(stderr) | (stderr < 0) | (ok["stderr"].notna() & stderr.isna())
+    bad |= (n < 0) | (n != np.floor(n)) & n.notna() | (ok["n"].notna() & n.isna())
+    for metric in ok["metric"].dropna().unique():
+        lo, hi = metric_range(str(metric))
+        m = (ok["metric"] == metric).to_numpy()
+        bad |= m & ((value < lo) | (value > hi))
+    return bad

@@ -191,39 +191,52 @@ def _score_col_order(skills: list[str], heldout: list[str]):
     return key
 
 
+SELECTION_COLUMNS = ["method", "method_label", "sweep_label", "align", "base", "experts", "n_points", "n_eligible",
+                     "n_failed", "selected_model_id", "params", "val_norm_mean", "test_norm_mean",
+                     "test_norm_mean_stderr", "rank", "note"]
+
+
+def _group_keys(df: pd.DataFrame) -> pd.Series:
+    """One hashable key per row from :data:`analysis.GROUP_COLUMNS` (null as "")."""
+    keys = df[A.GROUP_COLUMNS].astype(object).where(df[A.GROUP_COLUMNS].notna(), "")
+    return pd.Series(list(zip(*(keys[c] for c in A.GROUP_COLUMNS))), index=df.index, dtype=object)
+
+
 def _selection_table(sel: pd.DataFrame, merged: pd.DataFrame) -> pd.DataFrame:
+    if sel.empty:
+        return pd.DataFrame(columns=SELECTION_COLUMNS)
+    groups = _group_keys(merged)
+    per_group = pd.DataFrame({"key": groups, "label": merged["sweep_label"],
+                              "failed": merged["status"] == "error"}).groupby("key", sort=False)
+    label, n_failed = per_group["label"].first(), per_group["failed"].sum()
+    skey = _group_keys(sel)
     by_id = merged.set_index("model_id")
-    rows = []
-    for _, s in sel.iterrows():
-        mid = s["selected_model_id"]
-        r = by_id.loc[mid] if isinstance(mid, str) else None
-        in_group = (merged[A.GROUP_COLUMNS].astype(object).fillna("") ==
-                    pd.Series({c: ("" if pd.isna(s[c]) else s[c]) for c in A.GROUP_COLUMNS})).all(axis=1)
-        rows.append({
-            "method": s["method"],
-            "method_label": A.method_label(s["method"], s["align"]),
-            "sweep_label": str(merged.loc[in_group, "sweep_label"].iloc[0]),
-            "align": s["align"],
-            "base": s["base"],
-            "experts": s["experts"],
-            "n_points": int(s["n_points"]),
-            "n_eligible": int(s["n_eligible"]),
-            "n_failed": int((merged.loc[in_group, "status"] == "error").sum()),
-            "selected_model_id": mid if isinstance(mid, str) else None,
-            "params": r["params"] if r is not None else None,
-            "val_norm_mean": float(r[col("norm", "validation", "mean")]) if r is not None else math.nan,
-            "test_norm_mean": float(r[col("norm", "test", "mean")]) if r is not None else math.nan,
-            "test_norm_mean_stderr": float(r[col("norm", "test", "mean", True)]) if r is not None else math.nan,
-            "rank": r["rank"] if r is not None else pd.NA,
-            "note": None if r is not None else "no point has complete validation scores",
-        })
-    out = pd.DataFrame(rows)
-    if out.empty:
-        return pd.DataFrame(columns=["method", "method_label", "sweep_label", "align", "base", "experts", "n_points",
-                                     "n_eligible", "n_failed", "selected_model_id", "params",
-                                     "val_norm_mean", "test_norm_mean", "test_norm_mean_stderr",
-                                     "rank", "note"])
-    out["rank"] = out["rank"].astype("Int64")
+    mid = sel["selected_model_id"]
+    chosen = mid.map(lambda m: isinstance(m, str))
+    r = by_id.reindex(mid.where(chosen, None))
+
+    def picked(column: str, default):
+        values = r[column].to_numpy()
+        return [v if c else default for v, c in zip(values, chosen)]
+
+    out = pd.DataFrame({
+        "method": sel["method"].to_numpy(),
+        "method_label": [A.method_label(m, a) for m, a in zip(sel["method"], sel["align"])],
+        "sweep_label": [str(label[k]) for k in skey],
+        "align": sel["align"].to_numpy(),
+        "base": sel["base"].to_numpy(),
+        "experts": sel["experts"].to_numpy(),
+        "n_points": sel["n_points"].astype(int).to_numpy(),
+        "n_eligible": sel["n_eligible"].astype(int).to_numpy(),
+        "n_failed": [int(n_failed[k]) for k in skey],
+        "selected_model_id": [m if c else None for m, c in zip(mid, chosen)],
+        "params": picked("params", None),
+        "val_norm_mean": np.array(picked(col("norm", "validation", "mean"), math.nan), dtype=float),
+        "test_norm_mean": np.array(picked(col("norm", "test", "mean"), math.nan), dtype=float),
+        "test_norm_mean_stderr": np.array(picked(col("norm", "test", "mean", True), math.nan), dtype=float),
+        "rank": pd.array(picked("rank", pd.NA), dtype="Int64"),
+        "note": [None if c else "no point has complete validation scores" for c in chosen],
+    }, columns=SELECTION_COLUMNS)
     return out.sort_values(["rank", "sweep_label"], na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -232,7 +245,7 @@ def _pareto_table(merged: pd.DataFrame, skills: list[str]) -> pd.DataFrame:
     normalised scores, flagged ``on_front`` by :func:`analysis.pareto_front`."""
     cols = ["domain_x", "domain_y", "split", "model_id", "method", "method_label", "params",
             "x", "y", "x_stderr", "y_stderr", "on_front", "selected"]
-    rows = []
+    parts = []
     for dx, dy in itertools.combinations(skills, 2):
         for split in A.SPLITS:
             cx, cy = col("norm", split, dx), col("norm", split, dy)
@@ -241,9 +254,16 @@ def _pareto_table(merged: pd.DataFrame, skills: list[str]) -> pd.DataFrame:
             pts = merged[merged[cx].notna() & merged[cy].notna()]
             if pts.empty:
                 continue
-            front = A.pareto_front(pts[cx], pts[cy])
-            for (_, p), f in zip(pts.iterrows(), front):
-                rows.append([dx, dy, split, p["model_id"], p["method"], p["method_label"], p["params"],
-                             p[cx], p[cy], p[col("norm", split, dx, True)], p[col("norm", split, dy, True)],
-                             bool(f), bool(p["selected"])])
-    return pd.DataFrame(rows, columns=cols)
+            parts.append(pd.DataFrame({
+                "domain_x": dx, "domain_y": dy, "split": split,
+                "model_id": pts["model_id"].to_numpy(), "method": pts["method"].to_numpy(),
+                "method_label": pts["method_label"].to_numpy(), "params": pts["params"].to_numpy(),
+                "x": pts[cx].to_numpy(dtype=float), "y": pts[cy].to_numpy(dtype=float),
+                "x_stderr": pts[col("norm", split, dx, True)].to_numpy(dtype=float),
+                "y_stderr": pts[col("norm", split, dy, True)].to_numpy(dtype=float),
+                "on_front": A.pareto_front(pts[cx], pts[cy]),
+                "selected": pts["selected"].to_numpy(dtype=bool),
+            }, columns=cols))
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(parts, ignore_index=True)

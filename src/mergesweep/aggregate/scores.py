@@ -180,6 +180,22 @@ def check_eval_path(path: Path, model_id: str, suite: str) -> None:
                             f"(expected .../{model_id}/{suite}.json)")
 
 
+#: columns that vary within one evaluation file (one value per result row); every other column
+#: of :data:`SCORE_SCHEMA` is the same on every row of a file
+ROW_COLUMNS = ["task", "lm_eval_task", "metric", "filter", "split", "value", "stderr", "n", "status", "error",
+               "num_fewshot", "task_version"]
+#: the order of a file's rows (and, with role, model and suite, of the whole table); null first
+ROW_ORDER = ["task", "lm_eval_task", "metric", "filter", "split"]
+#: the positions in a row tuple of :data:`ROW_KEY`'s columns (model and suite are the file's)
+_FILE_KEY = [ROW_COLUMNS.index(c) for c in ROW_KEY if c in ROW_COLUMNS]
+_ORDER = [ROW_COLUMNS.index(c) for c in ROW_ORDER]
+
+
+def _null_first(row: tuple) -> tuple:
+    """Sort key of a row: :data:`ROW_ORDER`, a null before any value (as ``na_position="first"``)."""
+    return tuple((0, "") if row[j] is None else (1, row[j]) for j in _ORDER)
+
+
 def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
     """Rows of the scores table from one evaluation JSON (a path or the parsed dict).
 
@@ -192,6 +208,13 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
     malformed file, a path that is not ``<model_id>/<suite>.json``, an impossible value
     (:func:`mergesweep.aggregate.checks.value_problem`) or a duplicated result.
     """
+    common, rows = read_eval_file(path_or_dict)
+    return [{**common, **dict(zip(ROW_COLUMNS, r))} for r in rows]
+
+
+def read_eval_file(path_or_dict: str | Path | Mapping) -> tuple[dict, list[tuple]]:
+    """One evaluation JSON as ``(common, rows)``: the columns shared by all its rows, and one
+    tuple of :data:`ROW_COLUMNS` values per row (what :func:`rows_from_eval_json` expands)."""
     doc, where = _load(path_or_dict)
     if not isinstance(doc, Mapping):
         raise EvalFileError(f"{where}: expected a JSON object, got {type(doc).__name__}")
@@ -244,25 +267,10 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
         message = doc.get("error") if status == "error" else None
         message = message or ("evaluation reported status 'error' without a message"
                               if status == "error" else "evaluation file has no results")
-        return [
-            {
-                **common,
-                "task": suite,
-                "lm_eval_task": None,
-                "metric": None,
-                "filter": None,
-                "split": None,
-                "value": math.nan,
-                "stderr": math.nan,
-                "n": None,
-                "status": "error",
-                "error": str(message),
-                "num_fewshot": None,
-                "task_version": None,
-            }
-        ]
+        return common, [(suite, None, None, None, None, math.nan, math.nan, None, "error", str(message), None, None)]
     rows = []
     seen: dict[tuple, int] = {}
+    fewshot, task_versions = doc.get("num_fewshot"), doc.get("task_versions")
     for i, r in enumerate(results):
         if not isinstance(r, Mapping):
             raise EvalFileError(f"{where}: results[{i}] must be an object")
@@ -278,29 +286,17 @@ def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
         problem = value_problem(metric, r["value"], stderr, r.get("n"))
         if problem:
             raise EvalFileError(f"{where}: results[{i}] ({lm_task or task}, split {r['split']!r}): {problem}")
-        row = {
-            **common,
-            "task": task,
-            "lm_eval_task": lm_task,
-            "metric": metric,
-            "filter": str(r["filter"]) if r.get("filter") is not None else None,
-            "split": str(r["split"]),
-            "value": _float(r["value"]),
-            "stderr": _float(stderr),
-            "n": _int(r.get("n")),
-            "status": "ok",
-            "error": None,
-            "num_fewshot": _int(_per_task(doc.get("num_fewshot"), lm_task or task)),
-            "task_version": _str(_per_task(doc.get("task_versions"), lm_task or task)),
-        }
-        key = tuple(row[k] for k in ROW_KEY)
+        filt = str(r["filter"]) if r.get("filter") is not None else None
+        row = (task, lm_task, metric, filt, str(r["split"]), _float(r["value"]), _float(stderr), _int(r.get("n")),
+               "ok", None, _int(_per_task(fewshot, lm_task or task)), _str(_per_task(task_versions, lm_task or task)))
+        key = tuple(row[j] for j in _FILE_KEY)
         if key in seen:
             raise EvalFileError(f"{where}: results[{i}] duplicates results[{seen[key]}] (task {task!r}, "
-                                f"lm-eval task {lm_task!r}, metric {metric!r}, filter {row['filter']!r}, "
-                                f"split {row['split']!r})")
+                                f"lm-eval task {lm_task!r}, metric {metric!r}, filter {filt!r}, "
+                                f"split {row[4]!r})")
         seen[key] = i
         rows.append(row)
-    return rows
+    return common, rows
 
 
 def find_eval_files(inputs: Iterable[str | Path]) -> list[Path]:
@@ -320,13 +316,67 @@ def find_eval_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _fill_model_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Copy model-level columns across a model's rows (an error file may lack the ``model`` block)."""
-    for col in MODEL_COLUMNS:
-        df[col] = df.groupby("model_id", sort=False)[col].transform(
-            lambda s: s.ffill().bfill() if s.notna().any() else s
-        )
-    return df
+def read_models_list(path: str | Path) -> tuple[list[str], list[str] | None]:
+    """The models (and optionally the suites) a run evaluated: ``{"models": [...], "suites": [...]}``
+    as the workflow's ``evaluation_models`` rule writes it (``suites`` may be absent), or a text
+    file of model ids, one per line. Raises :class:`EvalFileError` naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise EvalFileError(f"{path}: models list not found") from None
+    if path.suffix == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EvalFileError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(doc, Mapping):
+            raise EvalFileError(f"{path}: expected a JSON object with key 'models'")
+        models, suites = doc.get("models"), doc.get("suites")
+        for key, value in (("models", models), ("suites", suites)):
+            if value is None and key == "suites":
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise EvalFileError(f"{path}: key '{key}' must be a list of non-empty strings")
+    else:
+        models = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        suites = None
+    if not models:
+        raise EvalFileError(f"{path}: lists no model")
+    dup = sorted({m for m in models if models.count(m) > 1}) if len(set(models)) != len(models) else []
+    if dup:
+        raise EvalFileError(f"{path}: model {dup[0]!r} is listed twice")
+    return list(models), (list(suites) if suites is not None else None)
+
+
+def eval_files_of(evals_dir: str | Path, models: list[str], suites: list[str] | None = None) -> list[Path]:
+    """The evaluation files of exactly ``models`` under ``evals_dir``: ``<dir>/<model>/<suite>.json``
+    for each of ``suites`` (every one must exist), or every ``<dir>/<model>/*.json`` when no
+    suites are given (each model must have at least one). Directories of other models (a stale
+    model of an older config) are not read. A missing file or model is an error naming it."""
+    root = Path(evals_dir)
+    if not root.is_dir():
+        raise EvalFileError(f"--evals-dir {root}: directory not found")
+    files: list[Path] = []
+    missing: list[str] = []
+    for m in models:
+        d = root / m
+        if suites is not None:
+            for q in suites:
+                p = d / f"{q}.json"
+                if p.is_file():
+                    files.append(p)
+                else:
+                    missing.append(str(p))
+        else:
+            found = sorted(p for p in d.glob("*.json") if not p.name.startswith(".")) if d.is_dir() else []
+            if not found:
+                missing.append(f"{d}/*.json")
+            files.extend(found)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EvalFileError(f"{missing[0]}: evaluation of a listed model not found{more}")
+    return files
 
 
 def infer_suite_roles(df: pd.DataFrame) -> pd.Series:
@@ -335,11 +385,10 @@ def infer_suite_roles(df: pd.DataFrame) -> pd.Series:
     An explicit ``suite_role`` carried by the evaluation file wins.
     """
     domains = set(df.loc[df["role"] == "expert", "domain"].dropna())
-    inferred = df["suite"].map(lambda s: "skill" if s in domains else "heldout")
-    explicit = df.groupby("suite")["suite_role"].transform(
-        lambda s: s.dropna().iloc[0] if s.notna().any() else None
-    )
-    return explicit.where(explicit.notna(), inferred)
+    explicit = df.loc[df["suite_role"].notna(), ["suite", "suite_role"]].drop_duplicates("suite")
+    roles = {q: ("skill" if q in domains else "heldout") for q in df["suite"].dropna().unique()}
+    roles.update(zip(explicit["suite"], explicit["suite_role"]))
+    return df["suite"].map(roles)
 
 
 _PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
@@ -355,6 +404,46 @@ def scores_frame(rows: list[dict]) -> pd.DataFrame:
     return _to_pandas(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA))
 
 
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _fill_model_columns(files: list[tuple[dict, list[tuple]]]) -> None:
+    """Give every file of a model the model-level columns (:data:`MODEL_COLUMNS`) the model's
+    other files carry (an error file may lack the ``model`` block): each missing value is the
+    first one any file of the model has. Works on the files' shared columns, before they are
+    expanded into rows."""
+    first: dict[str, dict[str, Any]] = {}
+    for common, _ in files:
+        known = first.setdefault(common["model_id"], {})
+        for c in MODEL_COLUMNS:
+            if c not in known and not _missing(common[c]):
+                known[c] = common[c]
+    for common, _ in files:
+        known = first[common["model_id"]]
+        for c in MODEL_COLUMNS:
+            if _missing(common[c]) and c in known:
+                common[c] = known[c]
+
+
+def _table(files: list[tuple[dict, list[tuple]]]) -> pa.Table:
+    """The scores table of parsed files, column by column (no dict per row)."""
+    role_order = {r: i for i, r in enumerate(ROLES)}
+    files = sorted(files, key=lambda f: (role_order.get(f[0]["role"], len(ROLES)), f[0]["model_id"], f[0]["suite"]))
+    counts = [len(rows) for _, rows in files]
+    columns = []
+    for name, typ in zip(SCORE_SCHEMA.names, SCORE_SCHEMA.types):
+        if name in ROW_COLUMNS:
+            j = ROW_COLUMNS.index(name)
+            values = [r[j] for _, rows in files for r in rows]
+        else:
+            values = []
+            for (common, _), k in zip(files, counts):
+                values.extend([common[name]] * k)
+        columns.append(pa.array(values, type=typ))
+    return pa.Table.from_arrays(columns, schema=SCORE_SCHEMA)
+
+
 def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
     """The long scores table from evaluation JSONs (paths, directories or parsed dicts).
 
@@ -364,34 +453,30 @@ def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
     items: list = []
     for p in paths:
         items.extend([p] if isinstance(p, Mapping) else find_eval_files([p]))
-    rows: list[dict] = []
+    files: list[tuple[dict, list[tuple]]] = []
     seen: dict[tuple[str, str], str] = {}
     for item in items:
-        new = rows_from_eval_json(item)
-        key = (new[0]["model_id"], new[0]["suite"])
+        common, rows = read_eval_file(item)
+        key = (common["model_id"], common["suite"])
         if key in seen:
             raise EvalFileError(
-                f"{new[0]['eval_file']}: (model {key[0]!r}, suite {key[1]!r}) already read from {seen[key]}"
+                f"{common['eval_file']}: (model {key[0]!r}, suite {key[1]!r}) already read from {seen[key]}"
             )
-        seen[key] = new[0]["eval_file"]
-        rows.extend(new)
-    df = scores_frame(rows)
-    if df.empty:
-        return df
-    df = _fill_model_columns(df)
-    missing_role = df.loc[df["role"].isna(), "model_id"].unique()
-    if len(missing_role):
+        seen[key] = common["eval_file"]
+        rows.sort(key=_null_first)
+        files.append((common, rows))
+    if not files:
+        return scores_frame([])
+    _fill_model_columns(files)
+    no_role = next((c for c, _ in files if c["role"] is None), None)
+    if no_role is not None:
         raise EvalFileError(
-            f"{seen[(missing_role[0], df.loc[df['model_id'] == missing_role[0], 'suite'].iloc[0])]}: "
-            f"no evaluation of model {missing_role[0]!r} carries its 'model' metadata (role)"
+            f"{no_role['eval_file']}: no evaluation of model {no_role['model_id']!r} carries its 'model' "
+            "metadata (role)"
         )
+    df = _to_pandas(_table(files))
+    del files
     df["suite_role"] = infer_suite_roles(df).astype(df["suite"].dtype)
-    role_order = {r: i for i, r in enumerate(ROLES)}
-    df = df.assign(_r=df["role"].map(role_order)).sort_values(
-        ["_r", "model_id", "suite", "task", "lm_eval_task", "metric", "filter", "split"],
-        na_position="first", kind="stable",
-    )
-    df = df.drop(columns="_r").reset_index(drop=True)
     n_err = int((df["status"] == "error").sum())
     log.info(
         "scores: %d rows, %d models, %d suites, %d failed evaluations",
@@ -400,12 +485,15 @@ def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
     return df
 
 
-def write_scores(df: pd.DataFrame, path: str | Path, provenance: Mapping | None = None) -> None:
-    """Write the scores table atomically, with the provenance as parquet schema metadata."""
+def write_scores(df: pd.DataFrame, path: str | Path, provenance: Mapping | None = None, *,
+                 checked: bool = False) -> None:
+    """Write the scores table atomically, with the provenance as parquet schema metadata.
+    The table is checked first (:func:`check_scores`) unless the caller just did (``checked``)."""
     missing = [c for c in SCORE_COLUMNS if c not in df.columns]
     if missing:
         raise ScoresError(f"{path}: scores table lacks column(s) {', '.join(missing)}")
-    check_scores(df, f"refusing to write {path}")
+    if not checked:
+        check_scores(df, f"refusing to write {path}")
     table = pa.Table.from_pandas(df[SCORE_COLUMNS], schema=SCORE_SCHEMA, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION.encode()
