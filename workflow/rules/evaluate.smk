@@ -49,7 +49,7 @@ EVAL_PICK = "--suites {wildcards.suite:q}" if PER_SUITE else ""
 EVAL_LOG = ("{suite}",) if PER_SUITE else ()
 EVAL_LOG_STAGE = "evaluate_suite" if PER_SUITE else "evaluate"  # logs/<stage>/<model>[/<suite>].log
 # the same resources and command for reference and merged models
-EVAL_RESOURCES = RES.of("evaluate", units=1 if PER_SUITE else len(PLAN.suites))
+EVAL_RESOURCES = RES.of("evaluate", units=RES.eval_units())
 EVAL_CMD = ("{MS} evaluate --model {input.model:q} --spec {input.spec:q} " + EVAL_PICK +
             " --threads {threads} --out {output:q} 2> {log:q}")
 
