@@ -238,3 +238,22 @@ def test_subset_sample_is_seeded_and_per_size(cfg):
     assert [s for s in sets(subsets=[2, 5], sample=3)] == [s for s in a if len(s) != 3]
     others = [sets(subsets=[2], sample=3, seed=s) for s in range(1, 6)]
     assert any(o != a[:3] for o in others)
+
+
+def test_alignment_text_for_experts_of_lm_eval_domains(cfg):
+    """An align job measures LMC (and activation matching its activations) on embedded text: an
+    expert whose domain is an lm-eval suite uses the config's first embedded suite; with none,
+    the error names the merge's align key."""
+    cfg["suites"] = {"skills": ["reverse"], "lm_eval": {"math": ["gsm8k"]}}
+    cfg["experts"] = [{"name": "math-expert", "domain": "math", "source": {"type": "hub", "repo_id": "o/m"}},
+                      {"name": "tiny-reverse", "domain": "reverse"}]
+    cfg["merges"] = [{"method": "task_arithmetic", "align": {"method": "activation_matching"}}]
+    plan = build_plan(cfg)
+    jobs = {j.model: j for j in plan.align_jobs.values()}
+    assert jobs["math-expert"].lmc_data == jobs["tiny-reverse"].lmc_data == "resources/data/reverse/validation.jsonl"
+    assert jobs["math-expert"].data == "resources/data/reverse/train.jsonl"
+    cfg["suites"] = {"lm_eval": {"math": ["gsm8k"], "code": ["mbpp"]}}
+    cfg["base"] = {"name": "b", "source": {"type": "hub", "repo_id": "o/b"}}
+    cfg["experts"][1] = {"name": "code-expert", "domain": "code", "source": {"type": "hub", "repo_id": "o/c"}}
+    with pytest.raises(ConfigError, match=r"^merges\[0\]\.align: alignment measures its linear-mode-connectivity"):
+        build_plan(cfg)
