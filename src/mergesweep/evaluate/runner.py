@@ -38,6 +38,7 @@ Two kinds of failure, kept apart (docs/evaluate.md):
 from __future__ import annotations
 
 import errno
+from contextlib import contextmanager
 import json
 import logging
 import math
@@ -597,16 +598,10 @@ def evaluate_suites(
     model_id = rec.model_id if rec else model_dir.name
 
     # ---- lm-eval, task index, device: failures here are the machine's or the inputs'
-    try:
+    with _infrastructure_errors(model_dir):
         managers = {s.name: _task_manager(Path(s.tasks_dir or "."), s.name, list(s.lm_eval_tasks) or None,
                                           include_paths) for s in suites}
         used_device = resolve(device)
-    except EvaluationError:
-        raise
-    except Exception as e:
-        if is_infrastructure(e):
-            raise EvaluationError(f"evaluation of {model_dir}: {_describe(e)}") from e
-        raise
 
     # ---- one model load per dtype, in the order the suites first need it
     by_dtype: dict[str, list[int]] = {}
@@ -615,15 +610,9 @@ def evaluate_suites(
     records: list[dict] = [{}] * len(suites)
     for dt, indices in by_dtype.items():
         t0 = time.time()
-        try:
+        with _infrastructure_errors(model_dir):
             lm = load_model(model_dir, dtype=dt, device=used_device, batch_size=settings[indices[0]]["batch_size"],
                             backend=backend)
-        except EvaluationError:
-            raise
-        except Exception as e:
-            if is_infrastructure(e):
-                raise EvaluationError(f"evaluation of {model_dir}: {_describe(e)}") from e
-            raise
         load_s = round(time.time() - t0, 3)
         log.info("loaded %s (%s) on %s in %.1f s; %d suite(s)", model_id, dt, used_device, load_s, len(indices))
 
@@ -656,6 +645,20 @@ def _release_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+@contextmanager
+def _infrastructure_errors(model_dir: Path):
+    """Before the model runs, a failure of the machine (out of memory, CUDA, network) becomes an
+    :class:`EvaluationError` (nothing written, the job retried); anything else propagates."""
+    try:
+        yield
+    except EvaluationError:
+        raise
+    except Exception as e:
+        if is_infrastructure(e):
+            raise EvaluationError(f"evaluation of {model_dir}: {_describe(e)}") from e
+        raise
 
 
 def resolve(device: str) -> str:
