@@ -166,3 +166,20 @@ def test_shell_metacharacters_in_a_path_are_quoted(tmp_path):
     rec = read_record(work / "resources/checkpoints/b")
     assert rec.uid == build_plan(cfg).base.uid and rec.role == "base" and rec.stage == "fetch"
     assert rec.source["path"] == str(src.resolve())
+
+
+def test_subset_explosion_is_refused_before_it_is_listed():
+    """20 experts, every subset: 1,048,555 sets (and as many sweeps) is refused at once with the
+    count; a seeded sample of them is fine and drawn without listing the combinations."""
+    import time
+
+    cfg = copy.deepcopy(TINY)
+    cfg["experts"] = [{"name": f"e{i}", "domain": "arithmetic", "finetune": {"seed": i}} for i in range(20)]
+    cfg["merges"] = [{"method": "linear", "experts": {"subsets": "all"}}]
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=r"^merges\[0\]\.experts\.subsets: 1,048,555 expert sets"):
+        build_plan(cfg)
+    cfg["merges"][0]["experts"] = {"subsets": [10], "sample": 5}
+    plan = build_plan(cfg)
+    assert len(plan.merges) == 5 and all(len(m.experts) == 10 for m in plan.merges.values())
+    assert time.time() - t0 < 10

@@ -20,6 +20,7 @@ Snakemake (and without torch), and is unit-tested.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from mergesweep.ids import MERGE_ID_PATTERN, definition_uid, short_hash
 from mergesweep.layout import Layout, safe_name
 
 _MERGE_ID = re.compile(MERGE_ID_PATTERN)
+#: expert sets one ``merges[]`` entry may expand to (each is a sweep of merges and evaluations)
+MAX_EXPERT_SETS = 20_000
 
 
 def _model_name(value: str, key: str) -> str:
@@ -389,18 +392,32 @@ def expert_sets(plan: Plan, m: dict, key: str) -> list[tuple[str, ...]]:
     if too_big:
         raise ConfigError(f"{key}.experts.subsets: size {too_big[0]} is larger than the {len(pool)} expert(s) "
                           f"to choose from ({', '.join(pool)})")
+    n_sets = sum(min(math.comb(len(pool), k), spec.get("sample") or math.comb(len(pool), k)) for k in sizes)
+    if n_sets > MAX_EXPERT_SETS:
+        raise ConfigError(f"{key}.experts.subsets: {n_sets:,} expert sets (more than {MAX_EXPERT_SETS:,}); draw "
+                          "some of each size with experts.sample")
     sets = []
     for k in sorted(sizes):
-        combos = list(itertools.combinations(pool, k))
-        if spec.get("sample") and spec["sample"] < len(combos):
+        if spec.get("sample") and spec["sample"] < math.comb(len(pool), k):
             import random
 
             # seeded by (seed, size): adding a size to the list does not change the other sizes' draws
             rng = random.Random(f"{spec.get('seed', plan.config['seed'])}:{k}")
-            picked = sorted(rng.sample(range(len(combos)), spec["sample"]))
-            combos = [combos[i] for i in picked]
+            picked = _sample_combinations(len(pool), k, spec["sample"], rng)
+            sets.extend(tuple(pool[i] for i in c) for c in picked)
+            continue
+        combos = list(itertools.combinations(pool, k))
         sets.extend(combos)
     return sets
+
+
+def _sample_combinations(n: int, k: int, count: int, rng) -> list[tuple[int, ...]]:
+    """``count`` distinct k-subsets of ``range(n)``, drawn uniformly with ``rng`` (without
+    listing every combination: C(40, 20) is 1.4e11), in lexicographic order."""
+    picked: set[tuple[int, ...]] = set()
+    while len(picked) < count:
+        picked.add(tuple(sorted(rng.sample(range(n), k))))
+    return sorted(picked)
 
 
 def _plan_merges(plan: Plan, m: dict, key: str, entry: int) -> None:
