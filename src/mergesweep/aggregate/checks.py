@@ -10,6 +10,7 @@ written (docs/report.md, "Inputs that are refused").
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Iterable
 
@@ -44,6 +45,7 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 ROW_KEY = ["model_id", "suite", "task", "lm_eval_task", "metric", "filter", "split"]
 
 
+@functools.lru_cache(maxsize=1024)
 def metric_range(metric: str) -> tuple[float, float]:
     """The possible values of ``metric`` (``(-inf, inf)`` for a metric not in the table)."""
     for pattern, rng in METRIC_RANGES.items():

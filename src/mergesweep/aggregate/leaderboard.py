@@ -172,9 +172,19 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
     pareto = _pareto_table(merged, skills)
     return Tables(
         scores=scores, metrics=metrics, skills=skills, heldout=heldout, models=models,
-        suites=suites, norm=norm, deltas=deltas, wide=wide, leaderboard=leaderboard,
-        selection=selection, pareto=pareto, failures=fails, hp_columns=list(hp.columns),
+        suites=suites, norm=norm, deltas=deltas, wide=wide, leaderboard=_text(leaderboard),
+        selection=_text(selection), pareto=_text(pareto), failures=fails, hp_columns=list(hp.columns),
     )
+
+
+def _text(df: pd.DataFrame) -> pd.DataFrame:
+    """Object columns holding only text (or nothing) as pandas' string dtype: what the written
+    parquet table reads back as."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object and all(isinstance(v, str) for v in out[c].dropna()):
+            out[c] = out[c].astype("str")
+    return out
 
 
 def _score_col_order(skills: list[str], heldout: list[str]):

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -133,7 +134,11 @@ def _int(x: Any) -> int | None:
 def _str(x: Any) -> str | None:
     if x is None:
         return None
-    return x if isinstance(x, str) else _json(x)
+    if isinstance(x, str):
+        return x
+    if type(x) is int or (type(x) is float and math.isfinite(x)):
+        return repr(x)  # what json.dumps writes for a number, without its overhead
+    return _json(x)
 
 
 def _per_task(mapping: Any, task: str) -> Any:
@@ -196,6 +201,42 @@ def _null_first(row: tuple) -> tuple:
     return tuple((0, "") if row[j] is None else (1, row[j]) for j in _ORDER)
 
 
+_last_record: list = [None, None]  # (model block, its columns): a model's suites come in a row
+
+
+def _model_columns(block: Any, where: str) -> dict:
+    """The model-level columns of a file from its ``model`` block, read through
+    :func:`model_record` (all null for no record). The files of one model carry the same block:
+    consecutive equal blocks are read once."""
+    if block is not None and block == _last_record[0]:
+        return _last_record[1]
+    rec = model_record(block, where)
+    if rec is None:
+        return {"model_id": None, "role": None, "method": None, "params": None, "base": None, "experts": None,
+                "domain": None, "align": None, "source": None, "fingerprint": None, "merge_runtime_s": math.nan,
+                "merge_peak_rss_mb": math.nan, "model_versions": None}
+    model = rec.to_dict()
+    merged = rec.role == "merged"
+    params = model.get("params")
+    out = {
+        "model_id": rec.model_id,
+        "role": rec.role,
+        "method": model.get("method"),
+        "params": _json(params if params is not None else {}),
+        "base": _str(model.get("base")),
+        "experts": _json(list(model.get("experts") or [])),
+        "domain": model.get("domain"),
+        "align": _json(model["align"]) if model.get("align") else None,
+        "source": _str(model.get("source")),
+        "fingerprint": _str(model.get("fingerprint")),
+        "merge_runtime_s": _float(model.get("runtime_s")) if merged else math.nan,
+        "merge_peak_rss_mb": _float(model.get("peak_rss_mb")) if merged else math.nan,
+        "model_versions": _json(model["versions"]) if model.get("versions") else None,
+    }
+    _last_record[:] = [block, out]
+    return out
+
+
 def rows_from_eval_json(path_or_dict: str | Path | Mapping) -> list[dict]:
     """Rows of the scores table from one evaluation JSON (a path or the parsed dict).
 
@@ -224,40 +265,25 @@ def read_eval_file(path_or_dict: str | Path | Mapping) -> tuple[dict, list[tuple
     model_id, suite = str(doc["model_id"]), str(doc["suite"])
     if not isinstance(path_or_dict, Mapping):
         check_eval_path(Path(path_or_dict), model_id, suite)
-    rec = model_record(doc.get("model"), where)
-    if rec is not None and rec.model_id != model_id:
+    model = _model_columns(doc.get("model"), where)
+    if model["role"] is not None and model["model_id"] != model_id:
         raise EvalFileError(
-            f"{where}: 'model_id' is {model_id!r} but 'model.model_id' is {rec.model_id!r}"
+            f"{where}: 'model_id' is {model_id!r} but 'model.model_id' is {model['model_id']!r}"
         )
-    role = rec.role if rec else None
     status = doc.get("status", "ok")
     if status not in ("ok", "error"):
         raise EvalFileError(f"{where}: 'status' is {status!r}, expected 'ok' or 'error'")
-    model = rec.to_dict() if rec else {}
 
-    merged = role == "merged"
-    params = model.get("params")
     common = {
+        **model,
         "model_id": model_id,
-        "role": role,
-        "method": model.get("method"),
-        "params": _json(params if params is not None else {}) if role is not None else None,
-        "base": _str(model.get("base")),
-        "experts": _json(list(model.get("experts") or [])) if role is not None else None,
-        "domain": model.get("domain"),
-        "align": _json(model["align"]) if model.get("align") else None,
-        "source": _str(model.get("source")),
-        "fingerprint": _str(model.get("fingerprint")),
         "suite": suite,
         "suite_role": doc.get("suite_role"),
         "runtime_s": _float(doc.get("runtime_s")),
         "peak_rss_mb": _float(doc.get("peak_rss_mb")),
         "device": _str(doc.get("device")),
-        "merge_runtime_s": _float(model.get("runtime_s")) if merged else math.nan,
-        "merge_peak_rss_mb": _float(model.get("peak_rss_mb")) if merged else math.nan,
         "chat_template": doc.get("chat_template") if isinstance(doc.get("chat_template"), bool) else None,
         "versions": _json(doc["versions"]) if doc.get("versions") else None,
-        "model_versions": _json(model["versions"]) if model.get("versions") else None,
         "eval_file": where,
     }
     results = doc.get("results") or []
@@ -394,9 +420,46 @@ def infer_suite_roles(df: pd.DataFrame) -> pd.Series:
 _PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
 
 
+def _strings(column: pa.ChunkedArray) -> np.ndarray:
+    """A string column as an object array whose equal values are one Python string (NaN for
+    null, as pandas' own string columns): a million rows of a few thousand distinct values cost
+    a pointer each, not a copy."""
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    column = column.unify_dictionaries() if column.num_chunks > 1 else column
+    out = np.empty(len(column), dtype=object)
+    pos = 0
+    for chunk in column.chunks:
+        values = np.asarray([np.nan if v is None else v for v in chunk.dictionary.to_pylist()] + [np.nan],
+                            dtype=object)
+        idx = chunk.indices.fill_null(len(values) - 1).to_numpy()
+        out[pos:pos + len(chunk)] = values[idx]
+        pos += len(chunk)
+    return out
+
+
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
-    """Nullable integers/booleans stay integers/booleans (not float/object)."""
-    return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+    """Nullable integers/booleans stay integers/booleans (not float/object); strings become
+    object columns of shared Python strings (:func:`_strings`; a scores table repeats each model's
+    and file's strings on every row)."""
+    return _frame(dict(zip(table.column_names, table.columns)))
+
+
+def _frame(columns: dict) -> pd.DataFrame:
+    """:func:`_to_pandas` of named Arrow columns, converted one at a time and released (the dict
+    is emptied)."""
+    names = list(columns)
+    out = {}
+    for name in names:
+        c = columns.pop(name)
+        c = c if isinstance(c, pa.ChunkedArray) else pa.chunked_array([c])
+        kind = c.type.value_type if pa.types.is_dictionary(c.type) else c.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            out[name] = pd.Series(_strings(c), dtype=object, copy=False)
+        else:
+            out[name] = c.to_pandas(types_mapper=_PANDAS_TYPES.get)
+        del c
+    return pd.DataFrame(out, columns=names, copy=False)
 
 
 def scores_frame(rows: list[dict]) -> pd.DataFrame:
@@ -408,40 +471,31 @@ def _missing(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def _fill_model_columns(files: list[tuple[dict, list[tuple]]]) -> None:
+def _fill_model_columns(commons: list[dict]) -> None:
     """Give every file of a model the model-level columns (:data:`MODEL_COLUMNS`) the model's
     other files carry (an error file may lack the ``model`` block): each missing value is the
     first one any file of the model has. Works on the files' shared columns, before they are
     expanded into rows."""
     first: dict[str, dict[str, Any]] = {}
-    for common, _ in files:
+    for common in commons:
         known = first.setdefault(common["model_id"], {})
         for c in MODEL_COLUMNS:
             if c not in known and not _missing(common[c]):
                 known[c] = common[c]
-    for common, _ in files:
+    for common in commons:
         known = first[common["model_id"]]
         for c in MODEL_COLUMNS:
             if _missing(common[c]) and c in known:
                 common[c] = known[c]
 
 
-def _table(files: list[tuple[dict, list[tuple]]]) -> pa.Table:
-    """The scores table of parsed files, column by column (no dict per row)."""
-    role_order = {r: i for i, r in enumerate(ROLES)}
-    files = sorted(files, key=lambda f: (role_order.get(f[0]["role"], len(ROLES)), f[0]["model_id"], f[0]["suite"]))
-    counts = [len(rows) for _, rows in files]
-    columns = []
-    for name, typ in zip(SCORE_SCHEMA.names, SCORE_SCHEMA.types):
-        if name in ROW_COLUMNS:
-            j = ROW_COLUMNS.index(name)
-            values = [r[j] for _, rows in files for r in rows]
-        else:
-            values = []
-            for (common, _), k in zip(files, counts):
-                values.extend([common[name]] * k)
-        columns.append(pa.array(values, type=typ))
-    return pa.Table.from_arrays(columns, schema=SCORE_SCHEMA)
+_CHUNK_ROWS = 200_000  # row columns become Arrow arrays every this many rows (bounded Python memory)
+
+
+def _row_arrays(rows: list[tuple]) -> list[pa.Array]:
+    """Arrow arrays of :data:`ROW_COLUMNS` from row tuples."""
+    types = [SCORE_SCHEMA.field(c).type for c in ROW_COLUMNS]
+    return [pa.array([r[j] for r in rows], type=t) for j, t in enumerate(types)]
 
 
 def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
@@ -449,11 +503,18 @@ def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
 
     Rows are sorted by (role, model_id, suite, task, lm_eval_task, metric, filter, split). Two
     files for the same (model, suite) are an error naming both.
+
+    Built column-wise: each file's rows (sorted within the file) become Arrow arrays chunk by
+    chunk; the columns a file's rows share are kept once per file and expanded at the end; the
+    files are put in (role, model, suite) order by one permutation of the rows.
     """
     items: list = []
     for p in paths:
         items.extend([p] if isinstance(p, Mapping) else find_eval_files([p]))
-    files: list[tuple[dict, list[tuple]]] = []
+    commons: list[dict] = []
+    counts: list[int] = []
+    chunks: list[list[pa.Array]] = []
+    pending: list[tuple] = []
     seen: dict[tuple[str, str], str] = {}
     for item in items:
         common, rows = read_eval_file(item)
@@ -464,18 +525,47 @@ def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
             )
         seen[key] = common["eval_file"]
         rows.sort(key=_null_first)
-        files.append((common, rows))
-    if not files:
+        commons.append(common)
+        counts.append(len(rows))
+        pending.extend(rows)
+        if len(pending) >= _CHUNK_ROWS:
+            chunks.append(_row_arrays(pending))
+            pending = []
+    if not commons:
         return scores_frame([])
-    _fill_model_columns(files)
-    no_role = next((c for c, _ in files if c["role"] is None), None)
+    if pending:
+        chunks.append(_row_arrays(pending))
+    del pending
+    _fill_model_columns(commons)
+    no_role = next((c for c in commons if c["role"] is None), None)
     if no_role is not None:
         raise EvalFileError(
             f"{no_role['eval_file']}: no evaluation of model {no_role['model_id']!r} carries its 'model' "
             "metadata (role)"
         )
-    df = _to_pandas(_table(files))
-    del files
+    # rows in (role, model, suite) order: whole files moved, each file's rows already in order
+    role_order = {r: i for i, r in enumerate(ROLES)}
+    order = sorted(range(len(commons)),
+                   key=lambda i: (role_order[commons[i]["role"]], commons[i]["model_id"], commons[i]["suite"]))
+    counts_arr = np.asarray(counts, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts_arr)[:-1]])
+    ordered_counts = counts_arr[order]
+    starts = np.repeat(offsets[order], ordered_counts)
+    within = np.arange(int(counts_arr.sum())) - np.repeat(np.cumsum(ordered_counts) - ordered_counts, ordered_counts)
+    perm = pa.array(starts + within)
+    file_of_row = pa.array(np.repeat(np.arange(len(order), dtype=np.int32), ordered_counts))
+    columns = {}
+    for name, typ in zip(SCORE_SCHEMA.names, SCORE_SCHEMA.types):
+        if name in ROW_COLUMNS:
+            j = ROW_COLUMNS.index(name)
+            columns[name] = pa.chunked_array([c[j] for c in chunks], type=typ).take(perm)
+        else:
+            per_file = pa.array([commons[i][name] for i in order], type=typ)
+            # a file's value on each of its rows; strings stay one value per file
+            columns[name] = (pa.DictionaryArray.from_arrays(file_of_row, per_file) if pa.types.is_string(typ)
+                             else per_file.take(file_of_row))
+    del chunks
+    df = _frame(columns)
     df["suite_role"] = infer_suite_roles(df).astype(df["suite"].dtype)
     n_err = int((df["status"] == "error").sum())
     log.info(
@@ -494,14 +584,20 @@ def write_scores(df: pd.DataFrame, path: str | Path, provenance: Mapping | None 
         raise ScoresError(f"{path}: scores table lacks column(s) {', '.join(missing)}")
     if not checked:
         check_scores(df, f"refusing to write {path}")
-    table = pa.Table.from_pandas(df[SCORE_COLUMNS], schema=SCORE_SCHEMA, preserve_index=False)
-    meta = dict(table.schema.metadata or {})
+    df = df[SCORE_COLUMNS]
+    first = pa.Table.from_pandas(df.iloc[:_CHUNK_ROWS], schema=SCORE_SCHEMA, preserve_index=False)
+    meta = dict(first.schema.metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION.encode()
     if provenance:
         meta[PROVENANCE_KEY] = _json(provenance).encode()
-    table = table.replace_schema_metadata(meta)
-    with atomic_file(path, "wb") as f:
-        pq.write_table(table, f)
+    schema = first.schema.with_metadata(meta)
+    # row group by row group: the table's strings are never all materialised in Arrow at once
+    with atomic_file(path, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        writer.write_table(first.replace_schema_metadata(meta))
+        del first
+        for start in range(_CHUNK_ROWS, len(df), _CHUNK_ROWS):
+            chunk = pa.Table.from_pandas(df.iloc[start:start + _CHUNK_ROWS], schema=SCORE_SCHEMA, preserve_index=False)
+            writer.write_table(chunk.replace_schema_metadata(meta))
     publish(Path(path))
 
 
@@ -515,7 +611,10 @@ def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict | None]:
     if not path.exists():
         raise ScoresError(f"{path}: scores table not found (run 'mergesweep aggregate' first)")
     try:
-        table = pq.read_table(path)
+        # strings read dictionary-encoded: each distinct value once (see _to_pandas)
+        schema = pq.read_schema(path)
+        strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        table = pq.read_table(path, read_dictionary=strings)
     except (pa.ArrowException, OSError) as e:
         raise ScoresError(f"{path}: not a readable parquet file ({e})") from e
     required = ["model_id", "role", "method", "params", "base", "experts", "suite", "task",
