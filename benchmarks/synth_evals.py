@@ -231,8 +231,9 @@ def plan_models(n_models: int, n_experts: int = 5, min_subset: int = 2) -> list[
 
 
 def generate(out: str | Path, n_models: int, *, n_experts: int = 5, tasks: int = 20, error_rate: float = 0.03,
-             seed: int = 0, write: bool = True) -> SynthTree:
-    """Write the tree under ``out`` (see the module docstring) and return what it holds."""
+             seed: int = 0, write: bool = True, indent: int | None = 2) -> SynthTree:
+    """Write the tree under ``out`` (see the module docstring) and return what it holds.
+    ``indent=None`` writes compact JSON (faster to write and read; same content)."""
     root = Path(out)
     models = plan_models(n_models, n_experts)
     skills = [m.domain for m in models if m.role == "expert"]
@@ -275,7 +276,7 @@ def generate(out: str | Path, n_models: int, *, n_experts: int = 5, tasks: int =
                 path = root / "evals" / m.model_id / f"{suite}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # the bytes mergesweep.atomic.write_json writes (indented, sorted keys)
-                path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+                path.write_text(json.dumps(doc, indent=indent, sort_keys=True, default=str) + "\n")
     tree = SynthTree(root, models, skills, [HELDOUT], tasks, values, errors)
     if write:
         ids = [m.model_id for m in models]

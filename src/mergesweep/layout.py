@@ -18,6 +18,7 @@ name from a config can climb out of its root.
     results/align/<model>--<ref>--<method>/{perm.safetensors,summary.json}
     results/lmc/<model>--<ref>--<method>.{json,png}
     results/evals/<model_id>/<suite>.json
+    results/evaluation.json, results/evaluation_models.json   evaluation spec; models the aggregate reads
     results/datasets.json                the lm-eval datasets fetched before the evaluations
     results/tables/{scores,leaderboard,selection,pareto,lmc}.parquet, provenance.json
     results/leaderboard.md, results/report/{report.html,<figure>.png}
@@ -115,6 +116,16 @@ class Layout:
     # -- evaluation and tables -------------------------------------------------------------------
     def eval_json(self, model_id: str, suite: str) -> str:
         return self._under(self.results, "evals", model_id, suite, suffix=".json")
+
+    @property
+    def evals_dir(self) -> str:
+        """The directory of every evaluation JSON (``<evals_dir>/<model_id>/<suite>.json``)."""
+        return self._under(self.results, "evals")
+
+    @property
+    def eval_models(self) -> str:
+        """The models and suites the run evaluated, as ``mergesweep aggregate --models`` reads them."""
+        return self._under(self.results, "evaluation_models.json")
 
     @property
     def eval_spec(self) -> str:

@@ -1,5 +1,7 @@
 # Evaluation JSONs -> results/tables/scores.parquet -> leaderboard tables, markdown and report.
 # `mergesweep leaderboard` regenerates everything downstream of scores.parquet by itself.
+import json
+
 LB = L.leaderboard_outputs()
 
 
@@ -29,18 +31,37 @@ rule provenance:
         write_json(output[0], provenance(PLAN))
 
 
+rule evaluation_models:
+    output:
+        L.eval_models,
+    params:
+        # the plan's models and suites: a changed sweep rewrites the list, and so re-runs the aggregate
+        doc=json.dumps({"models": PLAN.models, "suites": PLAN.suites}),
+    localrule: True
+    run:
+        from mergesweep.atomic import write_json
+
+        write_json(output[0], json.loads(params.doc))
+
+
+# the aggregate reads the planned models' evaluations from the evaluation directory (listed in
+# L.eval_models): its command line does not grow with the sweep; `input:` still names every JSON
 rule aggregate:
     input:
         evals=PLAN.eval_jsons(),
+        models=L.eval_models,
         provenance=L.provenance,
     output:
         report(L.table("scores"), caption="../report/scores.rst", category="Tables"),
+    params:
+        evals_dir=L.evals_dir,
     resources:
         **RES.of("aggregate"),
     log:
         L.log("aggregate", "aggregate"),
     shell:
-        "{MS} aggregate --evals {input.evals:q} --provenance {input.provenance:q} --out {output:q} 2> {log:q}"
+        "{MS} aggregate --evals-dir {params.evals_dir:q} --models {input.models:q} --provenance {input.provenance:q}"
+        " --out {output:q} 2> {log:q}"
 
 
 # a checkpoint: with keep_models: selected, the selection it writes decides which merged models
