@@ -94,9 +94,16 @@ def params_label(params: str | None, skip: tuple[str, ...] = ()) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in sorted(p.items()) if k not in skip)
 
 
-def _wide(tables_long: list[tuple[str, pd.DataFrame, str, str]], models: pd.DataFrame) -> pd.DataFrame:
+def _wide(tables_long: list[tuple[str, pd.DataFrame, str, str, list[str]]], models: pd.DataFrame) -> pd.DataFrame:
+    """One column per (quantity, split, suite) and its stderr twin, for every suite the quantity
+    covers (``suites``) whether or not any model has a score there: a suite that failed for
+    every model is a column of NaN (shown as failures), never a missing column."""
     wide = models.copy()
-    for quantity, df, value, se in tables_long:
+    for quantity, df, value, se, suites in tables_long:
+        for suite in suites:
+            for split in A.SPLITS:
+                wide[col(quantity, split, suite)] = np.nan
+                wide[col(quantity, split, suite, stderr=True)] = np.nan
         if df.empty:
             continue
         for (suite, split), g in df.groupby(["suite", "split"], sort=True):
@@ -120,8 +127,8 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
     fails = A.failures(scores)
 
     wide = _wide(
-        [("abs", suites, "score", "stderr"), ("norm", norm, "norm", "norm_stderr"),
-         ("delta", deltas, "delta", "delta_stderr")],
+        [("abs", suites, "score", "stderr", skills + heldout), ("norm", norm, "norm", "norm_stderr", skills),
+         ("delta", deltas, "delta", "delta_stderr", heldout)],
         models,
     )
     for split in A.SPLITS:
