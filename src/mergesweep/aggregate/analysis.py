@@ -45,7 +45,7 @@ def primary_metrics(scores: pd.DataFrame, overrides: Mapping[str, str] | None = 
     """The metric each suite is scored on: an override, else the first of
     :data:`METRIC_PREFERENCE` the suite reports, else its alphabetically first metric."""
     overrides = dict(overrides or {})
-    ok = scores[(scores["status"] == "ok") & scores["metric"].notna()]
+    ok = scores.loc[(scores["status"] == "ok") & scores["metric"].notna(), ["suite", "metric"]].drop_duplicates()
     out: dict[str, str] = {}
     for suite in sorted(scores["suite"].dropna().unique()):
         available = sorted(ok.loc[ok["suite"] == suite, "metric"].unique())
@@ -81,12 +81,14 @@ def suite_scores(scores: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFra
     NaN if any is NaN), ``stderr = sqrt(sum_t se_t^2) / T`` (tasks independent),
     ``n = sum_t n_t``.
     """
-    ok = scores[(scores["status"] == "ok") & scores["split"].notna()]
+    # only the columns used: the table has a million rows at sweep scale
+    used = ["model_id", "suite", "split", "metric", "filter", "value", "stderr", "n"]
+    ok = scores.loc[(scores["status"] == "ok") & scores["split"].notna(), used]
     ok = ok[ok["metric"] == ok["suite"].map(metrics)]
     cols = ["model_id", "suite", "split", "score", "stderr", "n", "n_tasks"]
     if ok.empty:
         return pd.DataFrame(columns=cols)
-    wanted = ok.groupby("suite")["filter"].apply(primary_filter)
+    wanted = ok[["suite", "filter"]].drop_duplicates().groupby("suite")["filter"].apply(primary_filter)
     want = ok["suite"].map(wanted)
     ok = ok[(ok["filter"] == want) | (ok["filter"].isna() & want.isna())]
 
@@ -116,6 +118,7 @@ def failures(scores: pd.DataFrame) -> pd.DataFrame:
     evaluation at all (``status="missing"``) although the suite was evaluated for other models."""
     cols = ["model_id", "role", "method", "params", "suite", "status", "error"]
     err = scores.loc[scores["status"] == "error", cols].drop_duplicates(["model_id", "suite"])
+    scores = scores[["model_id", "role", "method", "params", "suite"]]
     pairs = scores[["model_id", "suite"]].drop_duplicates()
     have = set(zip(pairs["model_id"], pairs["suite"]))
     models = scores.drop_duplicates("model_id").set_index("model_id")

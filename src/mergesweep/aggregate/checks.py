@@ -120,7 +120,7 @@ def check_scores(df: pd.DataFrame, source: str, *, inputs: Iterable[str] | None 
         examples = "; ".join(f"{r.model_id}/{r.suite}: {r.error}" for r in errs.itertuples())
         raise ScoresError(f"{source}: no evaluation succeeded ({len(df)} error rows, e.g. {examples}); "
                           "nothing is written")
-    dup = df.duplicated(ROW_KEY, keep=False)  # nulls are equal to each other here
+    dup = _duplicated(df, ROW_KEY)
     if dup.any():
         first = df[dup].iloc[0]
         same = pd.Series(True, index=df.index)
@@ -138,6 +138,22 @@ def check_scores(df: pd.DataFrame, source: str, *, inputs: Iterable[str] | None 
         problem = value_problem(row["metric"], _py(row["value"]), _py(row["stderr"]), _py(row["n"]))
         if problem:
             raise ScoresError(f"{source}: {problem} ({_origin(row)})")
+
+
+def _duplicated(df: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """Rows whose values in ``columns`` occur more than once (nulls equal to each other), via
+    one integer key per row (each column's codes combined; re-coded before they could overflow)."""
+    key = np.zeros(len(df), dtype=np.int64)
+    size = 1
+    for c in columns:
+        codes, uniques = pd.factorize(df[c], use_na_sentinel=True)
+        n = len(uniques) + 1
+        if size * n >= 2**62:
+            key, uniq = pd.factorize(key)
+            size = len(uniq)
+        key = key * n + (codes.astype(np.int64) + 1)
+        size *= n
+    return pd.Series(pd.Series(key).duplicated(keep=False).to_numpy(), index=df.index)
 
 
 def _impossible(ok: pd.DataFrame) -> pd.Series:

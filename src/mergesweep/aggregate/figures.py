@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import textwrap
 from collections.abc import Callable
 
 import numpy as np
@@ -41,6 +42,14 @@ STYLE = {
     "savefig.facecolor": "white",
 }
 
+#: Bounds that keep every figure readable at any sweep size (what is left out is said in the
+#: figure and in the report's caption, :func:`figure_notes`)
+BARS_MAX = 12  # selected points in the bars figure
+HEATMAP_MAX = 20  # selected points (rows) in the heatmap
+SENSITIVITY_MAX = 12  # sweeps (panels) in the sensitivity figure
+PARETO_MAX = 12  # domain pairs (panels) in the Pareto figure
+PARETO_DENSE = 400  # above this many points per panel, smaller and lighter markers
+
 FIGURES = {
     "bars": "Per-method normalised scores (test) with standard errors",
     "heatmap": "Method x domain normalised scores (test)",
@@ -69,10 +78,42 @@ def _domains(r) -> set[str]:
     return set(json.loads(d)) if isinstance(d, str) else set()
 
 
-def _selected(tables: Tables) -> pd.DataFrame:
+def _selected(tables: Tables, limit: int | None = None) -> pd.DataFrame:
+    """Each sweep's selected point, by rank. With ``limit`` and more points than that: the
+    ``limit`` best by mean normalised test score (across merge tasks; ties by label)."""
     lb = tables.leaderboard
     sel = lb[lb["selected"]].copy()
-    return sel.sort_values(["rank", "sweep_label"], na_position="last", kind="stable")
+    sel = sel.sort_values(["rank", "sweep_label"], na_position="last", kind="stable")
+    if limit is not None and len(sel) > limit:
+        sel = sel.sort_values([col("norm", "test", "mean"), "sweep_label"], ascending=[False, True],
+                              na_position="last", kind="stable").head(limit)
+    return sel
+
+
+def _n_selected(tables: Tables) -> int:
+    return int(tables.leaderboard["selected"].sum())
+
+
+def figure_notes(tables: Tables) -> dict[str, str]:
+    """What each figure leaves out when the sweep is larger than it shows (empty if nothing)."""
+    notes = {}
+    n = _n_selected(tables)
+    if n > BARS_MAX:
+        notes["bars"] = (f"Shown: the {BARS_MAX} selected points with the highest mean normalised test score, "
+                         f"of {n}; every one is in the leaderboard.")
+    if n > HEATMAP_MAX:
+        notes["heatmap"] = (f"Shown: the {HEATMAP_MAX} selected points with the highest mean normalised test "
+                            f"score, of {n}; every one is in the leaderboard.")
+    sweeps = _sweeps(tables)
+    if len(sweeps) > SENSITIVITY_MAX:
+        notes["sensitivity"] = (f"Shown: {SENSITIVITY_MAX} of {len(sweeps)} sweeps: the best-ranked sweep of each "
+                                "method first (by its selected point's mean normalised test score), then the "
+                                "next best; every point is in the all-models table and leaderboard.parquet.")
+    pairs = _pareto_pairs(tables)
+    if len(pairs) > PARETO_MAX:
+        notes["pareto"] = (f"Shown: {PARETO_MAX} of {len(pairs)} domain pairs (the first alphabetically); every "
+                           "pair is in pareto.parquet.")
+    return notes
 
 
 def _base_row(tables: Tables) -> pd.Series | None:
@@ -94,18 +135,26 @@ def bars_figure(tables: Tables) -> Figure:
     """Grouped bars: for each method's selected point, the normalised test score per domain and
     their mean, with standard-error bars; a second panel shows held-out test scores against the
     base."""
-    sel = _selected(tables)
+    sel = _selected(tables, BARS_MAX)
     doms = tables.skills
     with_heldout = bool(tables.heldout)
     n = len(sel)
-    width_main = max(3.6, 0.75 * n * (len(doms) + 1) / 3 + 1.6)
+    width_main = min(11.0, max(3.6, 0.75 * n * (len(doms) + 1) / 3 + 1.6))
     labels = [_tick(r) for _, r in sel.iterrows()]
     rotate = max((len(lab) for lab in labels), default=0) > 16
-    height = 3.1 + (0.6 if rotate else 0.0)
-    fig = Figure(figsize=(width_main + (2.4 if with_heldout else 0), height), dpi=DPI, layout="constrained")
+    # many points: the held-out panel goes under the main one (same x, labels once) instead of
+    # beside it, where its labels would overlap
+    stacked = with_heldout and n > 6
+    height = 3.1 + (0.6 if rotate else 0.0) + (1.9 if stacked else 0.0)
+    fig = Figure(figsize=(width_main + (2.4 if with_heldout and not stacked else 0), height), dpi=DPI,
+                 layout="constrained")
     if sel.empty or not doms:
         return _empty(fig, "no merged model has a selected point")
-    if with_heldout:
+    if stacked:
+        gs = fig.add_gridspec(2, 1, height_ratios=[3.0, 1.5])
+        ax = fig.add_subplot(gs[0])
+        axh = fig.add_subplot(gs[1], sharex=ax)
+    elif with_heldout:
         gs = fig.add_gridspec(1, 2, width_ratios=[width_main, 2.4])
         ax, axh = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
     else:
@@ -135,7 +184,9 @@ def bars_figure(tables: Tables) -> Figure:
     if base is not None and np.isfinite(_num(base.get(col("norm", "test", "mean")))):
         ax.axhline(_num(base[col("norm", "test", "mean")]), color="#777777", lw=0.9, ls=":", zorder=0,
                    label="base (mean)")
-    if rotate:
+    if stacked:
+        ax.tick_params(labelbottom=False)
+    elif rotate:
         ax.set_xticks(x, labels, rotation=25, ha="right", rotation_mode="anchor")
     else:
         ax.set_xticks(x, labels)
@@ -144,7 +195,9 @@ def bars_figure(tables: Tables) -> Figure:
                      for _, c in series] + [1.0])
     ax.set_ylim(0, max(1.12, top * 1.08))
     ax.set_ylabel("normalised score")
-    ax.set_title("Selected point of each method: merged ÷ expert, test split", loc="left")
+    total = _n_selected(tables)
+    ax.set_title("Selected point of each method: merged ÷ expert, test split"
+                 + (f"\n(the {n} best of {total} selected points)" if total > n else ""), loc="left")
     handles, names = ax.get_legend_handles_labels()
     fig.legend(handles, names, ncols=k + 2, loc="outside lower left", frameon=False, handlelength=1.6,
                columnspacing=1.0)
@@ -165,7 +218,7 @@ def bars_figure(tables: Tables) -> Figure:
             if base is not None and np.isfinite(_num(base.get(c))):
                 axh.axhline(_num(base[c]), color="#777777", lw=0.9, ls=":", zorder=0,
                             label="base" if j == 0 else None)
-        axh.set_xticks(x, labels, rotation=35, ha="right", rotation_mode="anchor")
+        axh.set_xticks(x, labels, rotation=25 if stacked else 35, ha="right", rotation_mode="anchor")
         axh.set_xlim(-0.6, n - 0.4)
         axh.set_ylim(0, 1.0)
         axh.set_ylabel(f"{', '.join(hs)} ({', '.join(tables.metrics.get(h, '?') for h in hs)})")
@@ -183,7 +236,7 @@ def _tick(r: pd.Series) -> str:
 def heatmap_figure(tables: Tables) -> Figure:
     """Rows: each method's selected point (ranked) and the base; columns: domains and the mean;
     cells: normalised test score, annotated."""
-    sel = _selected(tables)
+    sel = _selected(tables, HEATMAP_MAX)
     doms = tables.skills
     cols = [col("norm", "test", d) for d in doms] + [col("norm", "test", "mean")]
     rows = [(str(r["sweep_label"]), r) for _, r in sel.iterrows()]
@@ -229,33 +282,83 @@ def heatmap_figure(tables: Tables) -> Figure:
     cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
     cb.set_label("normalised score", fontsize=7.5)
     cb.outline.set_visible(False)
-    ax.set_title("Normalised test score (selected point per method)", loc="left")
+    total = _n_selected(tables)
+    ax.set_title("Normalised test score (selected point per method)"
+                 + (f"\n(the {len(sel)} best of {total} selected points)" if total > len(sel) else ""), loc="left")
     return fig
 
 
+_SWEEPS: dict[int, list] = {}
+
+
 def _sweeps(tables: Tables) -> list[tuple[str, pd.DataFrame, list[str]]]:
-    """Sweeps with more than one point, with the hyperparameters that vary in them."""
+    """Sweeps with more than one point, with the hyperparameters that vary in them (computed once
+    per leaderboard)."""
     lb = tables.leaderboard
+    cached = _SWEEPS.get(id(lb))
+    if cached is not None and cached[0] is lb:
+        return cached[1]
     out = []
     keys = lb[["method", "align", "base", "experts"]].astype(object).fillna("")
-    for _, g in lb.groupby([keys[c] for c in keys.columns], sort=True):
+    by = [keys[c] for c in keys.columns]
+    hp_text = lb[tables.hp_columns].astype(str) if tables.hp_columns else pd.DataFrame(index=lb.index)
+    n_values = hp_text.groupby(by, sort=True).nunique(dropna=False) if tables.hp_columns else None
+    for key, g in lb.groupby(by, sort=True):
         if len(g) < 2:
             continue
-        vary = [h for h in tables.hp_columns if g[h].astype(str).nunique(dropna=False) > 1]
+        vary = [h for h in tables.hp_columns if n_values.loc[key, h] > 1] if n_values is not None else []
         if not vary:
             continue
         out.append((str(g["sweep_label"].iloc[0]), g, vary))
+    _SWEEPS.clear()
+    _SWEEPS[id(lb)] = (lb, out)
     return out
 
 
-def sensitivity_figure(tables: Tables) -> Figure:
-    """One panel per sweep: mean normalised score against the first varying hyperparameter, one
-    line per combination of the others; validation solid (the selection criterion), test dashed;
-    the selected point starred."""
+def _chosen_sweeps(tables: Tables, limit: int = SENSITIVITY_MAX) -> list[tuple[str, pd.DataFrame, list[str]]]:
+    """At most ``limit`` sweeps: all of them when they fit; else the best-ranked sweep of each
+    method (by its selected point's mean normalised test score) first, then the next best."""
     sweeps = _sweeps(tables)
+    if len(sweeps) <= limit:
+        return sweeps
+    test = col("norm", "test", "mean")
+
+    def score(sw) -> float:
+        s = sw[1][sw[1]["selected"]]
+        v = float(s[test].iloc[0]) if len(s) else math.nan
+        return v if np.isfinite(v) else -math.inf
+
+    ranked = sorted(sweeps, key=lambda sw: (-score(sw), sw[0]))
+    chosen, methods = [], set()
+    for sw in ranked:  # one per method first
+        m = str(sw[1]["method_label"].iloc[0])
+        if m not in methods:
+            methods.add(m)
+            chosen.append(sw)
+    chosen = chosen[:limit]
+    chosen += [sw for sw in ranked if not any(sw is c for c in chosen)][: limit - len(chosen)]
+    return sorted(chosen, key=lambda sw: (-score(sw), sw[0]))
+
+
+def _panel_title(label: str, detail: str, width: int = 44) -> str:
+    """A panel title that fits its panel: the method on the first line, the expert set (wrapped)
+    and the detail below."""
+    method, _, rest = label.partition(" [")
+    lines = [method]
+    if rest:
+        lines += textwrap.wrap("[" + rest, width) or []
+    lines.append(detail)
+    return "\n".join(lines)
+
+
+def sensitivity_figure(tables: Tables) -> Figure:
+    """One panel per sweep (at most :data:`SENSITIVITY_MAX`, :func:`_chosen_sweeps`): mean
+    normalised score against the first varying hyperparameter, one line per combination of the
+    others; validation solid (the selection criterion), test dashed; the selected point starred."""
+    sweeps = _chosen_sweeps(tables)
     ncols = min(3, max(len(sweeps), 1))
     nrows = max(1, math.ceil(len(sweeps) / ncols))
-    fig = Figure(figsize=(2.9 * ncols + 0.3, 2.5 * nrows + 0.5), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(3.3 * ncols + 0.3, 2.9 * nrows + 0.5), dpi=DPI, layout="constrained")
     if not sweeps:
         return _empty(fig, "no method was run with more than one hyperparameter point")
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -292,10 +395,15 @@ def sensitivity_figure(tables: Tables) -> Figure:
         ax.set_xlabel(xh[3:])
         ax.set_ylabel("mean normalised score")
         n_fail = int((g["status"] == "error").sum())
-        ax.set_title(f"{label}  ({len(g)} points" + (f", {n_fail} failed" if n_fail else "") + ")", loc="left")
+        ax.set_title(_panel_title(label, f"{len(g)} points" + (f", {n_fail} failed" if n_fail else "")),
+                     loc="left", fontsize=7.5)
         ax.axhline(1.0, color="#999999", lw=0.7, ls=":", zorder=0)
         if others:
-            ax.legend(loc="best", frameon=False, title=None)
+            handles, names = ax.get_legend_handles_labels()
+            keep = min(len(handles), 6)
+            ax.legend(handles[:keep], names[:keep] if keep == len(handles) else [*names[:keep - 1], "…"],
+                      loc="best", frameon=False, fontsize=6, handlelength=1.2, labelspacing=0.2,
+                      ncols=2 if keep > 3 else 1, columnspacing=0.8)
     for ax in list(axes.flat)[len(sweeps):]:
         ax.axis("off")
     handles = [Line2D([], [], color="#444444", ls="-", marker="o", ms=4, label="validation (selects)"),
@@ -315,11 +423,17 @@ def _pick_x(g: pd.DataFrame, vary: list[str]) -> tuple[str, list[str]]:
     return xh, [h for h in vary if h != xh]
 
 
-def pareto_figure(tables: Tables) -> Figure:
-    """One panel per pair of domains: every merged model's normalised test scores, the Pareto
-    front as a staircase, selected points outlined, experts and the base as references."""
+def _pareto_pairs(tables: Tables) -> list[tuple[str, str]]:
     pts = tables.pareto[tables.pareto["split"] == "test"] if not tables.pareto.empty else tables.pareto
-    pairs = list(dict.fromkeys(zip(pts["domain_x"], pts["domain_y"]))) if len(pts) else []
+    return list(dict.fromkeys(zip(pts["domain_x"], pts["domain_y"]))) if len(pts) else []
+
+
+def pareto_figure(tables: Tables) -> Figure:
+    """One panel per pair of domains (at most :data:`PARETO_MAX`): every merged model's
+    normalised test scores, the Pareto front as a staircase, selected points outlined, experts
+    and the base as references."""
+    pts = tables.pareto[tables.pareto["split"] == "test"] if not tables.pareto.empty else tables.pareto
+    pairs = _pareto_pairs(tables)[:PARETO_MAX]
     ncols = min(3, max(len(pairs), 1))
     nrows = max(1, math.ceil(len(pairs) / ncols))
     fig = Figure(figsize=(2.9 * ncols + 0.3, 2.75 * nrows + 0.45), dpi=DPI, layout="constrained")
@@ -331,12 +445,13 @@ def pareto_figure(tables: Tables) -> Figure:
     refs = tables.references
     for ax, (dx, dy) in zip(axes.flat, pairs):
         p = pts[(pts["domain_x"] == dx) & (pts["domain_y"] == dy)]
+        dense = len(p) > PARETO_DENSE
         for m, g in p.groupby("method_label", sort=True):
-            ax.scatter(g["x"], g["y"], s=22, color=colors.get(m, "#777"), marker=markers.get(m, "o"),
-                       alpha=0.85, linewidths=0, zorder=3)
+            ax.scatter(g["x"], g["y"], s=6 if dense else 22, color=colors.get(m, "#777"), marker=markers.get(m, "o"),
+                       alpha=0.45 if dense else 0.85, linewidths=0, zorder=3, rasterized=dense)
             s = g[g["selected"]]
-            ax.scatter(s["x"], s["y"], s=60, facecolors="none", edgecolors="#111111", linewidths=1.1,
-                       marker=markers.get(m, "o"), zorder=4)
+            ax.scatter(s["x"], s["y"], s=24 if dense else 60, facecolors="none", edgecolors="#111111",
+                       linewidths=0.6 if dense else 1.1, marker=markers.get(m, "o"), zorder=4)
         f = p[p["on_front"]].sort_values(["x", "y"], ascending=[False, True])
         if len(f):
             fx, fy = f["x"].to_numpy(), f["y"].to_numpy()
@@ -355,8 +470,9 @@ def pareto_figure(tables: Tables) -> Figure:
             is_base = r["role"] == "base"
             ax.scatter([x], [y], marker="o" if is_base else "X", s=40 if is_base else 34,
                        color="#9a9a9a" if is_base else "#222222", zorder=4 if is_base else 5, linewidths=0)
-            labels.setdefault((round(x, 6), round(y, 6)), []).append(
-                "base" if is_base else f"{r['domain']} expert")
+            if is_base or r["domain"] in (dx, dy):  # the other experts unlabelled: they crowd the origin
+                labels.setdefault((round(x, 6), round(y, 6)), []).append(
+                    "base" if is_base else f"{r['domain']} expert")
         for (x, y), names in labels.items():
             ax.annotate(" / ".join(names), (x, y), xytext=(4, 3), textcoords="offset points",
                         fontsize=6.5, color="#444444")

@@ -37,7 +37,13 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    """A table as parquet; a text column that is entirely null stays a string column."""
+    df = df.reset_index(drop=True)
+    schema = pa.Schema.from_pandas(df, preserve_index=False)
+    for i, f in enumerate(schema):
+        if pa.types.is_null(f.type) or (df[f.name].dtype == object and df[f.name].isna().all()):
+            schema = schema.set(i, pa.field(f.name, pa.string()))
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     with atomic_file(path, "wb") as f:
         pq.write_table(table, f)
     publish(path)

@@ -185,12 +185,12 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
 
 
 def _text(df: pd.DataFrame) -> pd.DataFrame:
-    """Object columns holding only text (or nothing) as pandas' string dtype: what the written
-    parquet table reads back as."""
+    """Missing values of object (text) columns as NaN, as pandas' string columns (and so the
+    written parquet table, read back) have them."""
     out = df.copy()
     for c in out.columns:
-        if out[c].dtype == object and all(isinstance(v, str) for v in out[c].dropna()):
-            out[c] = out[c].astype("str")
+        if out[c].dtype == object:
+            out[c] = out[c].where(out[c].notna(), np.nan)
     return out
 
 

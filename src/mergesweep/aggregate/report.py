@@ -1,5 +1,10 @@
 """The static HTML report: one self-contained file (inline CSS, figures as base64 PNG data URIs,
-no scripts, no network), so it opens offline and can be mailed or archived as is."""
+one small inline script, no network), so it opens offline and can be mailed or archived as is.
+
+It stays readable, and a few MB, for sweeps of thousands of models: one leaderboard with an
+expert-set selector, sortable and searchable tables, long tables paged (their rows travel as
+compact JSON; the first page is also plain HTML), figures of bounded size
+(:mod:`mergesweep.aggregate.figures` says what they leave out), the provenance summarised."""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ import json
 from collections import Counter
 
 import jinja2
+from markupsafe import Markup
 
 from mergesweep.aggregate import views as V
-from mergesweep.aggregate.figures import FIGURES
+from mergesweep.aggregate.figures import FIGURES, figure_notes
 from mergesweep.aggregate.leaderboard import Tables
 from mergesweep.aggregate.provenance import checkpoint_identities
 
@@ -35,6 +41,12 @@ FIGURE_CAPTIONS = {
 
 #: Figures are rendered at 200 dpi and shown at 60 % of their pixel width (crisp on HiDPI screens).
 DISPLAY_SCALE = 0.6
+#: Rows per page of a long table; a table of more than PAGE_AFTER rows is paged.
+PAGE_ROWS = 50
+PAGE_AFTER = 120
+#: The configuration shown in the report is cut after this many characters (all of it is in
+#: provenance.json and the scores parquet).
+CONFIG_CHARS = 20000
 
 
 def png_width(png: bytes) -> int:
@@ -51,6 +63,37 @@ def _env() -> jinja2.Environment:
     return env
 
 
+def _payload(view: V.View) -> str:
+    """The rows as compact JSON for the report's script, ``{"rows": [...], "groups": [...] or
+    null}``: a cell is its text, or ``[text, flags, se]`` (flags ``b`` best, ``e`` error); a
+    row's group (:attr:`View.row_groups`) by its index in ``groups``. Escaped for a ``<script>``
+    element."""
+    rows = [[c.text if not (c.best or c.error or c.se) else [c.text, ("b" if c.best else "") + ("e" if c.error else ""),
+                                                             c.se] for c in row] for row in view.rows]
+    doc = {"rows": rows, "groups": view.row_groups or None}
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def table_layout(view: V.View) -> dict:
+    """How the report writes a view: numeric columns, paged or not, rows written as HTML."""
+    n = len(view.rows)
+    numeric = [bool(view.rows) and all(r[i].numeric for r in view.rows) for i in range(len(view.headers))]
+    paged = n > PAGE_AFTER
+    return {"numeric": numeric, "paged": paged, "page": PAGE_ROWS, "static": PAGE_ROWS if paged else n,
+            "payload": Markup(_payload(view)) if paged else ""}
+
+
+def _summarise(value) -> str:
+    """A provenance value for one table cell: scalars as they are, collections by their size."""
+    if isinstance(value, dict):
+        return f"{len(value):,} entries (in tables/provenance.json)"
+    if isinstance(value, list):
+        return f"{len(value):,} items (in tables/provenance.json)"
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
 def provenance_context(t: Tables, provenance: dict | None, scores_path: str | None,
                        scores_sha256: str | None) -> dict:
     """Config hash, checkpoints (ids, sources, revisions, hashes), versions and evaluation settings,
@@ -58,19 +101,24 @@ def provenance_context(t: Tables, provenance: dict | None, scores_path: str | No
     prov = provenance or {}
     checkpoints = checkpoint_identities(prov, t.references)
 
+    evals = t.scores[["model_id", "suite", "versions", "model_versions"]].drop_duplicates(["model_id", "suite"])
+
     def distinct(column: str) -> list[tuple[str, int]]:
-        per_eval = t.scores.drop_duplicates(["model_id", "suite"])[column].dropna()
-        return sorted(Counter(map(str, per_eval)).items())
+        counts = evals[column].dropna().value_counts()
+        return sorted(Counter({str(k): int(n) for k, n in counts.items()}).items())
 
     eval_versions = distinct("versions")
     settings = []
+    ok = t.scores["status"] == "ok"
     for column, label in (("device", "device"), ("num_fewshot", "few-shot examples"),
                           ("chat_template", "chat template")):
-        vals = t.scores.loc[t.scores["status"] == "ok", column].dropna().astype(str)
-        settings.append((label, ", ".join(sorted(set(vals))) or "–"))
+        vals = {str(v) for v in t.scores.loc[ok, column].dropna().unique()}
+        settings.append((label, ", ".join(sorted(vals)) or "–"))
+    config_json = json.dumps(prov["config"], indent=2, sort_keys=True) if prov.get("config") else ""
     return {
         "config_hash": prov.get("config_hash") or "",
-        "config_json": json.dumps(prov["config"], indent=2, sort_keys=True) if prov.get("config") else "",
+        "config_json": config_json[:CONFIG_CHARS],
+        "config_truncated": len(config_json) > CONFIG_CHARS,
         "checkpoints": checkpoints,
         "versions": sorted((str(k), str(v)) for k, v in (prov.get("versions") or {}).items()),
         "eval_versions": [(", ".join(f"{k} {v}" for k, v in sorted(json.loads(s).items())), n)
@@ -81,28 +129,34 @@ def provenance_context(t: Tables, provenance: dict | None, scores_path: str | No
         "metrics": sorted(t.metrics.items()),
         "scores_path": scores_path or "",
         "scores_sha256": scores_sha256 or "",
-        "extra": {k: v for k, v in prov.items() if k not in ("config_hash", "config", "checkpoints", "versions")},
+        "extra": [(k, _summarise(v)) for k, v in prov.items()
+                  if k not in ("config_hash", "config", "checkpoints", "versions")],
     }
 
 
 def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None = None,
                   scores_path: str | None = None, scores_sha256: str | None = None) -> str:
     """The report as one HTML string; ``figures`` maps figure names (see ``FIGURES``) to PNG bytes."""
+    notes = figure_notes(t)
     figs = [
-        {"name": name, "title": FIGURES[name], "caption": FIGURE_CAPTIONS[name],
+        {"name": name, "title": FIGURES[name], "caption": FIGURE_CAPTIONS[name], "note": notes.get(name, ""),
          "src": "data:image/png;base64," + base64.b64encode(figures[name]).decode("ascii"),
          "width": round(png_width(figures[name]) * DISPLAY_SCALE)}
         for name in FIGURES if name in figures
     ]
-    ctx = {
-        "summary": V.summary(t),
-        "leaderboards": V.leaderboard_views(t),
+    views = {
+        "leaderboard": V.leaderboard_view(t),
         "selection": V.selection_view(t),
         "all_models": V.all_models_view(t),
         "references": V.references_view(t),
         "pareto": V.pareto_view(t),
         "failures": V.failures_view(t),
         "cost": V.cost_view(t),
+    }
+    ctx = {
+        "summary": V.summary(t),
+        **views,
+        "tables": {v.title: table_layout(v) for v in views.values()},
         "definitions": V.DEFINITIONS,
         "selection_rule": V.SELECTION_RULE,
         "figures": figs,

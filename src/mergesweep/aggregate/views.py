@@ -79,12 +79,16 @@ class Cell:
 
 @dataclass
 class View:
-    """A table: headers, rows of :class:`Cell`, and per-row model ids for anchors."""
+    """A table: headers, rows of :class:`Cell`, a note; optionally a group per row (the report
+    shows one group at a time, chosen from ``groups``: ``(key, label)`` pairs)."""
 
     title: str
     headers: list[str]
     rows: list[list[Cell]] = field(default_factory=list)
     note: str = ""
+    row_groups: list[str] = field(default_factory=list)
+    groups: list[tuple[str, str]] = field(default_factory=list)
+    source: str = ""  # where the full table is (a report shows a long table page by page)
 
 
 def _failed(r) -> set[str]:
@@ -143,14 +147,69 @@ def leaderboard_views(t: Tables) -> list[View]:
     return views
 
 
+def _expert_set_label(experts: str, t: Tables, domains: dict[str, str]) -> str:
+    names = json.loads(experts) if isinstance(experts, str) else []
+    return "+".join(domains.get(e, e) for e in names) or "(no experts)"
+
+
+def leaderboard_view(t: Tables) -> View:
+    """The ranked table as one view: each merge task's (expert set's) selected points by rank,
+    the task as a row group (the report shows one at a time: the largest set first)."""
+    lb = t.leaderboard
+    sel = lb[lb["selected"]]
+    domains = t.references.dropna(subset=["domain"]).set_index("model_id")["domain"].to_dict()
+    tasks = list(dict.fromkeys(sel["experts"].fillna("[]"))) if len(sel) else []
+    tasks.sort(key=lambda e: (-len(json.loads(e)), _expert_set_label(e, t, domains)))
+    multi = len(tasks) > 1
+    headers = ["#", "Method"] + (["Expert set"] if multi else []) + ["Selected hyperparameters"]
+    headers += [f"{d} (norm.)" for d in t.skills] + ["Mean (norm.)"]
+    headers += [f"{h} ({t.metrics.get(h, '?')})" for h in t.heldout] + [f"Δ {h} vs base" for h in t.heldout]
+    headers += ["Val. mean (norm.)", "Points", "Model id"]
+    v = View("Leaderboard", headers)
+    by_selected = t.selection.dropna(subset=["selected_model_id"]).set_index("selected_model_id")
+    notes = []
+    for experts in tasks:
+        s = sel[sel["experts"].fillna("[]") == experts]
+        label = _expert_set_label(experts, t, domains)
+        v.groups.append((experts, f"{label} ({len(s)} methods)"))
+        bests = {c: s[c].max() for c in s.columns
+                 if c.startswith(("norm_", "abs_", "delta_")) and not c.endswith("_stderr")}
+        for r in s.to_dict("records"):
+            own = set(json.loads(r["domains"])) if isinstance(r["domains"], str) else set()
+            row = [Cell(str(r["rank"]) if pd.notna(r["rank"]) else "–"), Cell(str(r["method_label"]), numeric=False)]
+            if multi:
+                row.append(Cell(label, numeric=False))
+            row.append(Cell(params_label(r["params"]) or "(defaults)", numeric=False))
+            for d in t.skills:
+                c = col("norm", "test", d)
+                row.append(_score_cell(r, c, d, bests.get(c)) if d in own or not multi else Cell("·"))
+            row.append(_score_cell(r, col("norm", "test", "mean"), "mean", bests.get(col("norm", "test", "mean"))))
+            row += [_score_cell(r, col("abs", "test", h), h, bests.get(col("abs", "test", h))) for h in t.heldout]
+            row += [_score_cell(r, col("delta", "test", h), h, bests.get(col("delta", "test", h)), signed=True)
+                    for h in t.heldout]
+            row.append(_score_cell(r, col("norm", "validation", "mean"), "mean", None, with_se=False))
+            n_failed = int(by_selected.at[r["model_id"], "n_failed"]) if r["model_id"] in by_selected.index else 0
+            row.append(Cell(f"{int(r['n_points'])}" + (f" ({n_failed} failed)" if n_failed else ""),
+                            error=bool(n_failed)))
+            row.append(Cell(str(r["model_id"]), numeric=False))
+            v.rows.append(row)
+            v.row_groups.append(experts)
+    unselected = t.selection[t.selection["selected_model_id"].isna()]
+    if len(unselected):
+        notes.append("No point could be selected for: " + ", ".join(
+            f"{m} ({n})" for m, n in zip(unselected["sweep_label"], unselected["note"])))
+    v.note = " ".join(notes)
+    return v
+
+
 def all_models_view(t: Tables) -> View:
     """Every merged model, every domain, both splits: the full sweep."""
     lb = t.leaderboard.sort_values(["sweep_label", "params", "model_id"], kind="stable")
     headers = ["Model id", "Method", "Hyperparameters", "Selected"]
     headers += [f"{d} val / test" for d in t.skills] + ["Mean val / test"]
     headers += [f"Δ {h} test" for h in t.heldout] + ["Status"]
-    v = View(f"All merged models ({len(lb)})", headers)
-    for _, r in lb.iterrows():
+    v = View(f"All merged models ({len(lb)})", headers, source="tables/leaderboard.parquet")
+    for r in lb.to_dict("records"):
         row = [Cell(str(r["model_id"]), numeric=False), Cell(str(r["sweep_label"]), numeric=False),
                Cell(params_label(r["params"]) or "(defaults)", numeric=False),
                Cell("✓" if r["selected"] else "", numeric=False)]
@@ -183,7 +242,7 @@ def selection_view(t: Tables) -> View:
     headers = ["Method", "Points", "Eligible", "Failed", "Selected hyperparameters", "Val. mean (norm.)",
                "Test mean (norm.)", "Rank"]
     v = View("Selection per method", headers, note=SELECTION_RULE)
-    for _, s in t.selection.iterrows():
+    for s in t.selection.to_dict("records"):
         v.rows.append([
             Cell(str(s["sweep_label"]), numeric=False), Cell(str(s["n_points"])), Cell(str(s["n_eligible"])),
             Cell(str(s["n_failed"]), error=bool(s["n_failed"])),
@@ -211,9 +270,9 @@ def pareto_view(t: Tables) -> View:
 
 
 def failures_view(t: Tables) -> View:
-    v = View(f"Failed evaluations ({len(t.failures)})", ["Model id", "Role", "Method", "Hyperparameters", "Suite",
+    v = View(f"Failed evaluations ({len(t.failures)})", source="tables/scores.parquet (status = error)", headers=["Model id", "Role", "Method", "Hyperparameters", "Suite",
                                                          "Status", "Error"])
-    for _, r in t.failures.iterrows():
+    for r in t.failures.to_dict("records"):
         v.rows.append([Cell(str(r["model_id"]), numeric=False), Cell(str(r["role"]), numeric=False),
                        Cell(str(r["method"]) if isinstance(r["method"], str) else "–", numeric=False),
                        Cell(params_label(r["params"]) or "–", numeric=False), Cell(str(r["suite"]), numeric=False),
@@ -224,10 +283,11 @@ def failures_view(t: Tables) -> View:
 def cost_view(t: Tables) -> View:
     headers = ["Model id", "Role", "Method", "Hyperparameters", "Merge time", "Merge peak RSS",
                "Evaluation time (all suites)", "Evaluation peak RSS"]
-    v = View("Runtime and peak memory", headers)
+    v = View("Runtime and peak memory", headers,
+             source="tables/leaderboard.parquet (merge_*, eval_*), tables/scores.parquet (per evaluation)")
     w = t.wide.copy()
     w["_o"] = w["role"].map({"base": 0, "expert": 1, "merged": 2})
-    for _, r in w.sort_values(["_o", "method_label", "model_id"]).iterrows():
+    for r in w.sort_values(["_o", "method_label", "model_id"]).to_dict("records"):
         v.rows.append([Cell(str(r["model_id"]), numeric=False), Cell(str(r["role"]), numeric=False),
                        Cell(str(r["method_label"]) or "–", numeric=False),
                        Cell(params_label(r["params"]) if r["role"] == "merged" else "–", numeric=False),
