@@ -56,16 +56,16 @@ BASE = "synth-base"
 #: method -> its hyperparameter axes (name -> values, in grid order); a sweep takes the first
 #: points of the product
 METHODS: dict[str, dict[str, list]] = {
-    "task_arithmetic": {"lambda": [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]},
+    "task_arithmetic": {"lambda": [round(0.1 * i, 1) for i in range(1, 25)]},
     "ties": {"density": [0.1, 0.2, 0.3, 0.5, 0.7], "lambda": [0.5, 0.75, 1.0, 1.25, 1.5]},
     "dare_ties": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "lambda": [0.5, 0.75, 1.0, 1.25, 1.5], "seed": [0]},
     "dare_linear": {"density": [0.1, 0.3, 0.5, 0.7, 0.9], "lambda": [0.5, 0.75, 1.0, 1.25, 1.5], "seed": [0]},
     "breadcrumbs": {"density": [0.7, 0.8, 0.9], "gamma": [0.01, 0.05], "lambda": [0.5, 1.0, 1.5, 2.0]},
     "della": {"density": [0.3, 0.5, 0.7], "epsilon": [0.05, 0.1], "lambda": [0.5, 1.0, 1.5, 2.0]},
     "consensus": {"k": [1, 2, 3], "lambda": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]},
-    "tsv": {"alpha": [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5]},
+    "tsv": {"alpha": [0.125 * i for i in range(1, 25)]},
     "pcb": {"ratio": [0.05, 0.1, 0.2, 0.3], "lambda": [0.5, 1.0, 1.5, 2.0, 2.5]},
-    "linear": {"normalize": [True, False], "weight": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]},
+    "linear": {"normalize": [True, False], "weight": [0.25 * i for i in range(1, 13)]},
 }
 N_PER_TASK = 100  # samples per lm-eval task (values are multiples of 1/N_PER_TASK)
 VERSIONS = {"lm_eval": "0.4.13", "torch": "2.13.0", "transformers": "4.57.1"}

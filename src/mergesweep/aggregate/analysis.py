@@ -84,13 +84,19 @@ def suite_scores(scores: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFra
     # only the columns used: the table has a million rows at sweep scale
     used = ["model_id", "suite", "split", "metric", "filter", "value", "stderr", "n"]
     ok = scores.loc[(scores["status"] == "ok") & scores["split"].notna(), used]
-    ok = ok[ok["metric"] == ok["suite"].map(metrics)]
+    # per-suite lookups through the suite's code (a map over a million rows is slow)
+    codes, suites = pd.factorize(ok["suite"])
+    want_metric = np.array([metrics.get(q) for q in suites] + [None], dtype=object)[codes]
+    ok = ok[ok["metric"].to_numpy(dtype=object) == want_metric]
     cols = ["model_id", "suite", "split", "score", "stderr", "n", "n_tasks"]
     if ok.empty:
         return pd.DataFrame(columns=cols)
     wanted = ok[["suite", "filter"]].drop_duplicates().groupby("suite")["filter"].apply(primary_filter)
-    want = ok["suite"].map(wanted)
-    ok = ok[(ok["filter"] == want) | (ok["filter"].isna() & want.isna())]
+    codes, suites = pd.factorize(ok["suite"])
+    want = np.array([wanted.get(q) for q in suites], dtype=object)[codes]
+    filters = ok["filter"].to_numpy(dtype=object)
+    want_none = pd.isna(want)
+    ok = ok[np.where(want_none, pd.isna(filters), filters == want)]
 
     ok = ok.assign(
         _v=ok["value"].astype(float).fillna(0.0),
@@ -100,17 +106,31 @@ def suite_scores(scores: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFra
         _n=ok["n"].astype("Float64"),
         _one=1,
     )
-    g = ok.groupby(["model_id", "suite", "split"], sort=True)
+    # grouped by one integer per (model_id, suite, split), in the keys' sorted order (faster than
+    # grouping a million rows by three text columns; the same groups, rows and order)
+    key = np.zeros(len(ok), dtype=np.int64)
+    levels = []
+    for c in ("model_id", "suite", "split"):
+        codes, uniques = pd.factorize(ok[c], sort=True)
+        key = key * len(uniques) + codes
+        levels.append(uniques)
+    g = ok.groupby(key, sort=True)
     agg = g[["_v", "_vnan", "_se2", "_senan", "_one"]].sum()
     agg["n"] = g["_n"].sum(min_count=1)
     k = agg["_one"].astype(float)
-    out = pd.DataFrame({
+    rest = agg.index.to_numpy()
+    parts = []
+    for uniques in reversed(levels):
+        parts.append(np.asarray(uniques, dtype=object)[rest % len(uniques)])
+        rest = rest // len(uniques)
+    model_id, suite, split = reversed(parts)
+    return pd.DataFrame({
+        "model_id": model_id, "suite": suite, "split": split,
         "score": np.where(agg["_vnan"] > 0, np.nan, agg["_v"] / k),
         "stderr": np.where(agg["_senan"] > 0, np.nan, np.sqrt(agg["_se2"]) / k),
-        "n": agg["n"].astype("Int64"),
-        "n_tasks": agg["_one"].astype(int),
-    }, index=agg.index)
-    return out.reset_index()[cols]
+        "n": agg["n"].astype("Int64").to_numpy(),
+        "n_tasks": agg["_one"].astype(int).to_numpy(),
+    }, columns=cols)
 
 
 def failures(scores: pd.DataFrame) -> pd.DataFrame:
@@ -332,14 +352,15 @@ def mean_normalised(norm: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     never averaged over fewer domains than it covers."""
     cols = ["model_id", "split", "norm_mean", "norm_mean_stderr", "n_domains"]
     ids = list(models.index)
-    n_dom = np.array([len(ds) for ds in models["domains"]], dtype=int)
+    domains = list(models["domains"])
+    n_dom = np.array([len(ds) for ds in domains], dtype=int)
     mean = np.full((len(ids), len(SPLITS)), np.nan)
     se = np.full((len(ids), len(SPLITS)), np.nan)
     for D in sorted(set(n_dom) - {0}):
         rows = np.flatnonzero(n_dom == D)
         for k, split in enumerate(SPLITS):
             m_ids = [ids[i] for i in rows for _ in range(D)]
-            doms = [d for i in rows for d in models["domains"].iloc[i]]
+            doms = [d for i in rows for d in domains[i]]
             v, e = _scores_of(norm, m_ids, doms, [split] * len(m_ids), "norm", "norm_stderr")
             v, e = v.reshape(len(rows), D), e.reshape(len(rows), D)
             # the same reductions, in the same order, as numpy over each model's own row
@@ -367,24 +388,28 @@ def select_points(candidates: pd.DataFrame, score: str = "norm_val_mean") -> pd.
     ``candidates`` has one row per merged model with ``model_id``, the group columns and
     ``score``. Test columns are not looked at.
     """
-    out = []
+    cols = GROUP_COLUMNS + ["n_points", "n_eligible", "selected_model_id", "selection_score"]
+    if candidates.empty:
+        return pd.DataFrame(columns=cols)
     keys = candidates[GROUP_COLUMNS].astype(object).where(candidates[GROUP_COLUMNS].notna(), "")
-    for key, g in candidates.groupby([keys[c] for c in GROUP_COLUMNS], sort=True):
-        eligible = g[np.isfinite(g[score].astype(float))]
-        chosen = None
-        if not eligible.empty:
-            best = eligible[score].max()
-            chosen = sorted(eligible.loc[eligible[score] == best, "model_id"])[0]
-        first = g.iloc[0]
-        out.append({
-            **{c: first[c] for c in GROUP_COLUMNS},
-            "n_points": len(g),
-            "n_eligible": len(eligible),
-            "selected_model_id": chosen,
-            "selection_score": float(eligible[score].max()) if chosen else math.nan,
-        })
-    return pd.DataFrame(out, columns=GROUP_COLUMNS + ["n_points", "n_eligible", "selected_model_id",
-                                                      "selection_score"])
+    values = candidates[score].astype(float)
+    frame = keys.assign(_eligible=np.isfinite(values).to_numpy(), _pos=np.arange(len(candidates)))
+    by = frame.groupby(GROUP_COLUMNS, sort=True)
+    out = by.agg(n_points=("_pos", "size"), n_eligible=("_eligible", "sum"), _first=("_pos", "min"))
+    # the best eligible point of each sweep: highest score, then smallest model id
+    eligible = frame[frame["_eligible"]].assign(_score=values[frame["_eligible"].to_numpy()].to_numpy(),
+                                               _id=candidates["model_id"].to_numpy()[frame["_eligible"].to_numpy()])
+    best = eligible.sort_values(["_score", "_id"], ascending=[False, True], kind="stable").drop_duplicates(
+        GROUP_COLUMNS).set_index(GROUP_COLUMNS)
+    out = out.join(best[["_id", "_score"]])
+    first = candidates.iloc[out["_first"].to_numpy()]
+    return pd.DataFrame({
+        **{c: first[c].to_numpy() for c in GROUP_COLUMNS},
+        "n_points": out["n_points"].to_numpy(dtype=int),
+        "n_eligible": out["n_eligible"].to_numpy(dtype=int),
+        "selected_model_id": [m if isinstance(m, str) else None for m in out["_id"]],
+        "selection_score": out["_score"].to_numpy(dtype=float),
+    }, columns=cols)
 
 
 def competition_rank(values: pd.Series) -> pd.Series:

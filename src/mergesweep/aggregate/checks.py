@@ -114,8 +114,8 @@ def check_scores(df: pd.DataFrame, source: str, *, inputs: Iterable[str] | None 
     if df.empty:
         what = f" (from {', '.join(inputs)})" if inputs else ""
         raise ScoresError(f"{source}: the scores table has no rows{what}; nothing is written")
-    ok = df[df["status"] == "ok"]
-    if ok.empty:
+    is_ok = (df["status"] == "ok").to_numpy(dtype=bool)
+    if not is_ok.any():
         errs = df.drop_duplicates(["model_id", "suite"]).head(3)
         examples = "; ".join(f"{r.model_id}/{r.suite}: {r.error}" for r in errs.itertuples())
         raise ScoresError(f"{source}: no evaluation succeeded ({len(df)} error rows, e.g. {examples}); "
@@ -130,9 +130,10 @@ def check_scores(df: pd.DataFrame, source: str, *, inputs: Iterable[str] | None 
         files = sorted({str(f) for f in df.loc[same, "eval_file"].dropna()}) if "eval_file" in df else []
         raise ScoresError(f"{source}: duplicated row ({_origin(first)}) appears {int(same.sum())} times"
                           + (f", in {', '.join(files)}" if files else ""))
+    ok = df.loc[is_ok, ["metric", "value", "stderr", "n"]]  # only what the value checks read
     bad = _impossible(ok)
-    for i in np.flatnonzero(bad.to_numpy()):  # the first row whose problem has a message
-        row = ok.iloc[i]
+    for i in np.flatnonzero(is_ok)[bad.to_numpy()]:  # the first row whose problem has a message
+        row = df.iloc[i]
         if not isinstance(_py(row["metric"]), str):
             raise ScoresError(f"{source}: ok row without a metric ({_origin(row)})")
         problem = value_problem(row["metric"], _py(row["value"]), _py(row["stderr"]), _py(row["n"]))

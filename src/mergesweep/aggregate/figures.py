@@ -25,6 +25,10 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 DOMAIN_PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">", "h"]
 DPI = 200
+#: A figure of more than MANY_PANELS panels is drawn at LARGE_DPI: a third fewer pixels to draw
+#: and store; the report shows it at the same size (from the PNG's resolution)
+LARGE_DPI = 120
+MANY_PANELS = 6
 STYLE = {
     "font.size": 8.5,
     "axes.titlesize": 9,
@@ -302,17 +306,29 @@ def _sweeps(tables: Tables) -> list[tuple[str, pd.DataFrame, list[str]]]:
     keys = lb[["method", "align", "base", "experts"]].astype(object).fillna("")
     by = [keys[c] for c in keys.columns]
     hp_text = lb[tables.hp_columns].astype(str) if tables.hp_columns else pd.DataFrame(index=lb.index)
-    n_values = hp_text.groupby(by, sort=True).nunique(dropna=False) if tables.hp_columns else None
+    counts = hp_text.groupby(by, sort=True).nunique(dropna=False) if tables.hp_columns else None
+    varying = ({key: [h for h, n in zip(tables.hp_columns, row) if n > 1]
+                for key, row in zip(counts.index, counts.to_numpy())} if counts is not None else {})
     for key, g in lb.groupby(by, sort=True):
         if len(g) < 2:
             continue
-        vary = [h for h in tables.hp_columns if n_values.loc[key, h] > 1] if n_values is not None else []
+        vary = varying.get(key, [])
         if not vary:
             continue
         out.append((str(g["sweep_label"].iloc[0]), g, vary))
     _SWEEPS.clear()
     _SWEEPS[id(lb)] = (lb, out)
     return out
+
+
+def _fixed_grid(fig: Figure, nrows: int, ncols: int, *, top: float, bottom: float, left: float, right: float, hgap: float,
+                wgap: float) -> dict:
+    """Subplot spacing from margins and gaps in inches: a many-panel figure is laid out by hand
+    (constrained layout would double its drawing time at sweep scale)."""
+    w, h = fig.get_size_inches()
+    return {"left": left / w, "right": 1 - right / w, "top": 1 - top / h, "bottom": bottom / h,
+            "hspace": hgap / max(0.5, (h - top - bottom - hgap * (nrows - 1)) / nrows),
+            "wspace": wgap / max(0.5, (w - left - right - wgap * (ncols - 1)) / ncols)}
 
 
 def _chosen_sweeps(tables: Tables, limit: int = SENSITIVITY_MAX) -> list[tuple[str, pd.DataFrame, list[str]]]:
@@ -323,10 +339,13 @@ def _chosen_sweeps(tables: Tables, limit: int = SENSITIVITY_MAX) -> list[tuple[s
         return sweeps
     test = col("norm", "test", "mean")
 
+    scores = {}
+    for sw in sweeps:
+        v = sw[1].loc[sw[1]["selected"].to_numpy(dtype=bool), test].to_numpy(dtype=float)
+        scores[id(sw)] = float(v[0]) if len(v) and np.isfinite(v[0]) else -math.inf
+
     def score(sw) -> float:
-        s = sw[1][sw[1]["selected"]]
-        v = float(s[test].iloc[0]) if len(s) else math.nan
-        return v if np.isfinite(v) else -math.inf
+        return scores[id(sw)]
 
     ranked = sorted(sweeps, key=lambda sw: (-score(sw), sw[0]))
     chosen, methods = [], set()
@@ -358,10 +377,14 @@ def sensitivity_figure(tables: Tables) -> Figure:
     sweeps = _chosen_sweeps(tables)
     ncols = min(3, max(len(sweeps), 1))
     nrows = max(1, math.ceil(len(sweeps) / ncols))
-    fig = Figure(figsize=(3.3 * ncols + 0.3, 2.9 * nrows + 0.5), dpi=DPI, layout="constrained")
+    many = len(sweeps) > MANY_PANELS
+    fig = Figure(figsize=(3.3 * ncols + 0.3, 2.9 * nrows + 0.5 + (0.5 if many else 0)), dpi=LARGE_DPI if many else DPI,
+                 layout=None if many else "constrained")
     if not sweeps:
         return _empty(fig, "no method was run with more than one hyperparameter point")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False,
+                        gridspec_kw=_fixed_grid(fig, nrows, ncols, top=0.62, bottom=0.75, left=0.6, right=0.15, hgap=1.05, wgap=0.7)
+                        if many else None)
     val, test = col("norm", "validation", "mean"), col("norm", "test", "mean")
     for ax, (label, g, vary) in zip(axes.flat, sweeps):
         xh, others = _pick_x(g, vary)
@@ -411,7 +434,7 @@ def sensitivity_figure(tables: Tables) -> Figure:
                       label="test (reported)"),
                Line2D([], [], color="#FFD700", mec="#222222", marker="*", ms=11, ls="none", label="selected"),
                Line2D([], [], color="#B00020", marker="x", ms=6, ls="none", label="failed evaluation")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
+    fig.legend(handles=handles, loc="lower center" if many else "outside lower center", ncols=4, frameon=False)
     return fig
 
 
@@ -436,12 +459,16 @@ def pareto_figure(tables: Tables) -> Figure:
     pairs = _pareto_pairs(tables)[:PARETO_MAX]
     ncols = min(3, max(len(pairs), 1))
     nrows = max(1, math.ceil(len(pairs) / ncols))
-    fig = Figure(figsize=(2.9 * ncols + 0.3, 2.75 * nrows + 0.45), dpi=DPI, layout="constrained")
+    many = len(pairs) > MANY_PANELS
+    fig = Figure(figsize=(2.9 * ncols + 0.3, 2.75 * nrows + 0.45 + (0.5 if many else 0)), dpi=LARGE_DPI if many else DPI,
+                 layout=None if many else "constrained")
     if not pairs:
         return _empty(fig, "fewer than two domains with complete scores: no Pareto front")
     colors = method_colors(tables)
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(colors)}
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False,
+                        gridspec_kw=_fixed_grid(fig, nrows, ncols, top=0.3, bottom=1.05, left=0.55, right=0.1, hgap=0.75, wgap=0.65)
+                        if many else None)
     refs = tables.references
     for ax, (dx, dy) in zip(axes.flat, pairs):
         p = pts[(pts["domain_x"] == dx) & (pts["domain_y"] == dy)]
@@ -492,7 +519,8 @@ def pareto_figure(tables: Tables) -> Figure:
                 Line2D([], [], color="#222222", lw=1.0, label="Pareto front"),
                 Line2D([], [], color="#222222", marker="X", ls="none", ms=6, label="expert"),
                 Line2D([], [], color="#9a9a9a", marker="o", ls="none", ms=5, label="base")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
+    fig.legend(handles=handles, loc="lower center" if many else "outside lower center", ncols=min(len(handles), 6),
+               frameon=False)
     return fig
 
 
@@ -504,10 +532,24 @@ BUILDERS: dict[str, Callable[[Tables], Figure]] = {
 }
 
 
+#: A PNG larger than this (a figure of a big sweep: thousands of points, a dozen panels) is stored
+#: with a 256-colour palette, about a third of the size; smaller figures stay full colour.
+PALETTE_ABOVE = 300_000
+
+
 def render_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    return buf.getvalue()
+    fig.savefig(buf, format="png", dpi="figure", metadata={"Software": None})
+    png = buf.getvalue()
+    if len(png) <= PALETTE_ABOVE:
+        return png
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    small = io.BytesIO()
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        small, format="PNG", dpi=image.info.get("dpi", (DPI, DPI)))
+    return small.getvalue() if small.tell() < len(png) else png
 
 
 def render_figures(tables: Tables) -> dict[str, bytes]:

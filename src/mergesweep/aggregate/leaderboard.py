@@ -9,6 +9,7 @@ base). ``norm_<split>_mean`` is the mean over the model's domains. Each has a ``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -76,6 +77,7 @@ def hyperparameter_columns(params: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(out, index=params.index)
 
 
+@functools.lru_cache(maxsize=4096)
 def params_label(params: str | None, skip: tuple[str, ...] = ()) -> str:
     """``density=0.2, lambda=1`` from a params JSON (empty string for no parameters)."""
     if not isinstance(params, str) or not params:

@@ -16,7 +16,7 @@ import jinja2
 from markupsafe import Markup
 
 from mergesweep.aggregate import views as V
-from mergesweep.aggregate.figures import FIGURES, figure_notes
+from mergesweep.aggregate.figures import DPI, FIGURES, figure_notes
 from mergesweep.aggregate.leaderboard import Tables
 from mergesweep.aggregate.provenance import checkpoint_identities
 
@@ -47,6 +47,16 @@ PAGE_AFTER = 120
 #: The configuration shown in the report is cut after this many characters (all of it is in
 #: provenance.json and the scores parquet).
 CONFIG_CHARS = 20000
+
+
+def png_dpi(png: bytes) -> float:
+    """The resolution a PNG records (its pHYs chunk, pixels per metre), else the figures' DPI."""
+    pos = png.find(b"pHYs")
+    if pos < 0:
+        return float(DPI)
+    x = int.from_bytes(png[pos + 4:pos + 8], "big")
+    unit = png[pos + 12]
+    return float(round(x * 0.0254)) if unit == 1 and x else float(DPI)
 
 
 def png_width(png: bytes) -> int:
@@ -141,7 +151,8 @@ def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None 
     figs = [
         {"name": name, "title": FIGURES[name], "caption": FIGURE_CAPTIONS[name], "note": notes.get(name, ""),
          "src": "data:image/png;base64," + base64.b64encode(figures[name]).decode("ascii"),
-         "width": round(png_width(figures[name]) * DISPLAY_SCALE)}
+         # shown at DISPLAY_SCALE of a DPI-resolution figure's pixels, whatever its resolution
+         "width": round(png_width(figures[name]) * DISPLAY_SCALE * DPI / png_dpi(figures[name]))}
         for name in FIGURES if name in figures
     ]
     views = {

@@ -611,23 +611,31 @@ def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict | None]:
     if not path.exists():
         raise ScoresError(f"{path}: scores table not found (run 'mergesweep aggregate' first)")
     try:
-        # strings read dictionary-encoded: each distinct value once (see _to_pandas)
         schema = pq.read_schema(path)
+        # strings read dictionary-encoded (each distinct value once, see _to_pandas)
         strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-        table = pq.read_table(path, read_dictionary=strings)
+        pf = pq.ParquetFile(path, read_dictionary=strings)
     except (pa.ArrowException, OSError) as e:
         raise ScoresError(f"{path}: not a readable parquet file ({e})") from e
     required = ["model_id", "role", "method", "params", "base", "experts", "suite", "task",
                 "metric", "value", "stderr", "n", "split", "status"]
-    missing = [c for c in required if c not in table.column_names]
+    missing = [c for c in required if c not in schema.names]
     if missing:
         raise ScoresError(f"{path}: missing column(s) {', '.join(missing)}")
-    df = _to_pandas(table)
+    meta = schema.metadata or {}
+    columns = {}
+    try:
+        for name in schema.names:  # one column at a time: never the whole decoded table at once
+            columns.update(_frame({name: pf.read(columns=[name]).column(0)}))
+            pa.default_memory_pool().release_unused()
+    except (pa.ArrowException, OSError) as e:
+        raise ScoresError(f"{path}: not a readable parquet file ({e})") from e
+    df = pd.DataFrame(columns, copy=False)
+    del columns
     for col, typ in zip(SCORE_SCHEMA.names, SCORE_SCHEMA.types):
         if col not in df.columns:  # tolerate tables from older/other writers
             df[col] = pd.Series([None] * len(df), dtype="float64" if pa.types.is_floating(typ) else "object")
     if df["suite_role"].isna().any():
         df["suite_role"] = infer_suite_roles(df).astype(df["suite"].dtype)
-    meta = table.schema.metadata or {}
     provenance = json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else None
     return df, provenance
