@@ -219,6 +219,9 @@ def bars_figure(tables: Tables) -> Figure:
             ax_colors = [colors.get(m, "#777777") for m in sel["method_label"]]
             axh.bar(pos, np.nan_to_num(vals), hb * 0.9, yerr=errs, color=ax_colors,
                     error_kw={"elinewidth": 0.8, "capsize": 1.8}, alpha=1.0 - 0.35 * j)
+            for p_, v in zip(pos, vals):
+                if not np.isfinite(v):
+                    axh.text(p_, 0.02, "error", rotation=90, ha="center", va="bottom", fontsize=6.5, color="#B00020")
             if base is not None and np.isfinite(_num(base.get(c))):
                 axh.axhline(_num(base[c]), color="#777777", lw=0.9, ls=":", zorder=0,
                             label="base" if j == 0 else None)
@@ -467,7 +470,7 @@ def pareto_figure(tables: Tables) -> Figure:
     colors = method_colors(tables)
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(colors)}
     axes = fig.subplots(nrows, ncols, squeeze=False,
-                        gridspec_kw=_fixed_grid(fig, nrows, ncols, top=0.3, bottom=1.05, left=0.55, right=0.1, hgap=0.75, wgap=0.65)
+                        gridspec_kw=_fixed_grid(fig, nrows, ncols, top=0.3, bottom=1.05, left=0.55, right=0.1, hgap=0.75, wgap=0.75)
                         if many else None)
     refs = tables.references
     for ax, (dx, dy) in zip(axes.flat, pairs):
@@ -500,10 +503,11 @@ def pareto_figure(tables: Tables) -> Figure:
             if is_base or r["domain"] in (dx, dy):  # the other experts unlabelled: they crowd the origin
                 labels.setdefault((round(x, 6), round(y, 6)), []).append(
                     "base" if is_base else f"{r['domain']} expert")
-        for (x, y), names in labels.items():
-            ax.annotate(" / ".join(names), (x, y), xytext=(4, 3), textcoords="offset points",
-                        fontsize=6.5, color="#444444")
         lim = max(1.1, float(np.nanmax([p["x"].max(), p["y"].max(), 1.0])) * 1.05)
+        for (x, y), names in labels.items():
+            right = x > 0.6 * lim  # a label near the right edge goes left of its point, inside the panel
+            ax.annotate(" / ".join(names), (x, y), xytext=(-4 if right else 4, 3), textcoords="offset points",
+                        fontsize=6.5, color="#444444", ha="right" if right else "left")
         ax.set_xlim(0, lim)
         ax.set_ylim(0, lim)
         ax.set_aspect("equal", adjustable="box")

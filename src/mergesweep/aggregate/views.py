@@ -89,6 +89,7 @@ class View:
     row_groups: list[str] = field(default_factory=list)
     groups: list[tuple[str, str]] = field(default_factory=list)
     source: str = ""  # where the full table is (a report shows a long table page by page)
+    group_column: int | None = None  # the column naming the group (hidden while one group is shown)
 
 
 def _failed(r) -> set[str]:
@@ -165,7 +166,7 @@ def leaderboard_view(t: Tables) -> View:
     headers += [f"{d} (norm.)" for d in t.skills] + ["Mean (norm.)"]
     headers += [f"{h} ({t.metrics.get(h, '?')})" for h in t.heldout] + [f"Δ {h} vs base" for h in t.heldout]
     headers += ["Val. mean (norm.)", "Points", "Model id"]
-    v = View("Leaderboard", headers)
+    v = View("Leaderboard", headers, group_column=2 if multi else None)
     by_selected = t.selection.dropna(subset=["selected_model_id"]).set_index("selected_model_id")
     notes = []
     for experts in tasks:

@@ -8,14 +8,14 @@
     var m = String(text).replace(MINUS, "-").match(/^\s*[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?/i);
     return m ? parseFloat(m[0]) : null;
   }
-  function rowFromData(cells, numeric) {
+  function rowFromData(cells, numeric, groupCol) {
     // a cell is "text" or [text, flags, se]; flags: b = best, e = error
     var tr = document.createElement("tr");
     cells.forEach(function (c, i) {
       var td = document.createElement("td"), text = c, flags = "", se = "";
       if (Array.isArray(c)) { text = c[0]; flags = c[1] || ""; se = c[2] || ""; }
       td.className = (numeric[i] ? "num" : "txt") + (flags.indexOf("b") >= 0 ? " best" : "") +
-                     (flags.indexOf("e") >= 0 ? " err" : "");
+                     (flags.indexOf("e") >= 0 ? " err" : "") + (i === groupCol ? " grpcol" : "");
       td.textContent = text;
       if (se) {
         var span = document.createElement("span");
@@ -31,8 +31,9 @@
     var table = box.querySelector("table"), tbody = table.tBodies[0];
     var heads = Array.prototype.slice.call(table.tHead.rows[0].cells);
     var numeric = heads.map(function (th) { return th.classList.contains("n"); });
+    var groupCol = heads.findIndex(function (th) { return th.classList.contains("grpcol"); });
     var data = box.querySelector("script.rows"), doc = data ? JSON.parse(data.textContent) : null;
-    var trs = doc ? doc.rows.map(function (cells) { return rowFromData(cells, numeric); })
+    var trs = doc ? doc.rows.map(function (cells) { return rowFromData(cells, numeric, groupCol); })
                   : Array.prototype.slice.call(tbody.rows);
     var rows = trs.map(function (tr, i) {
       var texts = Array.prototype.map.call(tr.cells, function (td) { return td.textContent; });
@@ -58,6 +59,8 @@
     }
     function render() {
       var q = state.q;
+      // one expert set shown: its name is in the selector, not repeated on every row
+      box.classList.toggle("onegroup", state.group !== null && state.group !== "*");
       var shown = rows.filter(function (r) {
         return (state.group === null || state.group === "*" || r.group === state.group) &&
                (!q || r.search.indexOf(q) >= 0);
