@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mergesweep.aggregate.checks import ROW_KEY, check_scores, value_problem
+from mergesweep.aggregate.checks import ROW_KEY, check_scores, metric_range, value_problem
 from mergesweep.aggregate.files import publish
 from mergesweep.atomic import atomic_file
 from mergesweep.errors import MergesweepError
@@ -193,12 +194,35 @@ ROW_COLUMNS = ["task", "lm_eval_task", "metric", "filter", "split", "value", "st
 ROW_ORDER = ["task", "lm_eval_task", "metric", "filter", "split"]
 #: the positions in a row tuple of :data:`ROW_KEY`'s columns (model and suite are the file's)
 _FILE_KEY = [ROW_COLUMNS.index(c) for c in ROW_KEY if c in ROW_COLUMNS]
+_KEY_LEN = len(_FILE_KEY)
+assert _FILE_KEY == list(range(_KEY_LEN)), "a row tuple starts with its key columns"
 _ORDER = [ROW_COLUMNS.index(c) for c in ROW_ORDER]
 
 
 def _null_first(row: tuple) -> tuple:
     """Sort key of a row: :data:`ROW_ORDER`, a null before any value (as ``na_position="first"``)."""
     return tuple((0, "") if row[j] is None else (1, row[j]) for j in _ORDER)
+
+
+def _sort_rows(rows: list[tuple]) -> None:
+    """Rows in :data:`ROW_ORDER` (nulls first); without nulls in those columns, a plain sort."""
+    if any(row[j] is None for row in rows for j in _ORDER):
+        rows.sort(key=_null_first)
+    else:
+        rows.sort(key=operator.itemgetter(*_ORDER))
+
+
+def _plainly_valid(metric: str, value, stderr, n) -> bool:
+    """The usual row (float value in range, finite non-negative stderr or none, whole n >= 0 or
+    none), checked quickly; anything else goes through :func:`value_problem`."""
+    if type(value) is not float or not math.isfinite(value):
+        return False
+    lo, hi = metric_range(metric)
+    if not lo <= value <= hi:
+        return False
+    if stderr is not None and not (type(stderr) is float and 0.0 <= stderr < math.inf):
+        return False
+    return n is None or (type(n) is int and n >= 0)
 
 
 _last_record: list = [None, None]  # (model block, its columns): a model's suites come in a row
@@ -297,25 +321,40 @@ def read_eval_file(path_or_dict: str | Path | Mapping) -> tuple[dict, list[tuple
     rows = []
     seen: dict[tuple, int] = {}
     fewshot, task_versions = doc.get("num_fewshot"), doc.get("task_versions")
+    fewshot_by_task, versions_by_task = isinstance(fewshot, Mapping), isinstance(task_versions, Mapping)
     for i, r in enumerate(results):
-        if not isinstance(r, Mapping):
+        if type(r) is not dict and not isinstance(r, Mapping):
             raise EvalFileError(f"{where}: results[{i}] must be an object")
         for key in ("task", "metric", "split"):
             if not r.get(key):
                 raise EvalFileError(f"{where}: results[{i}] lacks '{key}'")
         if "value" not in r:
             raise EvalFileError(f"{where}: results[{i}] lacks 'value'")
-        task = str(r["task"])
-        lm_task = str(r["lm_eval_task"]) if r.get("lm_eval_task") else None
-        metric = str(r["metric"])
-        stderr = None if r.get("stderr") in (None, "N/A") else r.get("stderr")
-        problem = value_problem(metric, r["value"], stderr, r.get("n"))
-        if problem:
-            raise EvalFileError(f"{where}: results[{i}] ({lm_task or task}, split {r['split']!r}): {problem}")
-        filt = str(r["filter"]) if r.get("filter") is not None else None
-        row = (task, lm_task, metric, filt, str(r["split"]), _float(r["value"]), _float(stderr), _int(r.get("n")),
-               "ok", None, _int(_per_task(fewshot, lm_task or task)), _str(_per_task(task_versions, lm_task or task)))
-        key = tuple(row[j] for j in _FILE_KEY)
+        task = r["task"] if type(r["task"]) is str else str(r["task"])
+        lm_task = r.get("lm_eval_task")
+        lm_task = (lm_task if type(lm_task) is str else str(lm_task)) if lm_task else None
+        metric = r["metric"] if type(r["metric"]) is str else str(r["metric"])
+        value, n = r["value"], r.get("n")
+        stderr = r.get("stderr")
+        if stderr == "N/A":
+            stderr = None
+        if not _plainly_valid(metric, value, stderr, n):  # the common case needs no message
+            problem = value_problem(metric, value, stderr, n)
+            if problem:
+                raise EvalFileError(f"{where}: results[{i}] ({lm_task or task}, split {r['split']!r}): {problem}")
+        filt = r.get("filter")
+        filt = (filt if type(filt) is str else str(filt)) if filt is not None else None
+        name = lm_task or task
+        shots = fewshot.get(name) if fewshot_by_task else fewshot
+        version = task_versions.get(name) if versions_by_task else task_versions
+        split = r["split"] if type(r["split"]) is str else str(r["split"])
+        row = (task, lm_task, metric, filt, split,
+               value if type(value) is float else _float(value),
+               stderr if type(stderr) is float else _float(stderr),
+               n if type(n) is int else _int(n), "ok", None,
+               shots if type(shots) is int else _int(shots),
+               version if type(version) is str else _str(version))
+        key = row[:_KEY_LEN]
         if key in seen:
             raise EvalFileError(f"{where}: results[{i}] duplicates results[{seen[key]}] (task {task!r}, "
                                 f"lm-eval task {lm_task!r}, metric {metric!r}, filter {filt!r}, "
@@ -524,7 +563,7 @@ def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
                 f"{common['eval_file']}: (model {key[0]!r}, suite {key[1]!r}) already read from {seen[key]}"
             )
         seen[key] = common["eval_file"]
-        rows.sort(key=_null_first)
+        _sort_rows(rows)
         commons.append(common)
         counts.append(len(rows))
         pending.extend(rows)
