@@ -250,7 +250,8 @@ def selection_view(t: Tables) -> View:
             Cell(params_label(s["params"]) or ("(defaults)" if isinstance(s["params"], str) else str(s["note"])),
                  numeric=False, error=not isinstance(s["params"], str)),
             Cell(fmt(s["val_norm_mean"])),
-            Cell(fmt(s["test_norm_mean"]), se=fmt(s["test_norm_mean_stderr"]) if np.isfinite(s["test_norm_mean"]) else ""),
+            Cell(fmt(s["test_norm_mean"]), se=fmt(s["test_norm_mean_stderr"])
+                 if np.isfinite(s["test_norm_mean"]) and np.isfinite(s["test_norm_mean_stderr"]) else ""),
             Cell(str(s["rank"]) if pd.notna(s["rank"]) else "–"),
         ])
     return v
