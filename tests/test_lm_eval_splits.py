@@ -82,7 +82,7 @@ def test_both_splits_recorded_and_scored_on_the_right_examples(env, tmp_path, on
     assert own["test"] == {"split": "test", "n": 16} and own["fewshot_split"] == "train"
     val, test = slice_indices(24, 8, seed=3)
     assert sliced["rule"] == "seeded_slice" and sliced["fewshot_split"] == "test"
-    assert sliced["validation"] == {"source_split": "test", "seed": 3, "size": 8, "indices": val}
+    assert sliced["validation"] == {"source_split": "test", "seed": 3, "size": 8, "requested_size": 8, "indices": val}
     assert sliced["test"] == {"source_split": "test", "seed": 3, "size": 16, "indices": test}
     assert doc["settings"]["validation"] == {"size": 8, "seed": 3}
 
