@@ -4,7 +4,6 @@ grow with the sweep, and the O(n log n) Pareto front against the definition."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import shutil
@@ -12,7 +11,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 

@@ -142,13 +142,6 @@ def _str(x: Any) -> str | None:
     return _json(x)
 
 
-def _per_task(mapping: Any, task: str) -> Any:
-    """``num_fewshot``/``task_versions`` are keyed by lm-eval task, or a single value."""
-    if isinstance(mapping, Mapping):
-        return mapping.get(task)
-    return mapping
-
-
 def _load(path_or_dict: str | Path | Mapping) -> tuple[dict, str]:
     if isinstance(path_or_dict, Mapping):
         return dict(path_or_dict), "<dict>"
@@ -344,7 +337,7 @@ def read_eval_file(path_or_dict: str | Path | Mapping) -> tuple[dict, list[tuple
                 raise EvalFileError(f"{where}: results[{i}] ({lm_task or task}, split {r['split']!r}): {problem}")
         filt = r.get("filter")
         filt = (filt if type(filt) is str else str(filt)) if filt is not None else None
-        name = lm_task or task
+        name = lm_task or task  # num_fewshot/task_versions are keyed by lm-eval task, or one value
         shots = fewshot.get(name) if fewshot_by_task else fewshot
         version = task_versions.get(name) if versions_by_task else task_versions
         split = r["split"] if type(r["split"]) is str else str(r["split"])
