@@ -45,17 +45,6 @@ def test_preset_plan(name):
     assert all(c.source["revision"] == "FILL-IN-COMMIT-SHA" for c in plan.fetched)
 
 
-def test_preset_lm_eval_tasks_exist():
-    """Every task of every suite the presets name is a task lm-eval 0.4 indexes."""
-    from lm_eval.tasks import TaskManager
-
-    names = set(TaskManager().all_tasks)
-    for name in PRESETS:
-        plan = build_plan(load_config_file(preset(name)))
-        missing = {t for s in plan.lm_eval_suites.values() for t in s.tasks} - names
-        assert not missing, f"{name}: lm-eval has no task {sorted(missing)}"
-
-
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_dag_and_cost_agree(tmp_path, name):
     """The DAG builds; `mergesweep plan` reports exactly Snakemake's job counts per compute rule."""

@@ -58,7 +58,7 @@ def run(tmp_path_factory):
         "suites": {"lm_eval": {"sums": [WITH_VALIDATION], "pairs": {"tasks": [WITHOUT_VALIDATION],
                                                                      "validation": {"size": tasks.slice_size}},
                                "general": {"tasks": [tasks.group], "validation": {"size": tasks.slice_size}}}},
-        "merges": [{"method": "task_arithmetic", "params": {"lambda": [0.3, 0.7, 1.0]}}],
+        "merges": [{"method": "task_arithmetic", "params": {"lambda": [0.4, 1.0]}}],
         "evaluation": {"batch_size": 8, "device": "cpu", "include_paths": [str(tasks.include_path)]},
         "threads": 1,
     }
@@ -109,7 +109,7 @@ def test_selection_is_the_validation_argmax(run):
     val = ok[ok["split"] == "validation"].groupby(["model_id", "suite"])["value"].mean()
     expert = {"sums": "sums-expert", "pairs": "pairs-expert"}
     ta = scores.loc[scores["method"] == "task_arithmetic", "model_id"].unique()
-    assert len(ta) == 3
+    assert len(ta) == 2
     norm = {m: sum(val[(m, d)] / val[(e, d)] for d, e in expert.items()) / 2 for m in ta}
     best = max(norm.values())
     want = sorted(m for m, v in norm.items() if v == best)[0]

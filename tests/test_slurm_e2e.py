@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 REMOTE_RULES = {"make_data", "pretrain_base", "finetune", "merge", "evaluate", "evaluate_merged", "aggregate",
                 "leaderboard"}
-LOCAL_RULES = {"merge_yaml", "provenance", "evaluation_spec", "all"}
+LOCAL_RULES = {"merge_yaml", "provenance", "evaluation_spec", "evaluation_models", "all"}
 EVALUATE = {"smk-evaluate", "smk-evaluate_merged"}
 
 

@@ -19,6 +19,19 @@ def lm_eval_tasks():
     return set(TaskManager().all_tasks)
 
 
+def test_every_preset_task_exists_in_lm_eval(lm_eval_tasks):
+    """Every task of every suite the presets under config/presets name is one lm-eval indexes."""
+    from mergesweep.config import load_config_file
+    from mergesweep.plan import build_plan
+
+    presets = sorted((REPO / "config" / "presets").glob("*.yaml"))
+    assert len(presets) >= 3
+    for path in presets:
+        plan = build_plan(load_config_file(path))
+        missing = {t for s in plan.lm_eval_suites.values() for t in s.tasks} - lm_eval_tasks
+        assert not missing, f"{path.name}: lm-eval has no task {sorted(missing)}"
+
+
 def test_every_registered_task_exists_in_lm_eval(lm_eval_tasks):
     for suite in REGISTERED.values():
         missing = [t for t in suite.tasks if t not in lm_eval_tasks]
