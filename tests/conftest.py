@@ -112,8 +112,10 @@ _EARLY: dict = {}
 @pytest.fixture(scope="session", autouse=True)
 def _tiny_run_early(request, tmp_path_factory):
     """The shared tiny run mostly waits on its jobs (one thread each), so when a collected test
-    needs it, it starts with the session in a background thread and the unit tests run meanwhile
-    (``MERGESWEEP_TINY_RUN_EARLY=0``: start it when first needed instead)."""
+    needs it, it starts with the session in a background thread and the unit tests run meanwhile;
+    the SLURM fault sweep (tests/test_slurm_faults.py: 3 minutes, nearly all of them waiting on
+    SLURM) follows it in the same thread (``MERGESWEEP_TINY_RUN_EARLY=0``: each starts when first
+    needed instead)."""
     wanted = any("tiny_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
     if wanted and os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") != "0":
         import threading
@@ -121,14 +123,47 @@ def _tiny_run_early(request, tmp_path_factory):
         cluster = request.getfixturevalue("slurm") if sc.skip_reason() is None else None
         workdir = tmp_path_factory.mktemp("tiny-run")
 
+        faults = cluster is not None and any("fault_sweep" in getattr(item, "fixturenames", ())
+                                             for item in request.session.items)
+        faults_dir = tmp_path_factory.mktemp("faults") if faults else None
+
         def work():
             try:
                 _EARLY["result"] = _tiny_run(workdir, cluster)
             except BaseException as e:  # re-raised in the test that asks for the run
                 _EARLY["error"] = e
+            _EARLY["tiny_done"].set()
+            if faults:  # then the SLURM fault sweep (mostly waiting), still beside the unit tests
+                from test_slurm_faults import run_fault_sweep
 
+                try:
+                    _EARLY["faults"] = run_fault_sweep(cluster, faults_dir)
+                except BaseException as e:
+                    _EARLY["faults_error"] = e
+
+        _EARLY["tiny_done"] = threading.Event()
         _EARLY["thread"] = threading.Thread(target=work, name="tiny-run", daemon=True)
         _EARLY["thread"].start()
+    yield
+
+
+def early_fault_sweep() -> dict | None:
+    """The fault sweep the background thread ran (tests/test_slurm_faults.py), or None when it
+    was not started there."""
+    if "thread" not in _EARLY:
+        return None
+    _EARLY["thread"].join()
+    if "faults_error" in _EARLY:
+        raise _EARLY["faults_error"]
+    return _EARLY.get("faults")
+
+
+@pytest.fixture(autouse=True)
+def _cluster_to_itself(request):
+    """A test that drives the SLURM cluster itself waits for the background runs first: the fault
+    sweep drains the node and holds its GPUs."""
+    if "slurm" in request.fixturenames and "thread" in _EARLY:
+        _EARLY["thread"].join()
     yield
 
 
@@ -139,7 +174,7 @@ def tiny_run(tmp_path_factory, request):
     mid-run: tests/test_slurm_e2e.py asserts on that), else ``snakemake --cores 2`` locally.
     Returns ``{"workdir", "config", "via", "rc", "log", "events", "sacct", "seconds"}``."""
     if "thread" in _EARLY:
-        _EARLY["thread"].join()
+        _EARLY["tiny_done"].wait()  # not the fault sweep that follows it in the thread
         if "error" in _EARLY:
             raise _EARLY["error"]
         result = _EARLY["result"]

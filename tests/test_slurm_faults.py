@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +48,19 @@ def _state(job_id: str) -> dict | None:
 
 @pytest.fixture(scope="module")
 def fault_sweep(slurm, tmp_path_factory):
-    workdir = sc.write_workflow(tmp_path_factory.mktemp("faults"), sc.FAULTS)
+    """The sweep of :func:`run_fault_sweep`: started by conftest in the background right after the
+    shared tiny run when this module is collected (it mostly waits on SLURM), else run here."""
+    from conftest import early_fault_sweep
+
+    early = early_fault_sweep()
+    if early is not None:
+        return early
+    return run_fault_sweep(slurm, tmp_path_factory.mktemp("faults"))
+
+
+def run_fault_sweep(slurm, tmp: Path) -> dict:
+    """Run sc.FAULTS through the profile in ``tmp``, injecting the faults as jobs reach them."""
+    workdir = sc.write_workflow(tmp, sc.FAULTS)
     since = dt.datetime.now() - dt.timedelta(seconds=1)
     events: dict = {}
     with sc.Background(workdir, "--submitit-account", "ci") as smk:
