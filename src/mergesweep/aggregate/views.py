@@ -131,13 +131,7 @@ def leaderboard_views(t: Tables) -> list[View]:
                    Cell(params_label(r["params"]) or "(defaults)", numeric=False)]
             row += [_score_cell(r, col("norm", "test", d), d, bests.get(col("norm", "test", d))) for d in doms]
             row.append(_score_cell(r, col("norm", "test", "mean"), "mean", bests.get(col("norm", "test", "mean"))))
-            row += [_score_cell(r, col("abs", "test", h), h, bests.get(col("abs", "test", h))) for h in t.heldout]
-            row += [_score_cell(r, col("delta", "test", h), h, bests.get(col("delta", "test", h)), signed=True)
-                    for h in t.heldout]
-            row.append(_score_cell(r, col("norm", "validation", "mean"), "mean", None, with_se=False))
-            n_failed = int(by_selected.at[r["model_id"], "n_failed"]) if r["model_id"] in by_selected.index else 0
-            row.append(Cell(f"{int(r['n_points'])}" + (f" ({n_failed} failed)" if n_failed else ""), error=bool(n_failed)))
-            row.append(Cell(str(r["model_id"]), numeric=False))
+            row += _heldout_and_selection_cells(t, r, bests, by_selected)
             v.rows.append(row)
         unselected = t.selection[t.selection["selected_model_id"].isna()
                                  & (t.selection["experts"].fillna("[]") == experts)]
@@ -185,14 +179,7 @@ def leaderboard_view(t: Tables) -> View:
                 c = col("norm", "test", d)
                 row.append(_score_cell(r, c, d, bests.get(c)) if d in own or not multi else Cell("·"))
             row.append(_score_cell(r, col("norm", "test", "mean"), "mean", bests.get(col("norm", "test", "mean"))))
-            row += [_score_cell(r, col("abs", "test", h), h, bests.get(col("abs", "test", h))) for h in t.heldout]
-            row += [_score_cell(r, col("delta", "test", h), h, bests.get(col("delta", "test", h)), signed=True)
-                    for h in t.heldout]
-            row.append(_score_cell(r, col("norm", "validation", "mean"), "mean", None, with_se=False))
-            n_failed = int(by_selected.at[r["model_id"], "n_failed"]) if r["model_id"] in by_selected.index else 0
-            row.append(Cell(f"{int(r['n_points'])}" + (f" ({n_failed} failed)" if n_failed else ""),
-                            error=bool(n_failed)))
-            row.append(Cell(str(r["model_id"]), numeric=False))
+            row += _heldout_and_selection_cells(t, r, bests, by_selected)
             v.rows.append(row)
             v.row_groups.append(experts)
     unselected = t.selection[t.selection["selected_model_id"].isna()]
@@ -314,3 +301,16 @@ def summary(t: Tables) -> dict:
         "heldout": t.heldout,
         "metrics": t.metrics,
     }
+
+
+def _heldout_and_selection_cells(t: Tables, r, bests: dict, by_selected: pd.DataFrame) -> list[Cell]:
+    """The cells a leaderboard row ends with: held-out scores and changes against the base (test),
+    the validation mean it was selected on, its points (and failures) and its model id."""
+    cells = [_score_cell(r, col("abs", "test", h), h, bests.get(col("abs", "test", h))) for h in t.heldout]
+    cells += [_score_cell(r, col("delta", "test", h), h, bests.get(col("delta", "test", h)), signed=True)
+              for h in t.heldout]
+    cells.append(_score_cell(r, col("norm", "validation", "mean"), "mean", None, with_se=False))
+    n_failed = int(by_selected.at[r["model_id"], "n_failed"]) if r["model_id"] in by_selected.index else 0
+    cells.append(Cell(f"{int(r['n_points'])}" + (f" ({n_failed} failed)" if n_failed else ""), error=bool(n_failed)))
+    cells.append(Cell(str(r["model_id"]), numeric=False))
+    return cells
