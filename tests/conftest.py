@@ -162,7 +162,9 @@ def early_fault_sweep() -> dict | None:
 def _cluster_to_itself(request):
     """A test that drives the SLURM cluster itself waits for the background runs first: the fault
     sweep drains the node and holds its GPUs."""
-    if "slurm" in request.fixturenames and "thread" in _EARLY:
+    # the item's own fixtures (request.fixturenames would also list the cluster the session
+    # fixture above asked for while setting up the first test, which would then wait for it all)
+    if "slurm" in request.node.fixturenames and "thread" in _EARLY:
         _EARLY["thread"].join()
     yield
 
