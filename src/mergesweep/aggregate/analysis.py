@@ -291,15 +291,10 @@ def normalised_scores(suites: pd.DataFrame, models: pd.DataFrame) -> pd.DataFram
     skills = sorted(set(d for ds in models["domains"] for d in ds) | set(
         models.loc[models["role"] == "expert", "domain"].dropna()))
     by_domain = _experts_by_domain(models)
-    mids, doms, refs, splits = [], [], [], []
-    for mid, role, domain, own in zip(models.index, models["role"], models["domain"], _own_experts(models)):
-        for d in skills:
-            ref = _expert_of(mid, role, domain, own, d, by_domain)
-            for split in SPLITS:
-                mids.append(mid)
-                doms.append(d)
-                refs.append(ref)
-                splits.append(split)
+    mids, doms, refs, splits = _per_split(
+        (mid, d, _expert_of(mid, role, domain, own, d, by_domain))
+        for mid, role, domain, own in zip(models.index, models["role"], models["domain"], _own_experts(models))
+        for d in skills)
     s, se = _scores_of(suites, mids, doms, splits)
     rs, rse = _scores_of(suites, refs, doms, splits)
     is_ref = np.array([r == m for r, m in zip(refs, mids)], dtype=bool)
@@ -316,6 +311,18 @@ def normalised_scores(suites: pd.DataFrame, models: pd.DataFrame) -> pd.DataFram
     return out[keep].reset_index(drop=True)
 
 
+def _per_split(triples) -> tuple[list, list, list, list]:
+    """(model, suite, reference) triples -> four parallel lists, one entry per split of SPLITS."""
+    mids, suites, refs, splits = [], [], [], []
+    for mid, suite, ref in triples:
+        for split in SPLITS:
+            mids.append(mid)
+            suites.append(suite)
+            refs.append(ref)
+            splits.append(split)
+    return mids, suites, refs, splits
+
+
 def heldout_deltas(suites: pd.DataFrame, models: pd.DataFrame, heldout: list[str]) -> pd.DataFrame:
     """Per (model, held-out suite h, split): ``delta = s(m, h) - s(B, h)``, in absolute score
     points (negative = forgetting, positive = generalisation beyond the base), with
@@ -325,17 +332,10 @@ def heldout_deltas(suites: pd.DataFrame, models: pd.DataFrame, heldout: list[str
     bases = list(models.index[models["role"] == "base"])
     only = bases[0] if len(bases) == 1 else None
     base_set = set(bases)
-    mids, hs, bs, splits = [], [], [], []
-    for mid, role, base in zip(models.index, models["role"], models["base"]):
-        if role == "base":
-            continue
-        b = base if isinstance(base, str) and base in base_set else only
-        for h in heldout:
-            for split in SPLITS:
-                mids.append(mid)
-                hs.append(h)
-                bs.append(b)
-                splits.append(split)
+    mids, hs, bs, splits = _per_split(
+        (mid, h, base if isinstance(base, str) and base in base_set else only)
+        for mid, role, base in zip(models.index, models["role"], models["base"]) if role != "base"
+        for h in heldout)
     s, se = _scores_of(suites, mids, hs, splits)
     b_s, b_se = _scores_of(suites, bs, hs, splits)
     keep = ~(np.isnan(s) & np.isnan(b_s))
