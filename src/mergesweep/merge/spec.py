@@ -222,6 +222,19 @@ class MethodSpec:
     #: part of every merged model id of this method: bump it when the kernel's output changes for
     #: the same parameters, so merges cached under the old ids are not reused
     revision: int = 1
+    #: data-aware methods: ``data_stats(params) -> ("gram", "fisher", ...)``, the kinds of the
+    #: ``stats`` stage this method reads *per expert* for these parameters (empty: none). The plan
+    #: schedules one stats job per (expert, kind, calibration data, settings); the engine opens
+    #: each expert's statistics file and hands the kernel, for the tensor it merges,
+    #: ``ctx.expert_stats[kind][i]`` (None where expert i's file has no entry for that tensor).
+    data_stats: Callable[[dict], Sequence[str]] | None = None
+    #: whole-model methods (forward passes through the models being merged: RegMean++, PLeaS,
+    #: Localize-and-Stitch's mask training): ``merge_model(inputs) -> WholeModelResult``
+    #: (:mod:`mergesweep.merge.whole`). ``whole_model(params)`` says whether these parameters use
+    #: it (None: always, when ``merge_model`` is given); the plan then gives the merge job each
+    #: expert's calibration data instead of streaming it tensor by tensor.
+    merge_model: Callable | None = None
+    whole_model: Callable[[dict], bool] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -247,6 +260,16 @@ class MethodSpec:
 
     def requests(self, params: dict, n_experts: int) -> list[StatRequest]:
         return list(self.statistics(params, n_experts)) if self.statistics else []
+
+    def stats_kinds(self, params: dict) -> tuple[str, ...]:
+        """The stats-stage kinds this method reads per expert with these (kernel) parameters."""
+        return tuple(self.data_stats(params)) if self.data_stats else ()
+
+    def uses_whole_model(self, params: dict) -> bool:
+        """Whether these (kernel) parameters merge through ``merge_model`` (calibration data)."""
+        if self.merge_model is None:
+            return False
+        return True if self.whole_model is None else bool(self.whole_model(params))
 
 
 # --------------------------------------------------------------------------------------------
