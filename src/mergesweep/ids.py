@@ -79,19 +79,23 @@ def merge_model_id(
     dtype: str | None = None,
     vocab_policy: str = "error",
     revision: int = 1,
+    data: Sequence[str | None] | None = None,
 ) -> str:
     """``<method>-<hash>`` of everything that defines a merged model's weights.
 
     ``params`` are the resolved parameters; ``per_expert`` names those whose value may be a list
     in expert order; ``experts`` the inputs' uids; ``align`` one alignment uid (or ``None``) per
     expert; ``dtype`` the output dtype name (``None``: the base's); ``vocab_policy`` as given;
-    ``revision`` the method's kernel revision (``MethodSpec.revision``).
+    ``revision`` the method's kernel revision (``MethodSpec.revision``); ``data`` one uid per
+    expert of the data a data-aware method reads for it (its statistics' stats id, or its
+    calibration data's uid), ``None`` for weight-only methods (their ids are unchanged).
     """
     params = dict(params)
     rows = [
         {
             "uid": uid,
             "align": (align[i] if align else None),
+            **({"data": data[i]} if data else {}),
             # a scalar applies to every expert: [1, 1] and 1 hash alike
             "params": {k: (params[k][i] if isinstance(params[k], (list, tuple)) else params[k])
                        for k in sorted(per_expert) if k in params},

@@ -224,6 +224,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         vocab_policy=cfg["vocab_policy"],
         tie_policy=cfg["tie_policy"],
         expert_names=cfg["expert_names"],
+        stats=cfg["stats"],
+        calibration=cfg["calibration"],
+        calibration_settings=cfg["calibration_settings"],
         expect_model_id=args.model_id,
     )
     print(json.dumps({k: meta.get(k) for k in ("model_id", "method", "params", "runtime_s", "peak_rss_mb")}))

@@ -13,6 +13,12 @@
     tie_policy: error        # optional: error | allow (tied and untied lm_heads mixed)
     align: {1: results/align/abc/perm.safetensors}   # optional
     expert_names: [math, code]                        # optional, default: directory names
+    stats: {math: results/stats/math--gram--1a2b3c4d5e}  # data-aware methods (regmean, fisher):
+                                                      # each expert's `mergesweep stats` output
+    calibration: {math: data/math.jsonl}              # whole-model methods (regmean_plus_plus, pleas,
+                                                      # localize_stitch with data): per expert a JSONL
+                                                      # file, or {path: ..., uid: ...}
+    calibration_settings: {examples: 64, max_length: 128, batch_size: 8}   # optional
 
 Relative paths are taken relative to the current directory (as for mergekit).
 """
@@ -27,14 +33,16 @@ import yaml
 
 from mergesweep.errors import ConfigError, MergesweepError
 from mergesweep.merge.methods import get_method
-from mergesweep.merge.settings import DEFAULT_SHARD_SIZE, canonical_dtype, check_device, parse_size
+from mergesweep.merge.settings import (DEFAULT_SHARD_SIZE, canonical_dtype, check_calibration_settings, check_device,
+                                       parse_size)
 from mergesweep.merge.tensor_plan import check_policies
 from mergesweep.merge.spec import resolve_params
 
 KEYS = ("method", "base", "experts", "params", "dtype", "device", "shard_size", "vocab_policy", "tie_policy",
-        "align", "expert_names")
+        "align", "expert_names", "stats", "calibration", "calibration_settings")
 DEFAULTS = {"base": None, "params": {}, "dtype": None, "device": "auto", "shard_size": DEFAULT_SHARD_SIZE,
-            "vocab_policy": "error", "tie_policy": "error", "align": None, "expert_names": None}
+            "vocab_policy": "error", "tie_policy": "error", "align": None, "expert_names": None,
+            "stats": None, "calibration": None, "calibration_settings": None}
 
 
 def validate_merge_config(doc: Any, source: str = "config") -> dict:
@@ -77,7 +85,48 @@ def validate_merge_config(doc: Any, source: str = "config") -> dict:
     check_policies(cfg["vocab_policy"], cfg["tie_policy"], has_base=cfg["base"] is not None)
     cfg["expert_names"] = list(names)
     cfg["align"] = align_by_index(cfg["align"], names)
+    cfg["stats"] = by_expert_index(cfg["stats"], names, "stats", kind="dir")
+    cfg["calibration"] = by_expert_index(cfg["calibration"], names, "calibration", kind="calibration")
+    cfg["calibration_settings"] = check_calibration_settings(cfg["calibration_settings"])
     return cfg
+
+
+def by_expert_index(value: Any, names: list[str], key: str, kind: str) -> dict | None:
+    """``{expert index or name: entry}`` -> ``{index: entry}`` for the per-expert inputs of
+    data-aware merges: ``kind="dir"`` (a statistics directory) or ``"calibration"`` (a JSONL file,
+    or ``{path, uid}``). Errors name ``<key>.<expert>``; a listed path must exist."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping {{expert name or index: path}}")
+    out: dict = {}
+    for k, entry in value.items():
+        if isinstance(k, int) or (isinstance(k, str) and k.isdigit()):
+            idx = int(k)
+            if not 0 <= idx < len(names):
+                raise ConfigError(f"{key}.{k}: no expert with index {idx}")
+        elif str(k) in names:
+            idx = names.index(str(k))
+        else:
+            raise ConfigError(f"{key}.{k}: not an expert index or name (experts: {', '.join(names)})")
+        if kind == "calibration" and isinstance(entry, Mapping):
+            extra = [x for x in entry if x not in ("path", "uid")]
+            if extra or "path" not in entry:
+                raise ConfigError(f"{key}.{k}: expected a JSONL path or {{path, uid}}")
+            path, uid = entry["path"], entry.get("uid")
+            if uid is not None and not isinstance(uid, str):
+                raise ConfigError(f"{key}.{k}.uid: expected a string")
+        else:
+            path, uid = entry, None
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"{key}.{k}: expected a path, got {path!r}")
+        p = Path(path)
+        if kind == "dir" and not p.is_dir():
+            raise ConfigError(f"{key}.{k}: statistics directory {path} not found")
+        if kind == "calibration" and not p.is_file():
+            raise ConfigError(f"{key}.{k}: calibration file {path} not found")
+        out[idx] = p if kind == "dir" else {"path": p, "uid": uid}
+    return out or None
 
 
 def align_by_index(align: Any, names: list[str]) -> dict[int, Path] | None:
@@ -107,8 +156,13 @@ def planned_model_id(cfg: Mapping[str, Any]) -> str:
     the same function the workflow's plan uses, fed with the inputs' recorded uids."""
     from mergesweep.merge.provenance import identify_merge
 
+    from mergesweep.merge.identity import expert_data_uids
+
+    data = expert_data_uids(len(cfg["experts"]), cfg.get("stats"), cfg.get("calibration"),
+                            cfg["calibration_settings"])
     return identify_merge(cfg["method"], cfg["params"], cfg["expert_names"], cfg["base"], cfg["experts"],
-                          cfg.get("align"), dtype=cfg["dtype"], vocab_policy=cfg["vocab_policy"]).model_id
+                          cfg.get("align"), dtype=cfg["dtype"], vocab_policy=cfg["vocab_policy"],
+                          data_uids=data).model_id
 
 
 def load_merge_yaml(path: str | os.PathLike) -> dict:

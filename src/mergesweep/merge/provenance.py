@@ -26,6 +26,7 @@ class MergeIdentity:
     base_uid: str | None
     expert_uids: list[str]
     align_uids: list[str | None]
+    data_uids: list[str | None] | None = None  # per expert: its statistics' or calibration data's uid
 
 
 def identify_merge(
@@ -38,6 +39,7 @@ def identify_merge(
     *,
     dtype: str | None = None,
     vocab_policy: str = "error",
+    data_uids: Sequence[str | None] | None = None,
 ) -> MergeIdentity:
     """The id and resolved parameters of merging ``experts`` (and ``base``) with ``method``.
 
@@ -50,8 +52,10 @@ def identify_merge(
     model_id, resolved = merge_identity(
         method, params, list(expert_names), base_uid, expert_uids,
         align_uids=align_uids, dtype=dtype, vocab_policy=vocab_policy, has_base=base is not None,
+        data_uids=data_uids,
     )
-    return MergeIdentity(model_id, resolved, base_uid, expert_uids, align_uids)
+    return MergeIdentity(model_id, resolved, base_uid, expert_uids, align_uids,
+                         list(data_uids) if data_uids else None)
 
 
 def describe_input(path: Path, name: str, role: str, uid: str | None) -> dict:

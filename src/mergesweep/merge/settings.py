@@ -71,3 +71,28 @@ def parse_size(value: int | str, key: str = "shard_size") -> int:
     if n <= 0:
         raise ConfigError(f"{key}: must be positive, got {value!r}")
     return n
+
+
+#: how much calibration data the stats stage and whole-model methods read per expert (the one
+#: owner of these defaults: the workflow's ``stats`` section and a merge YAML's
+#: ``calibration_settings`` are laid over them)
+CALIBRATION_DEFAULTS = {"examples": 64, "max_length": 128, "batch_size": 8}
+
+
+def check_calibration_settings(value: Any, key: str = "calibration_settings") -> dict:
+    """``{examples, max_length, batch_size}`` (positive integers) over :data:`CALIBRATION_DEFAULTS`;
+    ConfigError naming ``<key>.<name>``."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping with examples, max_length, batch_size")
+    out = dict(CALIBRATION_DEFAULTS)
+    for k, v in value.items():
+        if k not in CALIBRATION_DEFAULTS:
+            raise ConfigError(f"{key}.{k}: unknown key (allowed: {', '.join(CALIBRATION_DEFAULTS)})")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key}.{k}: expected a positive integer, got {v!r}")
+        out[k] = v
+    if out["max_length"] < 2:
+        raise ConfigError(f"{key}.max_length: at least 2 tokens, got {out['max_length']}")
+    return out

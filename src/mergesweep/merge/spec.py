@@ -111,7 +111,8 @@ class StatRequest:
     ``kind``:
       * ``"kth"``  - per expert, the value of ascending rank ``rank(n, i)`` (0-based) among all
         ``n`` elements the method's ``stat_values`` produced for expert ``i`` over the model;
-      * ``"max"`` / ``"min"`` - per expert, the maximum / minimum of those values.
+      * ``"max"`` / ``"min"`` - per expert, the maximum / minimum of those values;
+      * ``"sum"`` - per expert, the sum of those values (float64; a global norm: sum of squares).
 
     Requests of a later ``stage`` may use the results of earlier stages (``ctx.stats``). The
     engine computes ``kth`` exactly with a two-pass radix select over the float bit patterns

@@ -1,9 +1,9 @@
 """Whole-model statistics: the streaming passes a method's ``StatRequest``s need before merging.
 
-A request is a maximum, a minimum or an exact k-th value over one quantity of every merged
-tensor, per expert (a global top-k threshold, a global quantile). Requests of one *stage* share
-their passes; a later stage may use an earlier one's results (they are in ``ctx.stats``). ``max``
-and ``min`` need one pass; ``kth`` two (:class:`mergesweep.merge.select.StreamingKth`: a
+A request is a maximum, a minimum, a sum or an exact k-th value over one quantity of every merged
+tensor, per expert (a global top-k threshold, a global quantile, a global norm). Requests of one *stage* share
+their passes; a later stage may use an earlier one's results (they are in ``ctx.stats``). ``max``,
+``min`` and ``sum`` need one pass; ``kth`` two (:class:`mergesweep.merge.select.StreamingKth`: a
 histogram of the high 16 bits of an order-preserving key locates the bucket of the wanted rank,
 a second of the low 16 bits inside that bucket pins the value).
 """
@@ -14,6 +14,7 @@ import math
 from contextlib import closing
 from typing import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from mergesweep.merge.select import StreamingKth
@@ -31,27 +32,32 @@ def whole_model_statistics(stream: Streaming, requests: Sequence[StatRequest],
     for stage in sorted({r.stage for r in requests}):
         reqs = [r for r in requests if r.stage == stage]
         accs = {(r.key, i): StreamingKth(stream.device) for r in reqs for i in range(n)}
-        _stream_pass(stream, stage, reqs, accs, work, stats, 1)
+        sums = {(r.key, i): 0.0 for r in reqs if r.kind == "sum" for i in range(n)}
+        _stream_pass(stream, stage, reqs, accs, work, stats, 1, sums)
         ranks = _locate_ranks(reqs, accs, n)
         if any(r.kind == "kth" for r in reqs):
             _stream_pass(stream, stage, reqs, accs, work, stats, 2)
         for r in reqs:
-            stats[r.key] = [_value(r, accs[(r.key, i)], ranks.get((r.key, i))) for i in range(n)]
+            stats[r.key] = [sums[(r.key, i)] if r.kind == "sum" else _value(r, accs[(r.key, i)], ranks.get((r.key, i)))
+                            for i in range(n)]
     return stats
 
 
-def _stream_pass(stream: Streaming, stage, reqs, accs, work, stats, pass_no: int) -> None:
+def _stream_pass(stream: Streaming, stage, reqs, accs, work, stats, pass_no: int, sums=None) -> None:
     """Feed every merged tensor's per-expert values of ``stage`` to the accumulators."""
     bar = tqdm(work, desc=f"{stream.spec.name}: statistics stage {stage} pass {pass_no}", leave=False,
                disable=None)
     with closing(prefetched(bar, stream.load)) as items:
         for tp, (base_t, exps) in items:
-            values = stream.spec.stat_values(stage, base_t, exps, stream.kparams, stream.context(tp.name, stats))
+            values = stream.spec.stat_values(stage, base_t, exps, stream.kparams, stream.context(tp.name, stats, tp))
             for r in reqs:
                 for i, v in enumerate(values[r.key]):
                     if v is None:
                         continue
-                    if pass_no == 1:
+                    if r.kind == "sum":
+                        if pass_no == 1:
+                            sums[(r.key, i)] += float(v.sum(dtype=torch.float64))
+                    elif pass_no == 1:
                         accs[(r.key, i)].add_pass1(v)
                     elif r.kind == "kth":
                         accs[(r.key, i)].add_pass2(v)

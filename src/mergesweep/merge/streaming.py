@@ -88,10 +88,39 @@ class Streaming:
     device: torch.device
     loader: TensorLoader
     uses_base: bool  # the method reads the base (and one was given)
+    stats_readers: list | None = None  # per expert: StatsReader of the stats stage (data-aware methods)
+    stats_kinds: tuple = ()
 
-    def context(self, name: str, stats: dict) -> TensorContext:
-        return TensorContext(name, self.n_experts, layer_index(name), self.num_layers, self.seed, stats,
-                             self.device)
+    def context(self, name: str, stats: dict, tp: TensorPlan | None = None) -> TensorContext:
+        ctx = TensorContext(name, self.n_experts, layer_index(name), self.num_layers, self.seed, stats,
+                            self.device)
+        if self.stats_readers:
+            ctx.expert_stats = self.expert_stats(name, tp)
+        return ctx
+
+    def expert_stats(self, name: str, tp: TensorPlan | None) -> dict:
+        """``{kind: [statistic or None per expert]}`` for output tensor ``name`` (each expert's own
+        name for it: a tied head's statistics are its embedding's); ``gram`` comes with
+        ``gram_count``. A statistic whose shape does not fit the tensor is a MergeError."""
+        out: dict = {}
+        for kind in self.stats_kinds:
+            vals, counts = [], []
+            for i, r in enumerate(self.stats_readers):
+                src = tp.sources[i + 1].name if tp is not None and tp.sources[i + 1] is not None else name
+                t = r.get(kind, src, self.device)
+                if t is not None and tp is not None:
+                    want = (tp.shape[1], tp.shape[1]) if kind == "gram" else tuple(tp.shape)
+                    if len(tp.shape) < 2 and kind == "gram" or tuple(t.shape) != want:
+                        raise MergeError(f"{r.label}: '{kind}/{src}' in {r.path} has shape {list(t.shape)}, but "
+                                         f"tensor '{name}' needs {list(want)} (statistics of another architecture?)")
+                vals.append(t)
+                if kind == "gram":
+                    c = r.count(src)
+                    counts.append(None if c is None else torch.tensor([c], dtype=torch.float32, device=self.device))
+            out[kind] = vals
+            if kind == "gram":
+                out["gram_count"] = counts
+        return out
 
     def load(self, tp: TensorPlan, needed: Iterable[int] | None = None):
         """``(base tensor or None, [expert tensors])``; experts not in ``needed`` are ``None``."""
