@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "merge": ("mergesweep.merge.cli", "merge checkpoints once, from a YAML (outside any workflow)"),
     "methods": ("mergesweep.merge.cli_methods", "list merge methods, parameters, defaults and papers"),
     "align": ("mergesweep.align.cli", "permutation-align a model onto a reference"),
+    "stats": ("mergesweep.stats.cli", "statistics of a model on calibration data for data-aware merges (Gram, Fisher)"),
     "lmc": ("mergesweep.align.cli_lmc", "linear mode connectivity: loss along the path between two models"),
     "evaluate": ("mergesweep.evaluate.cli", "evaluate one model on its suites with lm-eval (the model loaded once)"),
     "prefetch-datasets": ("mergesweep.evaluate.prefetch", "fetch the datasets of the spec's lm-eval tasks into the HF cache"),
