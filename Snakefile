@@ -1,4 +1,4 @@
-# mergesweep: fetch -> finetune -> (align) -> merge -> evaluate -> aggregate.
+# mergesweep: fetch -> finetune -> (align, stats) -> merge -> evaluate -> aggregate.
 # Thin on purpose: every rule calls the `mergesweep` CLI; every job, path and id comes from the
 # plan (mergesweep.plan), built once from the validated config in workflow/rules/common.smk.
 # Run: snakemake --cores 2   (or --profile profiles/slurm)
@@ -34,6 +34,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/align.smk"
+include: "workflow/rules/stats.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"

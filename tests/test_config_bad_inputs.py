@@ -75,7 +75,7 @@ CASES = [
     ("threads-zero", _set(("threads",), 0), "threads"),
     ("skill-unknown", _set(("suites", "skills"), ["juggling"]), "suites.skills[0]"),
     ("expert-old-skill-key", lambda c: c["experts"][1].update(skill=c["experts"][1].pop("domain")),
-     "experts[1].skill: unknown key (allowed here: domain,"),
+     "experts[1].skill: unknown key (allowed here: calibration, domain,"),
     ("expert-domain-unknown", _set(("experts", 1, "domain"), "juggling"), "experts[1].domain: 'juggling' is not a suite"),
     ("expert-domain-untrainable", lambda c: (c["suites"].update(lm_eval={"math": ["gsm8k"]}),
                                              c["experts"][1].update(domain="math")),

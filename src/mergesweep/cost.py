@@ -51,6 +51,7 @@ def stage_costs(plan, res: Resources | None = None) -> list[StageCost]:
     eval_jobs_per_model = len(plan.suites) if per_suite else 1
     eval_units = res.eval_units()
     n_align = len(plan.align_jobs)
+    streamed = [k for k in plan.merges if res.merge_stage(k) == "merge"]
     rows = [
         ("fetch", "fetch", len(plan.fetched), [1.0]),
         ("make_data", "make_data", len(plan.data_suites), [1.0]),
@@ -58,7 +59,10 @@ def stage_costs(plan, res: Resources | None = None) -> list[StageCost]:
         ("finetune", "finetune", len(plan.trained_experts), [1.0]),
         ("align", "align", n_align, [1.0]),
         ("lmc", "lmc", n_align, [1.0]),
-        ("merge", "merge", len(plan.merges), [res.merge_units(m) for m in plan.merges] or [1.0]),
+        ("stats", "stats", len(plan.stats_jobs), [1.0]),
+        ("merge", "merge", len(streamed), [res.merge_units(m) for m in streamed] or [1.0]),
+        # whole-model merges run forward passes: the stats stage's resources (Resources.merge_stage)
+        ("merge (whole-model)", "stats", len(plan.merges) - len(streamed), [1.0]),
         ("evaluate", "evaluate", (1 + len(plan.experts)) * eval_jobs_per_model, [eval_units]),
         ("evaluate_merged", "evaluate", len(plan.merges) * eval_jobs_per_model, [eval_units]),
     ]

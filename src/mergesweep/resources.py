@@ -13,8 +13,12 @@ stage           device key                              GPUs asked (``auto`` mea
 pretrain,       ``training.device``                     1 for ``cuda``/``cuda:N``/``auto``
 finetune
 evaluate        ``evaluation.device``                   1 for ``cuda``/``cuda:N``/``auto``
+stats           ``stats.device``                        1 for ``cuda``/``cuda:N``/``auto``
 merge           ``merge.device``                        1 for ``cuda``/``cuda:N``; 0 for ``auto``
-                                                        (merging streams tensors: CPU is fine)
+                                                        (merging streams tensors: CPU is fine);
+                                                        a whole-model merge (forward passes:
+                                                        regmean_plus_plus, pleas...) follows
+                                                        ``stats.device`` instead
 others          (none: CPU only)                        0
 ==============  =====================================  ==================================
 
@@ -36,6 +40,7 @@ pretrain,      (60 + 60 G) a            (4000 + 6000 G) a
 finetune
 align, lmc     (30 + 20 G) a            (4000 + 3000 G) a
 merge          (20 + 5 G (n+1)) a       (3000 + 2000 G) a  (n experts; tensors are streamed)
+stats          (30 + 20 G) a            (4000 + 6000 G) a  (Fisher holds gradients)
 evaluate       (30 + 5 G s) a           (4000 + 2000 G) a  (s suites)
 aggregate      30 a                     8000 a
 =============  =======================  ==========================
@@ -62,6 +67,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "align": ("align",),
     "lmc": ("lmc",),
     "merge": ("merge",),
+    "stats": ("stats",),
     "evaluate": ("evaluate", "evaluate_merged"),
     "aggregate": ("aggregate", "leaderboard", "lmc_table"),
 }
@@ -74,6 +80,7 @@ _SCALE = {
     "align": (30, 20, 4000, 3000),
     "lmc": (30, 20, 4000, 3000),
     "merge": (20, 5, 3000, 2000),
+    "stats": (30, 20, 4000, 6000),
     # 5 min per GB per suite: a 3B base (12.8 GB) on six suites asks for 6.9 h, an 8B base on four
     # 10.7 h (30 min/GB asked for 39 h and 64 h: over many clusters' 24-48 h caps). lm-eval's HF
     # backend on one data-centre GPU runs a suite of an 8B model in well under that; a job that
@@ -87,7 +94,8 @@ GUESS_PARAMS = 1_000_000_000
 
 def device_key(stage: str) -> str | None:
     """The config key (``section.device``) whose device a stage runs on, or None (CPU only)."""
-    return {"pretrain": "training", "finetune": "training", "merge": "merge", "evaluate": "evaluation"}.get(stage)
+    return {"pretrain": "training", "finetune": "training", "merge": "merge", "evaluate": "evaluation",
+            "stats": "stats"}.get(stage)
 
 
 def wants_gpu(stage: str, config: dict) -> bool:
@@ -180,6 +188,27 @@ class Resources:
         """Checkpoints one merge job streams: its experts and the base."""
         m = self.plan.merges.get(merge_id)
         return len(m.experts) + 1 if m is not None else 1
+
+    def merge_stage(self, merge_id: str) -> str:
+        """The stage whose resources a merge job asks for: ``stats`` for a whole-model merge (it
+        runs forward passes like the stats stage), else ``merge``."""
+        m = self.plan.merges.get(merge_id)
+        return "stats" if m is not None and m.calibration else "merge"
+
+    def merge_job(self) -> dict:
+        """``resources:`` of the merge rule: the merge stage's, or the stats stage's for whole-model
+        merges (per job, from its merge id)."""
+        def gpu(wildcards):
+            return self.gpu(self.merge_stage(wildcards.merge_id))
+
+        def runtime(wildcards, attempt):
+            stage = self.merge_stage(wildcards.merge_id)
+            return self.runtime(stage, attempt, self.merge_units(wildcards.merge_id) if stage == "merge" else 1)
+
+        def mem_mb(wildcards, attempt):
+            return self.mem_mb(self.merge_stage(wildcards.merge_id), attempt)
+
+        return {"gpu": gpu, "runtime": runtime, "mem_mb": mem_mb}
 
     # -- per stage -------------------------------------------------------------------------------
     def overrides(self, stage: str) -> dict:

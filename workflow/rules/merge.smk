@@ -9,7 +9,10 @@ def merge_inputs(w):
         raise ValueError(f"{w.merge_id} is not a merge of this plan (its config changed?)")
     m = PLAN.merges[w.merge_id]
     maps = [job.perm for job in (m.align or ()) if job is not None]
-    return {"base": PLAN.base.dir, "experts": [model_dir(e) for e in m.experts], "align_maps": maps}
+    stats = [job.dir for jobs in (m.stats or ()) for job in jobs]
+    calibration = sorted({c.input for c in (m.calibration or ())})
+    return {"base": PLAN.base.dir, "experts": [model_dir(e) for e in m.experts], "align_maps": maps,
+            "stats": stats, "calibration": calibration}
 
 
 rule merge_yaml:
@@ -42,7 +45,8 @@ rule merge:
     threads: RES.threads("merge", 1)
     priority: PRIORITY["merge"]
     resources:
-        **RES.of("merge", units=lambda w: RES.merge_units(w.merge_id)),
+        # a whole-model merge (forward passes on calibration data) asks for the stats stage's
+        **RES.merge_job(),
     log:
         L.log("merge", "{merge_id}"),
     shell:
