@@ -42,8 +42,9 @@ What this implementation adds or decides (every choice is the limit of the same 
   rank-deficient: ``alpha = 1`` and fewer tokens than inputs), or if the factorisation fails (an
   ``S`` made slightly indefinite by the float32 rounding of its Grams), the solve uses the
   pseudo-inverse from the eigendecomposition of ``S + rho I`` (as MergeBench falls back to
-  ``pinv``), with eigenvalues at or below ``max eigenvalue * in * 2^-23`` (the float32
-  resolution of the statistics) treated as zero: the ``rho -> 0`` limit above, the correction restricted to the
+  ``pinv``), with eigenvalues at or below ``max eigenvalue * n_live * 2^-23`` (``n_live``: the
+  inputs left after the dead ones; ``2^-23``: the float32 resolution of the statistics) treated
+  as zero: the ``rho -> 0`` limit above, the correction restricted to the
   directions the data determine. The result is checked finite (MergeError otherwise; it cannot
   happen with finite inputs).
 
