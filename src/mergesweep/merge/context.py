@@ -23,10 +23,10 @@ class TensorContext:
     num_layers: int | None = None
     seed: int = 0
     stats: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: per-expert statistics of the ``stats`` stage for this tensor: ``{kind: [tensor or None per
     #: expert]}`` (float32 on ``device``), for methods that declare ``MethodSpec.data_stats``
     expert_stats: dict = field(default_factory=dict)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def generator(self, expert: int) -> torch.Generator:
         """A CPU generator seeded from (seed, tensor name, expert index).
