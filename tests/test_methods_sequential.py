@@ -194,7 +194,6 @@ def test_data_mode_mask_training_decreases_its_objective(tiny):
     base, experts, calib = tiny
     model, names, params, base_t, tau, batches = _tiny_model(base, experts, calib[0])
     lr, l1, bias = 3e4, 1e-3, 3.0
-    s0 = None
     scores, facts = train_mask(model, params, base_t, tau, batches, sparsity=0.05, sigmoid_bias=bias,
                                learning_rate=lr, l1_strength=l1, num_train_epochs=4)
     # the starting point: +bias on the whole-model top 5% of |tau|, -bias elsewhere
@@ -258,3 +257,207 @@ def test_data_mode_trains_each_experts_mask_on_its_own_data(tiny):
     # the result differs from the dataless one (the trained masks are not the top-k masks)
     want = _direct_localize_stitch(base, experts, 0.05)
     assert any(not torch.allclose(res.state[k], want[k]) for k in _localised_names(want))
+
+
+# ---------------------------------------------------------------------------------------------
+# RegMean++
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def same_embedding(tiny, tmp_path_factory):
+    """The two skill experts with the base's embedding (tied: and head), different blocks: layer 0's
+    inputs are then each expert's own, so RegMean++ and RegMean agree there exactly."""
+    base, experts, calib = tiny
+    from mergesweep.align.toy import char_tokenizer
+
+    root = tmp_path_factory.mktemp("same_emb")
+    emb = "model.embed_tokens.weight"
+    b = read_state(base)
+    out = []
+    for i, e in enumerate(experts):
+        s = read_state(e)
+        s[emb] = b[emb].clone()
+        d = write_like(e, root / f"e{i}", s)
+        char_tokenizer().save_pretrained(d)
+        out.append(d)
+    return base, out, calib
+
+
+def _inputs(base, experts, calib, params, names=None):
+    spec = REGISTRY["regmean_plus_plus"]
+    kp, _ = resolve_params(spec, params, len(experts), has_base=base is not None)
+    return WholeModelInputs(base, list(experts), names or [f"e{i}" for i in range(len(experts))], kp, list(calib),
+                            dict(CALIB), torch.device("cpu"))
+
+
+def _batches(calib: Path):
+    from mergesweep.align.data import read_texts, tokenize_batches
+    from mergesweep.align.toy import char_tokenizer
+
+    return tokenize_batches(char_tokenizer(), read_texts(calib, CALIB["examples"]), CALIB["batch_size"],
+                            CALIB["max_length"])
+
+
+def _own_grams(model_dir: Path, calib: Path, layers=(0, 1), replace_input: dict | None = None):
+    """Independent Grams: a full transformers forward of one model, forward pre-hooks on every
+    nn.Linear of the given layers summing x x^T (float64) over real tokens. ``replace_input``
+    {layer: [hidden per batch]} swaps that decoder layer's input hidden states first."""
+    from mergesweep.align.data import load_causal_lm
+
+    model = load_causal_lm(model_dir)
+    grams, counts, state = {}, {}, {"mask": None, "batch": 0}
+
+    def linear_hook(name):
+        def hook(mod, args):
+            x = args[0].detach()[state["mask"].bool()].double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    handles = []
+    for li in layers:
+        for rel, mod in model.model.layers[li].named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                handles.append(mod.register_forward_pre_hook(linear_hook(f"model.layers.{li}.{rel}.weight")))
+    for li, hs in (replace_input or {}).items():
+        def swap(mod, args, kwargs, hs=hs):
+            h = hs[state["batch"]]
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+        handles.append(model.model.layers[li].register_forward_pre_hook(swap, with_kwargs=True))
+    with torch.no_grad():
+        for b, (ids, mask) in enumerate(_batches(calib)):
+            state["mask"], state["batch"] = mask, b
+            model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    return grams, counts
+
+
+def _plain_regmean(ws, grams, counts, alpha):
+    """W* = (sum_i W_i G~_i)(sum_i G~_i)^-1, G~ = alpha G/N + (1 - alpha) diag(G/N): numpy float64."""
+    import numpy as np
+
+    s, r = 0, 0
+    for w, g, c in zip(ws, grams, counts):
+        g = g.numpy() / c
+        gt = alpha * g + (1 - alpha) * np.diag(np.diag(g))
+        s, r = s + gt, r + w.double().numpy() @ gt
+    return torch.from_numpy(np.linalg.solve(s.T, r.T).T)
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_regmean_pp_layer0_is_plain_regmean_later_layers_are_not(same_embedding):
+    from mergesweep.merge.methods.regmean_plus_plus import merge_layerwise
+
+    base, experts, calib = same_embedding
+    seen = {}
+    res = merge_layerwise(_inputs(base, experts, calib, {"reduce_non_diagonal_ratio": 0.5, "ridge": 0.0}),
+                          observe=lambda li, g, c: seen.setdefault(li, (g, c)))
+    own = [_own_grams(e, c) for e, c in zip(experts, calib)]
+    states = [read_state(e) for e in experts]
+    linears = [k for k in own[0][0]]
+    assert len(linears) == 14  # 7 linears in each of layers 0 and 1
+    diffs = []
+    for k in linears:
+        ws = [s[k] for s in states]
+        plain = _plain_regmean(ws, [o[0][k] for o in own], [o[1][k] for o in own], 0.5)
+        # what RegMean++ solved with the Grams it measured (the solve is RegMean's)
+        g, c = seen[int(k.split(".")[2])]
+        pp = _plain_regmean(ws, [gi[k] for gi in g], [ci[k] for ci in c], 0.5)
+        assert _rel(res.state[k], pp) < 1e-4, k
+        if k.startswith("model.layers.0."):
+            assert _rel(res.state[k], plain) < 1e-4, k  # same inputs: plain RegMean
+        else:
+            diffs.append(_rel(res.state[k], plain))
+    assert min(diffs) > 1e-3, diffs  # every layer-1 linear differs from plain RegMean
+    # the non-linear tensors are averaged (fallback: average)
+    for k in ("model.layers.1.input_layernorm.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        torch.testing.assert_close(res.state[k], (states[0][k] + states[1][k]) / 2, atol=1e-7, rtol=0)
+    assert [layer["solved"] for layer in res.info["layers"]] == [7, 7, 7]
+
+
+def test_regmean_pp_gram_of_a_later_layer_is_taken_on_the_merged_hidden_states(tiny):
+    """Layer 1's Grams: expert i's own layer 1 run on the *merged* model's layer-0 output on expert
+    i's data, recomputed with a transformers forward of the final merged model and a forward of
+    expert i whose layer-1 input is swapped for those hidden states."""
+    from mergesweep.align.data import load_causal_lm
+    from mergesweep.merge.methods.regmean_plus_plus import merge_layerwise
+
+    base, experts, calib = tiny
+    seen = {}
+    res = merge_layerwise(_inputs(base, experts, calib, {}),
+                          observe=lambda li, g, c: seen.setdefault(li, (g, c)))
+    merged = load_causal_lm(base)
+    merged.load_state_dict(res.state, strict=False)
+    merged.tie_weights()
+    for i, (e, c) in enumerate(zip(experts, calib)):
+        with torch.no_grad():
+            hs = [merged(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+                  for ids, mask in _batches(c)]
+        want, counts = _own_grams(e, c, layers=(1,), replace_input={1: hs})
+        got_g, got_c = seen[1][0][i], seen[1][1][i]
+        assert set(got_g) == set(want)
+        for k in want:
+            assert got_c[k] == counts[k]
+            assert _rel(got_g[k], want[k]) < 1e-5, (i, k)
+        # and not the expert's own-model Gram (the inputs really are the merged model's)
+        own, _ = _own_grams(e, c, layers=(1,))
+        q = "model.layers.1.self_attn.q_proj.weight"
+        assert _rel(got_g[q], own[q]) > 1e-3
+
+
+def test_regmean_pp_one_expert_and_identical_experts_return_the_expert(tiny):
+    from mergesweep.merge.methods.regmean_plus_plus import merge_layerwise
+
+    base, experts, calib = tiny
+    want = read_state(experts[1])
+    for exps, cal in (([experts[1]], [calib[1]]), ([experts[1], experts[1]], [calib[0], calib[1]])):
+        res = merge_layerwise(_inputs(None, exps, cal, {"reduce_non_diagonal_ratio": 1.0}))
+        assert set(res.state) == set(want)
+        for k in want:
+            torch.testing.assert_close(res.state[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_regmean_pp_refuses_an_expert_of_another_shape_naming_it(tiny, tmp_path):
+    from mergesweep.errors import MergeError
+    from mergesweep.merge.methods.regmean_plus_plus import merge_layerwise
+
+    base, experts, calib = tiny
+    other = make_base(tmp_path / "wide", seed=5, intermediate_size=40)
+    with pytest.raises(MergeError, match=r"wide.*mlp.*shape \[40, 32\]|wide.*mlp.*shape \[32, 40\]"):
+        merge_layerwise(_inputs(base, [experts[0], other], calib, {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# through the engine (whole-model path: merge_model on calibration data)
+# ---------------------------------------------------------------------------------------------
+def test_whole_model_methods_through_merge_checkpoints(tiny, tmp_path):
+    from mergesweep.merge.methods.regmean_plus_plus import merge_layerwise
+
+    base, experts, calib = tiny
+    cal = {i: c for i, c in enumerate(calib)}
+    out = tmp_path / "rpp"
+    rec = merge_checkpoints("regmean_plus_plus", base, experts, {"ridge": 1e-6}, out, calibration=cal,
+                            calibration_settings=CALIB)
+    got = read_state(out)
+    direct = merge_layerwise(_inputs(base, experts, calib, {"ridge": 1e-6}))
+    assert set(got) == set(direct.state) == set(read_state(base))
+    for k in got:
+        torch.testing.assert_close(got[k], direct.state[k], atol=0, rtol=0, msg=k)
+    assert [layer["solved"] for layer in rec["method_info"]["layers"]] == [7, 7, 7]
+
+    out = tmp_path / "ls"
+    rec = merge_checkpoints("localize_stitch", base, experts,
+                            {"dataless": False, "sparsity": 0.05, "learning_rate": 3e4, "num_train_epochs": 2},
+                            out, calibration=cal, calibration_settings=CALIB)
+    info = rec["method_info"]["experts"]
+    assert all(v["objective"][-1] < v["objective"][0] for v in info.values()), info
+    # without calibration data the data mode is refused, naming the key
+    from mergesweep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="calibration"):
+        merge_checkpoints("localize_stitch", base, experts, {"dataless": False}, tmp_path / "x")

@@ -6,7 +6,6 @@ Imported only when a tensor is merged or a whole-model merge runs (it imports to
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
@@ -15,8 +14,6 @@ from tqdm.auto import tqdm
 
 from mergesweep.errors import MergeError
 from mergesweep.merge.names import is_embedding, is_lm_head
-
-log = logging.getLogger("mergesweep.merge.methods")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +156,9 @@ def _fraction(scores: Sequence[torch.Tensor], n: int) -> float:
 # --------------------------------------------------------------------------------------------
 # data mode: the whole-model merge
 # --------------------------------------------------------------------------------------------
-def _tokenizer(inputs):
+def calibration_tokenizer(inputs, method: str):
+    """The tokenizer of the base, else of the first expert that has one (the experts share the
+    base's vocabulary; one tokenizer for every expert's calibration texts)."""
     from mergesweep.align.data import load_tokenizer
     from mergesweep.align.spec import AlignError
 
@@ -171,7 +170,7 @@ def _tokenizer(inputs):
             return load_tokenizer(d)
         except AlignError as e:
             tried.append(str(e))
-    raise MergeError("localize_stitch: no tokenizer in the base or the experts' directories: " + "; ".join(tried))
+    raise MergeError(f"{method}: no tokenizer in the base or the experts' directories: " + "; ".join(tried))
 
 
 def calibration_batches(inputs, i: int, tok, device) -> list:
@@ -218,7 +217,7 @@ def merge_model_data(inputs):
         q.requires_grad_(True)
         params.append(q)
     base = [state[k].to(device) for k in loc]
-    tok = _tokenizer(inputs)
+    tok = calibration_tokenizer(inputs, "localize_stitch")
     num = [torch.zeros_like(b) for b in base]
     cnt = [torch.zeros_like(b) for b in base]
     n_loc = sum(b.numel() for b in base)
