@@ -76,6 +76,10 @@ def test_whole_model_method_is_run_once_and_written_like_a_merge(toy, ckpts, tmp
     y.write_text(json.dumps({"method": "toy_whole", "experts": [str(a), str(b)], "expert_names": ["a", "b"],
                              "calibration": {"a": str(ca), "b": str(cb)}, "calibration_settings": {"examples": 5}}))
     assert planned_model_id(load_merge_yaml(y)) == rec["model_id"]
+    # and the model card's YAML reproduces it too (calibration and settings included)
+    card = (tmp_path / "out" / "README.md").read_text()
+    (tmp_path / "card.yaml").write_text(card.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert planned_model_id(load_merge_yaml(tmp_path / "card.yaml")) == rec["model_id"]
 
 
 def test_calibration_data_and_settings_enter_the_model_id(toy, ckpts, tmp_path):

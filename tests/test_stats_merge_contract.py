@@ -131,3 +131,16 @@ def test_statistics_change_the_id_and_bad_statistics_name_the_file(setup, caplog
     (broken / "stats.json").unlink()
     _refused(caplog, r"broken/stats.json: statistics record not found", root, base, experts, "regmean", "gram",
              stats={"a": str(broken), "b": str(experts[1]["stats"]["gram"])}, name="broken")
+
+
+def test_model_card_reproduces_a_data_aware_merge(setup):
+    """The card's YAML (stats directories included) is a merge config with the same model id."""
+    root, base, experts = setup
+    rc, _, out = _merge(root, base, experts, "regmean", "gram", name="card")
+    assert rc == 0
+    card = (out / "README.md").read_text()
+    assert "stats id `e0--gram--t`" in card
+    text = card.split("```yaml\n", 1)[1].split("```", 1)[0]
+    y = root / "from-card.yaml"
+    y.write_text(text)
+    assert planned_model_id(load_merge_yaml(y)) == json.loads((out / "mergesweep.json").read_text())["model_id"]

@@ -594,5 +594,7 @@ def provenance(plan: Plan, root: str | Path = ".") -> dict:
                          "fingerprint": rec.fingerprint}
     return {"config_hash": config_hash(plan.config), "config": plan.config, "checkpoints": ckpts,
             "versions": library_versions(),
-            "merges": {k: {"method": m.method, "params": m.params, "experts": list(m.experts)}
+            "merges": {k: {"method": m.method, "params": m.params, "experts": list(m.experts),
+                           **({"stats": [jobs[0].stats_id for jobs in m.stats]} if m.stats else {}),
+                           **({"calibration": [c.uid for c in m.calibration]} if m.calibration else {})}
                        for k, m in plan.merges.items()}}

@@ -24,6 +24,11 @@ def equivalent_yaml(record: ModelRecord) -> str:
         doc["tie_policy"] = x["tie_policy"]
     if x.get("align"):
         doc["align"] = {int(k): v["path"] for k, v in x["align"].items()}
+    if x.get("data_statistics"):
+        doc["stats"] = {name: v["path"] for name, v in x["data_statistics"].items()}
+    if x.get("calibration"):
+        doc["calibration"] = {name: {"path": v["path"], "uid": v["uid"]} for name, v in x["calibration"].items()}
+        doc["calibration_settings"] = x.get("calibration_settings")
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
@@ -56,6 +61,14 @@ def render_model_card(record: ModelRecord) -> str:
         lines += ["", "Alignment (permutation maps applied to experts before merging):", ""]
         for k, v in x["align"].items():
             lines.append(f"- expert {k}: `{v['path']}` (sha256 `{v['sha256']}`)")
+    if x.get("data_statistics"):
+        lines += ["", "Statistics of the stats stage the method read (per expert):", ""]
+        lines += [f"- {name}: `{v['path']}` (stats id `{v['uid']}`)" for name, v in x["data_statistics"].items()]
+    if x.get("calibration"):
+        lines += ["", f"Calibration data the method ran the models on (per expert; {x.get('calibration_settings')}):", ""]
+        lines += [f"- {name}: `{v['path']}` (uid `{v['uid']}`)" for name, v in x["calibration"].items()]
+    if x.get("method_info"):
+        lines += ["", f"Method facts: `{json.dumps(x['method_info'])[:2000]}`"]
     lines += ["", "## Output", "",
               f"- dtype: {x['dtype']} (computed in float32 on {x['device']})",
               f"- tensors: {x['num_tensors']}, parameters: {x['num_parameters']:,}",
