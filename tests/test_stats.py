@@ -241,3 +241,16 @@ def test_bad_inputs(tiny, case, needle, capsys):
             assert bad in err[0]
     assert not out.exists()
     assert not any(p.name.startswith(f".bad_{case}") or p.name.startswith(f"bad_{case}") for p in root.iterdir())
+
+
+@pytest.mark.parametrize("d", [100, 1000])
+def test_gram_product_blocked_equals_full(d):
+    """Wide inputs form only the upper block triangle; every entry is still xᵀx's."""
+    from mergesweep.stats.blocks import GRAM_BLOCK, gram_product
+
+    assert (d >= 2 * GRAM_BLOCK) == (d == 1000)
+    x = torch.randn(64, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    got = gram_product(x)
+    assert torch.allclose(got, x.T @ x, rtol=1e-12, atol=1e-10)
+    if d == 1000:  # the lower triangle is the upper one's transpose
+        assert torch.equal(got, got.T)

@@ -70,6 +70,7 @@ import json
 import logging
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -123,7 +124,12 @@ class StreamingSafetensors:
         t = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
         if tuple(t.shape) != self.shapes[key]:
             raise ValueError(f"StreamingSafetensors: {key} has shape {tuple(t.shape)}, declared {self.shapes[key]}")
-        self._f.write(t.numpy().tobytes())
+        if not t.numel():
+            pass
+        elif sys.byteorder == "little":
+            self._f.write(memoryview(t.numpy()).cast("B"))  # no copy
+        else:  # safetensors is little-endian
+            self._f.write(t.numpy().astype("<f4").tobytes())
         self._next += 1
 
     def close(self) -> None:
