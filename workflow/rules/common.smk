@@ -48,3 +48,26 @@ wildcard_constraints:
 
 def model_dir(model_id):
     return PLAN.model_dir(model_id)
+
+
+def plan_document(path, doc):
+    """``doc`` (a JSON-able mapping the plan derives) as a rule's params; when its file ``path``
+    holds another document, it is rewritten now (atomically), so everything that reads it is older
+    than its input and runs again - also where Snakemake has no record of the old params (results/
+    copied or rsynced without .snakemake/). A missing file is left to its rule. Only the
+    submitting process does this."""
+    import json as _json
+    import os as _os
+
+    text = _json.dumps(doc, sort_keys=True)
+    if workflow.is_main_process and not workflow.remote_exec and _os.path.exists(path):
+        try:
+            with open(path) as f:
+                same = _json.dumps(_json.load(f), sort_keys=True) == text
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            from mergesweep.atomic import write_json
+
+            write_json(path, _json.loads(text))
+    return text

@@ -15,7 +15,7 @@ rule evaluation_spec:
         L.eval_spec,
     params:
         # a changed suite or option rewrites the spec, and so re-runs the evaluations
-        doc=json.dumps(PLAN.eval_spec_doc(), sort_keys=True),
+        doc=plan_document(L.eval_spec, PLAN.eval_spec_doc()),
     localrule: True
     run:
         from mergesweep.atomic import write_json

@@ -1,0 +1,78 @@
+"""Data-aware merges through the real pipeline: the shared tiny run, extended with RegMean,
+Fisher, RegMean++, Localize-and-Stitch (trained masks) and PLeaS, re-run with ``snakemake``.
+
+Stats jobs run once per (expert, kind) and are shared by every merge reading them, the merge
+jobs read them through the merge YAML (and fail if the plan's and the engine's ids disagree:
+``--model-id``), every new model is evaluated by lm-eval and reaches the leaderboard.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from mergesweep.plan import build_plan
+from test_pipeline_e2e import copy_of, planned_jobs, run, snakemake  # noqa: F401  (run: the fixture)
+
+pytestmark = pytest.mark.slow
+
+DATA_MERGES = [
+    {"method": "regmean", "params": {"reduce_non_diagonal_ratio": [0.5]}},
+    {"method": "fisher", "params": {"fisher_target": "labels"}},
+    {"method": "regmean_plus_plus", "params": {}},
+    {"method": "localize_stitch", "params": {"dataless": False, "num_train_epochs": 2}},
+    {"method": "pleas", "experts": ["tiny-arithmetic", "tiny-reverse"], "params": {}},
+]
+
+
+def test_data_aware_methods_run_through_the_tiny_pipeline(run, tmp_path):
+    work = copy_of(run, tmp_path)
+    cfg_path = work / "config/presets/tiny.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["merges"] += DATA_MERGES
+    cfg["stats"] = {"examples": 16, "max_length": 48, "batch_size": 8, "device": "cpu"}
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    plan = build_plan(cfg)
+    new = [m for m in plan.merges.values() if m.method not in {"linear", "task_arithmetic"}]
+    assert len(new) == 5
+
+    jobs = planned_jobs(snakemake(work, cfg_path, "-n").stdout)
+    # two kinds x three experts, whatever the number of merges reading them; nothing upstream redone
+    assert jobs.get("stats") == 6 and jobs.get("merge") == 5 and jobs.get("evaluate_merged") == 5, jobs
+    assert not {"finetune", "pretrain_base", "make_data", "evaluate"} & set(jobs), jobs
+    snakemake(work, cfg_path)
+
+    # the statistics are of the experts the plan names, with the plan's ids
+    for sid, job in plan.stats_jobs.items():
+        rec = json.loads((work / job.dir / "stats.json").read_text())
+        assert rec["stats_id"] == sid and rec["model_uid"] == plan.experts[job.model].uid
+        assert rec["kinds"] == [job.kind]
+    for m in new:
+        rec = json.loads((work / m.dir / "mergesweep.json").read_text())
+        assert rec["model_id"] == m.model_id and rec["method"] == m.method
+        if m.stats:
+            got = {e: v["uid"] for e, v in rec["data_statistics"].items()}
+            assert got == {e: jobs[0].stats_id for e, jobs in zip(m.experts, m.stats)}
+        else:
+            got = {e: v["uid"] for e, v in rec["calibration"].items()}
+            assert got == {e: c.uid for e, c in zip(m.experts, m.calibration)}
+    pleas = next(m for m in new if m.method == "pleas")
+    assert json.loads((work / pleas.dir / "mergesweep.json").read_text())["method_info"]
+
+    # every new model scored on every suite, and on the leaderboard
+    s = pd.read_parquet(work / "results/tables/scores.parquet")
+    for m in new:
+        got = s[(s.model_id == m.model_id) & (s.split == "test")]
+        assert set(got.suite) == set(plan.suites) and (got.status == "ok").all(), m.model_id
+    board = pd.read_parquet(work / "results/tables/leaderboard.parquet")
+    assert {"regmean", "fisher", "regmean_plus_plus", "localize_stitch", "pleas"} <= set(board["method"])
+    assert "regmean" in (work / "results/leaderboard.md").read_text()
+
+    # one more RegMean point reads the same statistics: no stats job
+    cfg["merges"][len(cfg["merges"]) - len(DATA_MERGES)]["params"]["reduce_non_diagonal_ratio"].append(0.0)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    jobs = planned_jobs(snakemake(work, cfg_path, "-n").stdout)
+    assert jobs.get("merge") == 1 and "stats" not in jobs, jobs
