@@ -41,7 +41,7 @@ def test_stats_jobs_are_shared_by_every_merge_that_reads_them(cfg):
         assert all(d.startswith("results/stats/") for d in doc["stats"].values())
     # calibration data: each expert's own embedded domain, the configured split (never test)
     for job in plan.stats_jobs.values():
-        assert job.calibration.path == f"resources/data/{plan.experts[job.model].domain}/validation.jsonl"
+        assert job.calibration.path == f"resources/data/{plan.experts[job.model].domain}/train.jsonl"
 
 
 def test_the_statistics_identity_is_part_of_the_merge_id(cfg):
@@ -53,9 +53,9 @@ def test_the_statistics_identity_is_part_of_the_merge_id(cfg):
     assert ids(a, "regmean") != ids(b, "regmean")  # other statistics, another merge
     assert ids(a, "linear") == ids(b, "linear")  # weight-only merges keep their ids
     assert set(a.stats_jobs).isdisjoint(b.stats_jobs)
-    c = data_merges(dict(cfg, stats={"split": "train"}), merges)
+    c = data_merges(dict(cfg, stats={"split": "validation"}), merges)
     assert ids(c, "regmean") != ids(a, "regmean")
-    assert all(j.calibration.path.endswith("/train.jsonl") for j in c.stats_jobs.values())
+    assert all(j.calibration.path.endswith("/validation.jsonl") for j in c.stats_jobs.values())
 
 
 def test_whole_model_merges_get_calibration_data_and_no_stats_job(cfg):
@@ -65,7 +65,7 @@ def test_whole_model_merges_get_calibration_data_and_no_stats_job(cfg):
     assert streamed.calibration is None and "calibration" not in plan.merge_yaml_doc(streamed.model_id)
     doc = plan.merge_yaml_doc(whole.model_id)
     assert [c["path"] for c in doc["calibration"].values()] == [
-        f"resources/data/{plan.experts[e].domain}/validation.jsonl" for e in whole.experts]
+        f"resources/data/{plan.experts[e].domain}/train.jsonl" for e in whole.experts]
     assert doc["calibration_settings"] == plan.calibration_settings
     assert doc["device"] == plan.config["stats"]["device"]  # forward passes: the stats stage's device
 
