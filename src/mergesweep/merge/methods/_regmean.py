@@ -58,7 +58,32 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mergesweep.errors import MergeError
+from mergesweep.errors import ConfigError, MergeError
+from mergesweep.merge.spec import Param
+
+#: what tensors without Gram statistics get (embeddings, norms, biases...)
+FALLBACKS = ("average", "task_arithmetic")
+
+
+def regmean_params(alpha_default: float, alpha_help: str, fallback_help: str) -> tuple[Param, ...]:
+    """The parameters RegMean and RegMean++ share (one definition: same names, ranges, defaults but
+    the alpha default the papers' runs use)."""
+    return (
+        Param("reduce_non_diagonal_ratio", "float", alpha_default, alpha_help, low=0.0, high=1.0),
+        Param("ridge", "float", 1e-6,
+              "regulariser relative to the mean Gram diagonal: rho = ridge * mean diag(sum G~), pulls "
+              "directions the data do not determine to the experts' average (0: exact RegMean, pseudo-inverse "
+              "when singular)", low=0.0),
+        Param("fallback", "str", "average", fallback_help, choices=FALLBACKS),
+        Param("lambda", "float", 1.0, "scaling of the summed task vectors in fallback: task_arithmetic"),
+    )
+
+
+def validate_fallback(p: dict, n_experts: int, has_base: bool) -> None:
+    """``fallback: task_arithmetic`` needs a base (ConfigError naming ``params.fallback``)."""
+    if p["fallback"] == "task_arithmetic" and not has_base:
+        raise ConfigError("params.fallback: 'task_arithmetic' adds task vectors to the base model, but no base "
+                          "is given (give a base, or use fallback: average)")
 
 #: float32 unit roundoff: the resolution of the Gram statistics (stored as float32)
 _F32_EPS = 2.0 ** -23

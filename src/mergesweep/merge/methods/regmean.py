@@ -37,10 +37,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mergesweep.errors import ConfigError, MergeError
+from mergesweep.errors import MergeError
+from mergesweep.merge.methods._regmean import regmean_params, validate_fallback
 from mergesweep.merge.spec import Identity, MethodSpec, Param
 
-FALLBACKS = ("average", "task_arithmetic")
 
 
 def fallback_merge(base, experts: Sequence, fallback: str, lam: float = 1.0):
@@ -90,35 +90,22 @@ def _merge(base, experts, p, ctx):
                    p["fallback"], p["lambda"], ctx.name)
 
 
-def _validate(p: dict, n_experts: int, has_base: bool) -> None:
-    if p["fallback"] == "task_arithmetic" and not has_base:
-        raise ConfigError("params.fallback: 'task_arithmetic' adds task vectors to the base model, but no base "
-                          "is given (give a base, or use fallback: average)")
-
 
 SPEC = MethodSpec(
     name="regmean",
     summary="per linear layer, the least-squares weights reproducing every expert on its own inputs (Gram "
             "statistics); other tensors averaged",
     paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (arXiv:2212.09849)",
-    params=(
-        Param("reduce_non_diagonal_ratio", "float", 0.5,
-              "alpha: off-diagonal Gram entries are multiplied by it (1: plain RegMean; 0: per-input-feature "
-              "weighted average); MergeBench --reduction (merge.sh: 0.5), MergeLM reduce_non_diagonal_ratio",
-              low=0.0, high=1.0),
-        Param("ridge", "float", 1e-6,
-              "regulariser relative to the mean Gram diagonal: rho = ridge * mean diag(sum G~), pulls "
-              "directions the data do not determine to the experts' average (0: exact RegMean, pseudo-inverse "
-              "when singular)", low=0.0),
-        Param("fallback", "str", "average",
-              "tensors without Gram statistics (embeddings, norms, biases): the experts' mean, or task "
-              "arithmetic base + lambda * sum of task vectors (needs a base)", choices=FALLBACKS),
-        Param("lambda", "float", 1.0, "scaling of the summed task vectors in fallback: task_arithmetic"),
-    ),
+    params=regmean_params(
+        0.5,
+        "alpha: off-diagonal Gram entries are multiplied by it (1: plain RegMean; 0: per-input-feature "
+        "weighted average); MergeBench --reduction (merge.sh: 0.5), MergeLM reduce_non_diagonal_ratio",
+        "tensors without Gram statistics (embeddings, norms, biases): the experts' mean, or task "
+        "arithmetic base + lambda * sum of task vectors (needs a base)"),
     merge=_merge,
     base="optional",
     min_experts=1,
-    validate=_validate,
+    validate=validate_fallback,
     data_stats=lambda p: ("gram",),
     deviations="Grams divided by their token counts (as MergeBench and the paper's code); a ridge regulariser "
                "towards the experts' average (default 1e-6 relative; 0 is exact RegMean); every tensor with a "

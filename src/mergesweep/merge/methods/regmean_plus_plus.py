@@ -52,9 +52,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from mergesweep.errors import ConfigError, MergeError
+from mergesweep.merge.methods._regmean import regmean_params, validate_fallback
 from mergesweep.merge.spec import Identity, MethodSpec, Param
 
-FALLBACKS = ("average", "task_arithmetic")
 
 
 def _fallback(base, experts: Sequence, fallback: str, lam: float):
@@ -212,33 +212,22 @@ def _merge(base, experts, p, ctx):
                      "merged model on calibration data); it has no per-tensor kernel")
 
 
-def _validate(p: dict, n_experts: int, has_base: bool) -> None:
-    if p["fallback"] == "task_arithmetic" and not has_base:
-        raise ConfigError("params.fallback: 'task_arithmetic' adds task vectors to the base model, but no base "
-                          "is given (give a base, or use fallback: average)")
-
 
 SPEC = MethodSpec(
     name="regmean_plus_plus",
     summary="RegMean layer by layer with each layer's Gram matrices taken on the merged model's hidden states",
     paper="Nguyen et al. 2025, RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for Model "
           "Merging (arXiv:2508.03121)",
-    params=(
-        Param("reduce_non_diagonal_ratio", "float", 0.1,
-              "alpha: off-diagonal Gram entries are multiplied by it (1: plain RegMean solve); the authors' and "
-              "MergeBench's RegMean++ runs use 0.1", low=0.0, high=1.0),
-        Param("ridge", "float", 1e-6,
-              "regulariser relative to the mean Gram diagonal, towards the experts' average (0: exact solve, "
-              "pseudo-inverse when singular)", low=0.0),
-        Param("fallback", "str", "average",
-              "tensors other than the blocks' linear weights (embedding, norms, biases, lm_head): the experts' "
-              "mean, or task arithmetic base + lambda * sum of task vectors (needs a base)", choices=FALLBACKS),
-        Param("lambda", "float", 1.0, "scaling of the summed task vectors in fallback: task_arithmetic"),
-    ),
+    params=regmean_params(
+        0.1,
+        "alpha: off-diagonal Gram entries are multiplied by it (1: plain RegMean solve); the authors' and "
+        "MergeBench's RegMean++ runs use 0.1",
+        "tensors other than the blocks' linear weights (embedding, norms, biases, lm_head): the experts' "
+        "mean, or task arithmetic base + lambda * sum of task vectors (needs a base)"),
     merge=_merge,
     base="optional",
     min_experts=1,
-    validate=_validate,
+    validate=validate_fallback,
     merge_model=merge_layerwise,
     deviations="every non-linear tensor (embedding and lm_head included) takes the fallback (MergeBench keeps the "
                "base's embedding and lm_head); Grams over real tokens only, per-token means; float64 solve with "
