@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from mergesweep.merge.settings import CALIBRATION_DEFAULTS
 from mergesweep.stats.io import KINDS
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"statistics to compute, repeatable: {', '.join(KINDS)}")
     p.add_argument("--uid", required=True, help="the stats job's id in the plan (recorded as stats_id)")
     p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
-    p.add_argument("--examples", type=int, default=256, help="use the first N records of --data")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per example (longer ones truncated)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (Gram pass)")
+    d = CALIBRATION_DEFAULTS  # the workflow's defaults too (its `stats` section)
+    p.add_argument("--examples", type=int, default=d["examples"], help="use the first N records of --data")
+    p.add_argument("--max-length", type=int, default=d["max_length"],
+                   help="tokens per example (longer ones truncated)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="examples per forward pass (Gram pass)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--threads", type=int, help=f"torch intra-op threads (default on CPU: {DEFAULT_CPU_THREADS})")
     p.add_argument("--seed", type=int, default=0, help="fisher_model: seed of the sampled labels")
