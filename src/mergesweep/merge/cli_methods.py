@@ -29,6 +29,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 # machine-readable description
 # --------------------------------------------------------------------------------------------
+def data_text(spec) -> str | None:
+    """What data the method reads with its default parameters: per-expert statistics of the
+    stats stage, or calibration data for a whole-model merge (None: weights only)."""
+    from mergesweep.merge.spec import resolve_params
+
+    n = spec.min_experts if spec.max_experts == spec.min_experts else max(2, spec.min_experts)
+    try:
+        kp, _ = resolve_params(spec, {}, n, has_base=spec.base != "unused")
+    except Exception:  # defaults that need other inputs: say nothing rather than guess
+        return None
+    if spec.uses_whole_model(kp):
+        return "calibration data of each expert (a whole-model merge: forward passes)"
+    kinds = spec.stats_kinds(kp)
+    if kinds:
+        return f"each expert's {', '.join(kinds)} statistics (the stats stage)"
+    if spec.merge_model is not None:
+        return "weights only with these parameters; calibration data with others (see its parameters)"
+    return None
+
+
 def describe(spec) -> dict:
     """Everything the registry knows about one method, as JSON-ready data."""
     return {
@@ -42,6 +62,7 @@ def describe(spec) -> dict:
         "max_experts": spec.max_experts,
         "order_invariant": spec.order_invariant,
         "whole_model_statistics": bool(spec.statistics),
+        "reads_data": data_text(spec),
         "identities": [
             {"params": dict(i.params), "returns": i.returns, "n_experts": i.n_experts, "atol": i.atol}
             for i in spec.identities
@@ -175,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"    base: {spec.base}; experts: {spec.experts_text()}"
               + ("; whole-model statistics (extra streaming passes)" if spec.statistics else "")
               + ("; order-invariant" if spec.order_invariant else "; depends on expert order"))
+        if data_text(spec):
+            print(f"    reads: {data_text(spec)}")
         if spec.deviations:
             print(f"    note: {spec.deviations}")
         if args.name and spec.mergekit:
