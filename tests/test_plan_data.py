@@ -70,13 +70,17 @@ def test_whole_model_merges_get_calibration_data_and_no_stats_job(cfg):
     assert doc["device"] == plan.config["stats"]["device"]  # forward passes: the stats stage's device
 
 
-def test_lm_eval_domain_expert_needs_a_calibration_file(cfg, tmp_path):
+def test_calibration_data_of_an_lm_eval_domain_or_a_file(cfg, tmp_path):
+    """An lm-eval-domain expert reads its suite's validation examples (rule calibration_data); a
+    configured file wins; a held-out domain without train data is an error naming the key."""
     cfg["suites"]["lm_eval"] = {"math": ["gsm8k"]}
     cfg["experts"][2] = {"name": "math-expert", "domain": "math", "source": {"type": "hub", "repo_id": "o/math"}}
     cfg["merges"] = [{"method": "regmean", "params": {}}]
-    with pytest.raises(ConfigError, match=r"experts\[2\]\.calibration: merges\[0\]\.method reads calibration data "
-                                          r"of 'math-expert', whose domain 'math' has no embedded data"):
-        build_plan(cfg)
+    plan = build_plan(cfg)
+    job = next(j for j in plan.stats_jobs.values() if j.model == "math-expert")
+    assert job.calibration.path == "results/calibration/math.jsonl" == job.calibration.input
+    assert job.calibration.identity["lm_eval_suite"] == "math" and plan.calibration_suites == ["math"]
+    assert job.calibration.identity["validation"] == {"size": 100, "seed": 0}
     cfg["experts"][2]["calibration"] = str(tmp_path / "missing.jsonl")
     with pytest.raises(ConfigError, match=r"experts\[2\]\.calibration: file .*missing.jsonl not found"):
         build_plan(cfg)
@@ -85,10 +89,17 @@ def test_lm_eval_domain_expert_needs_a_calibration_file(cfg, tmp_path):
     cfg["experts"][2]["calibration"] = str(f)
     plan = build_plan(cfg)
     job = next(j for j in plan.stats_jobs.values() if j.model == "math-expert")
-    assert job.calibration.path == str(f) and "sha256" in job.calibration.identity
+    assert job.calibration.path == str(f) and "sha256" in job.calibration.identity and not plan.calibration_suites
     first = set(plan.merges)
     f.write_text('{"text": "2+2=5"}\n')  # other data, other statistics, another merge
     assert set(build_plan(cfg).merges).isdisjoint(first)
+    cfg["experts"][2] = {"name": "capitals-expert", "domain": "capitals", "source": {"type": "hub", "repo_id": "o/c"}}
+    with pytest.raises(ConfigError, match=r"experts\[2\]\.calibration: merges\[0\]\.method reads calibration data "
+                                          r"of 'capitals-expert', whose domain 'capitals' is a held-out suite without "
+                                          r"a train split \(set stats.split: validation\)"):
+        build_plan(cfg)
+    cfg["stats"] = {"split": "validation"}
+    assert build_plan(cfg)
 
 
 def test_bad_data_settings_name_the_key(cfg):

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "stats": ("mergesweep.stats.cli", "statistics of a model on calibration data for data-aware merges (Gram, Fisher)"),
     "lmc": ("mergesweep.align.cli_lmc", "linear mode connectivity: loss along the path between two models"),
     "evaluate": ("mergesweep.evaluate.cli", "evaluate one model on its suites with lm-eval (the model loaded once)"),
+    "calibration-data": ("mergesweep.evaluate.calibration", "an lm-eval suite's validation examples as calibration data (JSONL)"),
     "prefetch-datasets": ("mergesweep.evaluate.prefetch", "fetch the datasets of the spec's lm-eval tasks into the HF cache"),
     "aggregate": ("mergesweep.aggregate.cli", "collect evaluation JSONs into results/tables/scores.parquet"),
     "lmc-table": ("mergesweep.aggregate.lmc", "collect linear-mode-connectivity results into a parquet table"),

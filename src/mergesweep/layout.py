@@ -14,6 +14,7 @@ name from a config can climb out of its root.
     resources/tasks/<suite>/             lm-eval task YAMLs over that data
     resources/downloads/                 wheel cache of pypi_gguf sources
     results/stats/<stats_id>/{stats.safetensors,stats.json}   per-expert statistics (data-aware merges)
+    results/calibration/<suite>.jsonl    an lm-eval suite's validation examples (calibration data)
     results/merges/<model_id>.yaml       the merge YAML (`mergesweep merge --config` input)
     results/models/<model_id>/           merged checkpoints
     results/align/<model>--<ref>--<method>/{perm.safetensors,summary.json}
@@ -96,6 +97,10 @@ class Layout:
         return self._under(self.resources, "downloads")
 
     # -- statistics, merges and alignment --------------------------------------------------------
+    def calibration_data(self, suite: str) -> str:
+        """An lm-eval suite's validation examples, the calibration data of experts in that domain."""
+        return self._under(self.results, "calibration", suite, suffix=".jsonl")
+
     def stats_dir(self, stats_id: str) -> str:
         """The statistics of one (model, kind, calibration data, settings): ``mergesweep stats --out``."""
         return self._under(self.results, "stats", stats_id)

@@ -203,6 +203,18 @@ class Plan:
         return {k: st.get(k, v) for k, v in CALIBRATION_DEFAULTS.items()}
 
     @property
+    def calibration_suites(self) -> list[str]:
+        """lm-eval suites whose validation examples some merge reads as calibration data."""
+        out = {c.path: c.identity["lm_eval_suite"] for c in self._calibrations() if "lm_eval_suite" in c.identity}
+        return sorted(set(out.values()))
+
+    def _calibrations(self):
+        for m in self.merges.values():
+            yield from m.calibration or ()
+        for j in self.stats_jobs.values():
+            yield j.calibration
+
+    @property
     def stats_seed(self) -> int:
         return self.config["stats"].get("seed", self.config["seed"])
 
@@ -534,27 +546,44 @@ def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, metho
 
 
 def _calibration(plan: Plan, model: str, key: str) -> Calibration:
-    """An expert's calibration data: its embedded domain's ``stats.split`` file, else the file
-    ``experts[i].calibration`` names (ConfigError naming that key when there is none)."""
+    """An expert's calibration data: the file ``experts[i].calibration`` names; else its embedded
+    domain's ``stats.split`` file; else, for an lm-eval domain, that suite's validation examples
+    (``mergesweep calibration-data``, rule ``calibration_data``)."""
     from mergesweep.merge.identity import calibration_uid
 
     e = plan.experts[model]
     split = plan.config["stats"]["split"]
     settings = plan.calibration_settings
-    if e.domain in plan.data_suites:
+    i = list(plan.experts).index(model)
+    if plan.config["experts"][i].get("calibration"):
+        return _calibration_file(plan, model, i, settings)
+    if e.domain in plan.data_suites and not (split == "train" and plan.data_sizes(e.domain)["train"] == 0):
         identity = {"suite": e.domain, "split": split, "sizes": plan.data_sizes(e.domain), "seed": plan.config["seed"]}
         return Calibration(model, plan.layout.data_split(e.domain, split), plan.layout.data(e.domain), identity,
                            calibration_uid(identity, settings))
-    i = list(plan.experts).index(model)
-    path = plan.config["experts"][i].get("calibration")
-    if not path:
-        raise ConfigError(f"experts[{i}].calibration: {key} reads calibration data of '{model}', whose domain "
-                          f"'{e.domain}' has no embedded data here; give a JSONL file (records with text, or "
-                          "prompt and target) from that domain, not its test split")
-    if not Path(path).expanduser().is_file():
-        raise ConfigError(f"experts[{i}].calibration: file {path} not found")
+    if e.domain in plan.lm_eval_suites:
+        # the suite's validation examples, as its evaluation splits them (never a test example)
+        spec = next(x for x in plan.eval_spec_doc()["suites"] if x["name"] == e.domain)
+        identity = {"lm_eval_suite": e.domain, "tasks": spec["lm_eval_tasks"],
+                    "validation": {**plan.eval_spec_doc()["options"]["validation"], **(spec["validation"] or {})},
+                    "include_paths": plan.evaluation["include_paths"]}
+        out = plan.layout.calibration_data(e.domain)
+        return Calibration(model, out, out, identity, calibration_uid(identity, settings))
+    what = ("is a held-out suite without a train split (set stats.split: validation)"
+            if e.domain in plan.data_suites else "has no data here")
+    raise ConfigError(f"experts[{i}].calibration: {key} reads calibration data of '{model}', whose domain "
+                          f"'{e.domain}' {what}; or give a JSONL file (records with text, or prompt and target) "
+                      "from that domain, not its test split")
+
+
+def _calibration_file(plan: Plan, model: str, i: int, settings: dict) -> Calibration:
+    """The JSONL file ``experts[i].calibration`` names, identified by its content."""
+    from mergesweep.merge.identity import calibration_uid
     from mergesweep.record import sha256_file
 
+    path = plan.config["experts"][i]["calibration"]
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(f"experts[{i}].calibration: file {path} not found")
     identity = {"sha256": sha256_file(Path(path).expanduser())}
     return Calibration(model, path, path, identity, calibration_uid(identity, settings))
 

@@ -34,3 +34,23 @@ rule stats:
         " --examples {params.examples} --max-length {params.max_length} --batch-size {params.batch_size}"
         " --seed {params.seed} --device {params.device:q} --threads {threads} --uid {wildcards.stats_id:q}"
         " --no-progress --out {output:q} 2> {log:q}"
+
+
+rule calibration_data:
+    # an lm-eval suite's validation examples (as the evaluation splits them: never a test example),
+    # the calibration data of experts in that domain; datasets from the prefetched cache
+    input:
+        spec=L.eval_spec,
+        datasets=L.datasets_manifest,
+    output:
+        L.calibration_data("{calibration_suite}"),
+    wildcard_constraints:
+        calibration_suite=_alt(PLAN.calibration_suites),
+    params:
+        examples=PLAN.calibration_settings["examples"],
+    localrule: True
+    log:
+        L.log("calibration_data", "{calibration_suite}"),
+    shell:
+        "{MS} calibration-data --spec {input.spec:q} --suite {wildcards.calibration_suite:q}"
+        " --examples {params.examples} --out {output:q} 2> {log:q}"
