@@ -58,7 +58,10 @@ def run(tmp_path_factory):
         "suites": {"lm_eval": {"sums": [WITH_VALIDATION], "pairs": {"tasks": [WITHOUT_VALIDATION],
                                                                      "validation": {"size": tasks.slice_size}},
                                "general": {"tasks": [tasks.group], "validation": {"size": tasks.slice_size}}}},
-        "merges": [{"method": "task_arithmetic", "params": {"lambda": [0.4, 1.0]}}],
+        "merges": [{"method": "task_arithmetic", "params": {"lambda": [0.4, 1.0]}},
+                   # data-aware: each expert's Gram matrices on its lm-eval domain's validation examples
+                   {"method": "regmean", "params": {}}],
+        "stats": {"examples": 16, "max_length": 32, "device": "cpu"},
         "evaluation": {"batch_size": 8, "device": "cpu", "include_paths": [str(tasks.include_path)]},
         "threads": 1,
     }
@@ -121,3 +124,32 @@ def test_selection_is_the_validation_argmax(run):
     test = ok[ok["split"] == "test"].groupby(["model_id", "suite"])["value"].mean()
     test_norm = sum(test[(want, d)] / test[(e, d)] for d, e in expert.items()) / 2
     assert row["test_norm_mean"] == pytest.approx(test_norm, abs=1e-9)
+
+
+def test_regmean_reads_each_experts_validation_examples_never_test(run):
+    """The lm-eval domains' calibration data is their validation split as the evaluation scores it
+    (the real calibration_data -> stats -> merge chain), and the merge reaches the tables."""
+    import json
+
+    res = run["dir"] / "results"
+    data = run["tasks"].data_dir
+    test_prompts = {"sums": {json.loads(x)["question"] for x in (data / "sums/test.jsonl").read_text().splitlines()}}
+    for suite in ("sums", "pairs"):
+        recs = [json.loads(x) for x in (res / "calibration" / f"{suite}.jsonl").read_text().splitlines()]
+        sizes = run["tasks"].sizes
+        assert len(recs) == min(16, sizes["ms_lm_sums"]["validation"] if suite == "sums" else run["tasks"].slice_size)
+        evaluated = json.loads(next((res / "evals").glob(f"*/{suite}.json")).read_text())["splits"]
+        for task, plan in evaluated.items():
+            if plan["rule"] == "seeded_slice":  # the pairs slice: exactly the validation docs
+                pairs = [json.loads(x) for x in (data / "pairs/test.jsonl").read_text().splitlines()]
+                assert sorted(r["prompt"] for r in recs) == sorted(pairs[i]["question"]
+                                                                  for i in plan["validation"]["indices"])
+        assert not {r["prompt"] for r in recs} & test_prompts.get(suite, set())
+    stats = sorted((res / "stats").iterdir())
+    assert [p.name.split("--")[:2] for p in stats] == [["pairs-expert", "gram"], ["sums-expert", "gram"]]
+    for p in stats:
+        rec = json.loads((p / "stats.json").read_text())
+        assert rec["data"]["path"].endswith(f"results/calibration/{p.name.split('-')[0]}.jsonl")
+    scores = pd.read_parquet(res / "tables" / "scores.parquet")
+    rm = scores[(scores["method"] == "regmean") & (scores["split"] == "test")]
+    assert set(rm["suite"]) == {"sums", "pairs", "general"} and (rm["status"] == "ok").all()
