@@ -28,11 +28,13 @@ def test_default_config_dag(tmp_path):
     out = proc.stdout
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
     assert jobs["fetch"] == "1" and jobs["finetune"] == "3" and jobs["leaderboard"] == "1", jobs
-    # one evaluation job per model (every suite in it): 1 base + 3 experts, 8 merged models
-    assert int(jobs["evaluate"]) == 4 and int(jobs["evaluate_merged"]) == 8, jobs
-    assert int(jobs["merge"]) == 8 and len({m for m in re.findall(r"^rule merge:", out, re.M)}) == 1
+    # one evaluation job per model (every suite in it): 1 base + 3 experts, 10 merged models
+    assert int(jobs["evaluate"]) == 4 and int(jobs["evaluate_merged"]) == 10, jobs
+    assert int(jobs["merge"]) == 10 and len({m for m in re.findall(r"^rule merge:", out, re.M)}) == 1
+    # regmean's Gram matrices and fisher's Fisher, once per expert
+    assert int(jobs["stats"]) == 6, jobs
     # the disk a sweep needs, before it starts
-    assert re.search(r"disk: 8 merged model\(s\) x 0\.54 GB = 4\.30 GB kept \(keep_models: all\)", proc.stderr) \
+    assert re.search(r"disk: 10 merged model\(s\) x 0\.54 GB = 5\.38 GB kept \(keep_models: all\)", proc.stderr) \
         or "base not fetched yet" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -142,6 +144,6 @@ def test_config_values_lay_over_the_default(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
-    assert int(jobs["merge"]) == 8 and jobs["fetch"] == "1", jobs  # still the default's sweep
-    assert re.search(r"8 merged model\(s\) x .*removed once evaluated \(keep_models: selected\), 7 kept", proc.stderr), \
+    assert int(jobs["merge"]) == 10 and jobs["fetch"] == "1", jobs  # still the default's sweep
+    assert re.search(r"10 merged model\(s\) x .*removed once evaluated \(keep_models: selected\), 9 kept", proc.stderr), \
         proc.stderr[-2000:]
