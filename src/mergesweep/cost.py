@@ -103,6 +103,8 @@ def summary(plan, base_params: int | None = None) -> dict:
         "keep_models": keep,
         "kept_models": n_kept,
         "disk_kept_gb": round(n_kept * size_gb, 1),
+        "stats_jobs": len(plan.stats_jobs),
+        "stats_gb": round(sum(res.stats_gb(j.kind) for j in plan.stats_jobs.values()), 2),
         "disk_peak_note": ("every merged model is kept" if keep == "all" else
                            "a merged model is removed once evaluated: the peak is the models merged "
                            "and not yet evaluated, at most the jobs running at once"),
@@ -121,6 +123,9 @@ def format_summary(s: dict) -> str:
               "GPU hours are jobs x GPUs x each job's time limit: an upper bound (jobs end when done)",
               f"disk: {s['kept_models']} merged model(s) kept x {_gb(s['merged_model_gb'])} = "
               f"{_gb(s['disk_kept_gb'])} (keep_models: {s['keep_models']}; {s['disk_peak_note']})"]
+    if s["stats_jobs"]:
+        lines.append(f"statistics: {s['stats_jobs']} stats job(s), {_gb(s['stats_gb'])} "
+                     + ("kept" if s["keep_models"] == "all" else "removed once every merge reading them is done"))
     return "\n".join(lines)
 
 

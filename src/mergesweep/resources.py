@@ -138,6 +138,21 @@ def llama_params(recipe: dict) -> int:
     return vocab * h + layers * per_layer + h
 
 
+def _llama_dims(plan) -> tuple[int, int, int] | None:
+    """(hidden, intermediate, layers) of the base: its recipe, or its config.json once it exists."""
+    base = plan.base
+    if base.stage == "pretrain":
+        r = base.recipe
+        return r["hidden"], r["intermediate"], r["layers"]
+    import json
+
+    try:
+        cfg = json.loads((Path(base.dir) / "config.json").read_text())
+        return int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def checkpoint_params(path: str | Path) -> int | None:
     """Parameters stored in a checkpoint directory (from the safetensors headers: no tensor is
     read), or None when there is no readable checkpoint yet."""
@@ -174,6 +189,19 @@ class Resources:
             return GUESS_PARAMS  # not fetched yet: ask again next time
         self._params = n
         return n
+
+    def stats_gb(self, kind: str) -> float:
+        """Disk of one stats job's output in GB (float32): a Fisher is the model's size; Gram matrices
+        are ``sum over linear layers of in^2`` (``6 h^2 + i^2`` per Llama block: q, k, v, o, gate, up
+        read width ``h``, down reads ``i``), from the base's config (or recipe); the model's size when
+        neither is known."""
+        if kind != "gram":
+            return self.base_params() * 4 / 1e9
+        dims = _llama_dims(self.plan)
+        if dims is None:
+            return self.base_params() * 4 / 1e9
+        h, i, layers = dims
+        return layers * (6 * h * h + i * i) * 4 / 1e9
 
     def base_gb(self) -> float:
         """The base's size in GB at float32."""

@@ -13,7 +13,8 @@ rule stats:
         model=lambda w: model_dir(_stats_job(w).model),
         data=lambda w: _stats_job(w).calibration.input,
     output:
-        directory(L.stats_dir("{stats_id}")),
+        # keep_models selected/none: removed once every merge reading them is done (recomputed on request)
+        directory(L.stats_dir("{stats_id}")) if PLAN.keep_models == "all" else temp(directory(L.stats_dir("{stats_id}"))),
     wildcard_constraints:
         stats_id=_alt(list(PLAN.stats_jobs)),
     params:
