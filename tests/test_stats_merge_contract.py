@@ -74,8 +74,7 @@ def _kernel(method, kind, tensors, readers, name, params=None):
     if spec.statistics:  # global quantities (Fisher's norm): over the whole model, from the files
         for req in spec.requests(kp, 2):
             assert req.kind == "sum"
-            ctx.stats[req.key] = [float(sum((r.get(kind, k) ** 2).sum(dtype=torch.float64)
-                                            for k in r._keys if k.startswith(kind + "/")))
+            ctx.stats[req.key] = [float(sum((r.get(kind, k) ** 2).sum(dtype=torch.float64) for k in r.names(kind)))
                                   for r in readers]
     return spec.merge(tensors[0], tensors[1:], kp, ctx)
 

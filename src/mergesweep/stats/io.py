@@ -107,6 +107,10 @@ class StatsReader:
                              f"not on {model_uid!r} (statistics of another model)")
         return self
 
+    def names(self, kind: str) -> list[str]:
+        """The parameter names ``kind`` has a statistic for, sorted."""
+        return sorted(k.split("/", 1)[1] for k in self._keys if k.startswith(kind + "/"))
+
     def has(self, kind: str, name: str) -> bool:
         return tensor_key(kind, name) in self._keys
 
