@@ -81,6 +81,10 @@ def test_calibration_data_of_an_lm_eval_domain_or_a_file(cfg, tmp_path):
     assert job.calibration.path == "results/calibration/math.jsonl" == job.calibration.input
     assert job.calibration.identity["lm_eval_suite"] == "math" and plan.calibration_suites == ["math"]
     assert job.calibration.identity["validation"] == {"size": 100, "seed": 0}
+    cfg["experts"][2]["calibration"] = "resources/data/arithmetic/test.jsonl"
+    with pytest.raises(ConfigError, match=r"experts\[2\]\.calibration: resources/data/arithmetic/test.jsonl is a test "
+                                          r"split; calibration data never comes from the examples a model is ranked on"):
+        build_plan(cfg)
     cfg["experts"][2]["calibration"] = str(tmp_path / "missing.jsonl")
     with pytest.raises(ConfigError, match=r"experts\[2\]\.calibration: file .*missing.jsonl not found"):
         build_plan(cfg)

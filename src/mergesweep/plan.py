@@ -582,6 +582,10 @@ def _calibration_file(plan: Plan, model: str, i: int, settings: dict) -> Calibra
     from mergesweep.record import sha256_file
 
     path = plan.config["experts"][i]["calibration"]
+    tests = {Path(plan.layout.data_split(x, "test")).resolve() for x in plan.data_suites}
+    if Path(path).expanduser().resolve() in tests:
+        raise ConfigError(f"experts[{i}].calibration: {path} is a test split; calibration data never comes from "
+                          "the examples a model is ranked on (use the train or validation split)")
     if not Path(path).expanduser().is_file():
         raise ConfigError(f"experts[{i}].calibration: file {path} not found")
     identity = {"sha256": sha256_file(Path(path).expanduser())}
