@@ -42,7 +42,8 @@ rule merge:
     # one intra-op thread: the streaming engine already overlaps reading, computing and writing,
     # and on a busy 2-core machine a TIES merge took 40 s with one thread and 370 s with two
     # (docs/merge.md); the job asks for exactly what it uses
-    threads: RES.threads("merge", 1)
+    # a whole-model merge runs forward passes: the stats stage's threads (THREADS by default)
+    threads: lambda w: RES.threads("stats", THREADS) if RES.merge_stage(w.merge_id) == "stats" else RES.threads("merge", 1)
     priority: PRIORITY["merge"]
     resources:
         # a whole-model merge (forward passes on calibration data) asks for the stats stage's
