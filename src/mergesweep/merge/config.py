@@ -92,13 +92,15 @@ def validate_merge_config(doc: Any, source: str = "config") -> dict:
 
 
 def by_expert_index(value: Any, names: list[str], key: str, kind: str) -> dict | None:
-    """``{expert index or name: entry}`` -> ``{index: entry}`` for the per-expert inputs of
-    data-aware merges: ``kind="dir"`` (a statistics directory) or ``"calibration"`` (a JSONL file,
-    or ``{path, uid}``). Errors name ``<key>.<expert>``; a listed path must exist."""
+    """``{expert index or name: entry}`` -> ``{index: entry}`` for the per-expert inputs of a merge:
+    ``kind="map"`` (a permutation map file), ``"dir"`` (a statistics directory) or
+    ``"calibration"`` (a JSONL file, or ``{path, uid}``). Errors name ``<key>.<expert>``; a listed
+    path must exist."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{key}: expected a mapping {{expert name or index: path}}")
+        what = "permutation map file" if kind == "map" else "path"
+        raise ConfigError(f"{key}: expected a mapping {{expert index or name: {what}}}")
     out: dict = {}
     for k, entry in value.items():
         if isinstance(k, int) or (isinstance(k, str) and k.isdigit()):
@@ -118,6 +120,8 @@ def by_expert_index(value: Any, names: list[str], key: str, kind: str) -> dict |
                 raise ConfigError(f"{key}.{k}.uid: expected a string")
         else:
             path, uid = entry, None
+        if kind == "map" and (not isinstance(path, (str, os.PathLike)) or not Path(path).is_file()):
+            raise ConfigError(f"{key}.{k}: permutation map {path} not found")
         if not isinstance(path, (str, os.PathLike)):
             raise ConfigError(f"{key}.{k}: expected a path, got {path!r}")
         p = Path(path)
@@ -125,30 +129,13 @@ def by_expert_index(value: Any, names: list[str], key: str, kind: str) -> dict |
             raise ConfigError(f"{key}.{k}: statistics directory {path} not found")
         if kind == "calibration" and not p.is_file():
             raise ConfigError(f"{key}.{k}: calibration file {path} not found")
-        out[idx] = p if kind == "dir" else {"path": p, "uid": uid}
+        out[idx] = {"path": p, "uid": uid} if kind == "calibration" else p
     return out or None
 
 
 def align_by_index(align: Any, names: list[str]) -> dict[int, Path] | None:
     """``{expert index or name: map file}`` -> ``{index: Path}``; errors name ``align.<key>``."""
-    if align is None:
-        return None
-    if not isinstance(align, Mapping):
-        raise ConfigError("align: expected a mapping {expert index or name: permutation map file}")
-    out: dict[int, Path] = {}
-    for key, path in align.items():
-        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
-            idx = int(key)
-            if not 0 <= idx < len(names):
-                raise ConfigError(f"align.{key}: no expert with index {idx}")
-        elif str(key) in names:
-            idx = names.index(str(key))
-        else:
-            raise ConfigError(f"align.{key}: not an expert index or name (experts: {', '.join(names)})")
-        if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
-            raise ConfigError(f"align.{key}: permutation map {path} not found")
-        out[idx] = Path(path)
-    return out or None
+    return by_expert_index(align, names, "align", kind="map")
 
 
 def planned_model_id(cfg: Mapping[str, Any]) -> str:
