@@ -28,6 +28,23 @@ class TensorContext:
     #: expert]}`` (float32 on ``device``), for methods that declare ``MethodSpec.data_stats``
     expert_stats: dict = field(default_factory=dict)
 
+    def stats_of(self, kind: str) -> list | None:
+        """``expert_stats[kind]`` when any expert has it for this tensor (then every expert must:
+        MergeError otherwise), else None (the tensor has no such statistic: a method's fallback)."""
+        vals = self.expert_stats.get(kind)
+        if vals is None or all(v is None for v in vals):
+            return None
+        missing = [i for i, v in enumerate(vals) if v is None]
+        if missing:
+            from mergesweep.errors import MergeError
+
+            have = [i for i, v in enumerate(vals) if v is not None]
+            raise MergeError(
+                f"tensor '{self.name}': the statistics of expert(s) {', '.join(map(str, missing))} have no '{kind}' "
+                f"for it, those of expert(s) {', '.join(map(str, have))} do (statistics of different models or "
+                "settings?)")
+        return list(vals)
+
     def generator(self, expert: int) -> torch.Generator:
         """A CPU generator seeded from (seed, tensor name, expert index).
 

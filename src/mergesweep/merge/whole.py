@@ -37,6 +37,38 @@ class WholeModelInputs:
     device: torch.device
     seed: int = 0
 
+    def tokenizer(self, method: str):
+        """The tokenizer of the base, else of the first expert that has one (the experts share the
+        base's vocabulary; one tokenizer for every expert's calibration texts)."""
+        from mergesweep.align.data import load_tokenizer
+        from mergesweep.align.spec import AlignError
+        from mergesweep.errors import MergeError
+
+        tried = []
+        for d in [self.base, *self.experts]:
+            if d is None:
+                continue
+            try:
+                return load_tokenizer(d)
+            except AlignError as e:
+                tried.append(str(e))
+        raise MergeError(f"{method}: no tokenizer in the base or the experts' directories: " + "; ".join(tried))
+
+    def batches(self, i: int, tok, device=None) -> list:
+        """Expert ``i``'s calibration batches (``calibration_settings``: right-padded ``(input_ids,
+        attention_mask)``), on ``device`` (default: the merge's)."""
+        from mergesweep.align.data import read_texts, tokenize_batches
+        from mergesweep.errors import MergeError
+
+        path = self.calibration[i] if i < len(self.calibration) else None
+        if path is None:
+            raise MergeError(f"expert {i} ({self.names[i]}): no calibration data (a JSONL file from its own domain)")
+        cs = self.calibration_settings
+        texts = read_texts(path, max_examples=cs["examples"])
+        device = self.device if device is None else device
+        return [(ids.to(device), mask.to(device))
+                for ids, mask in tokenize_batches(tok, texts, cs["batch_size"], cs["max_length"])]
+
 
 @dataclass
 class WholeModelResult:

@@ -156,36 +156,6 @@ def _fraction(scores: Sequence[torch.Tensor], n: int) -> float:
 # --------------------------------------------------------------------------------------------
 # data mode: the whole-model merge
 # --------------------------------------------------------------------------------------------
-def calibration_tokenizer(inputs, method: str):
-    """The tokenizer of the base, else of the first expert that has one (the experts share the
-    base's vocabulary; one tokenizer for every expert's calibration texts)."""
-    from mergesweep.align.data import load_tokenizer
-    from mergesweep.align.spec import AlignError
-
-    tried = []
-    for d in [inputs.base, *inputs.experts]:
-        if d is None:
-            continue
-        try:
-            return load_tokenizer(d)
-        except AlignError as e:
-            tried.append(str(e))
-    raise MergeError(f"{method}: no tokenizer in the base or the experts' directories: " + "; ".join(tried))
-
-
-def calibration_batches(inputs, i: int, tok, device) -> list:
-    """Expert ``i``'s calibration batches (``calibration_settings``), on ``device``."""
-    from mergesweep.align.data import read_texts, tokenize_batches
-
-    path = inputs.calibration[i] if i < len(inputs.calibration) else None
-    if path is None:
-        raise MergeError(f"expert {i} ({inputs.names[i]}): no calibration data (a JSONL file from its own domain)")
-    cs = inputs.calibration_settings
-    texts = read_texts(path, max_examples=cs["examples"])
-    return [(ids.to(device), mask.to(device))
-            for ids, mask in tokenize_batches(tok, texts, cs["batch_size"], cs["max_length"])]
-
-
 def merge_model_data(inputs):
     """Localize-and-Stitch with trained masks (``dataless: false``): see :mod:`.localize_stitch`."""
     from mergesweep.align.data import load_causal_lm
@@ -217,7 +187,7 @@ def merge_model_data(inputs):
         q.requires_grad_(True)
         params.append(q)
     base = [state[k].to(device) for k in loc]
-    tok = calibration_tokenizer(inputs, "localize_stitch")
+    tok = inputs.tokenizer("localize_stitch")
     num = [torch.zeros_like(b) for b in base]
     cnt = [torch.zeros_like(b) for b in base]
     n_loc = sum(b.numel() for b in base)
@@ -235,7 +205,7 @@ def merge_model_data(inputs):
                         raise MergeError(f"{label}: tensor '{k}' in {path} has shape {list(e.shape)}, the base's "
                                          f"is {list(b.shape)}")
                     tau.append(e - b)
-            batches = calibration_batches(inputs, i, tok, device)
+            batches = inputs.batches(i, tok, device)
             scores, facts = train_mask(model, params, base, tau, batches, sparsity=p["sparsity"],
                                        sigmoid_bias=p["sigmoid_bias"], learning_rate=p["learning_rate"],
                                        l1_strength=p["l1_strength"], num_train_epochs=p["num_train_epochs"],

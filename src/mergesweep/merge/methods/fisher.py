@@ -39,7 +39,6 @@ from __future__ import annotations
 from typing import Sequence
 
 from mergesweep.errors import ConfigError, MergeError
-from mergesweep.merge.methods.regmean import expert_stats_of
 from mergesweep.merge.spec import Identity, MethodSpec, Param, StatRequest
 
 #: the whole-model statistic: per expert, the sum of F_i^2 over every merged tensor
@@ -115,7 +114,7 @@ def _norms(p: dict, ctx) -> list[float] | None:
 
 
 def _merge(base, experts, p, ctx):
-    fishers = expert_stats_of(ctx, fisher_kind(p))
+    fishers = ctx.stats_of(fisher_kind(p))
     norms = _norms(p, ctx) if fishers is not None else None
     return fisher(experts, fishers, p["weight"], p["minimal_fisher_weight"], norms, ctx.name)
 
@@ -127,7 +126,7 @@ def _statistics(p: dict, n: int) -> list[StatRequest]:
 def _stat_values(stage, base, experts, p, ctx):
     import torch
 
-    fishers = expert_stats_of(ctx, fisher_kind(p))
+    fishers = ctx.stats_of(fisher_kind(p))
     if fishers is None:
         return {NORM_KEY: [None] * len(experts)}
     return {NORM_KEY: [f.to(torch.float64).square_() for f in fishers]}

@@ -55,21 +55,6 @@ def fallback_merge(base, experts: Sequence, fallback: str, lam: float = 1.0):
     return combine_task_vectors(base, experts, [1.0] * n, lam, False)
 
 
-def expert_stats_of(ctx, kind: str) -> list | None:
-    """``ctx.expert_stats[kind]`` if any expert has it (all must, else MergeError), else None."""
-    vals = (getattr(ctx, "expert_stats", None) or {}).get(kind)
-    if vals is None or all(v is None for v in vals):
-        return None
-    missing = [i for i, v in enumerate(vals) if v is None]
-    if missing:
-        have = [i for i, v in enumerate(vals) if v is not None]
-        raise MergeError(
-            f"tensor '{ctx.name}': the statistics of expert(s) {', '.join(map(str, missing))} have no '{kind}' "
-            f"for it, those of expert(s) {', '.join(map(str, have))} do (statistics of different models or settings?)"
-        )
-    return list(vals)
-
-
 def regmean(base, experts: Sequence, grams, alpha: float, ridge: float, counts=None,
             fallback: str = "average", lam: float = 1.0, name: str = "tensor"):
     """RegMean of one float32 tensor: the solve when ``grams`` is given, else the fallback."""
@@ -84,8 +69,8 @@ def regmean(base, experts: Sequence, grams, alpha: float, ridge: float, counts=N
 
 
 def _merge(base, experts, p, ctx):
-    grams = expert_stats_of(ctx, "gram")
-    counts = expert_stats_of(ctx, "gram_count") if grams is not None else None
+    grams = ctx.stats_of("gram")
+    counts = ctx.stats_of("gram_count") if grams is not None else None
     return regmean(base, experts, grams, p["reduce_non_diagonal_ratio"], p["ridge"], counts,
                    p["fallback"], p["lambda"], ctx.name)
 

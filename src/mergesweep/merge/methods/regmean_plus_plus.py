@@ -74,7 +74,6 @@ def merge_layerwise(inputs, observe: Callable | None = None):
 
     from mergesweep.align.data import load_causal_lm
     from mergesweep.checkpoints.layout import CheckpointReader
-    from mergesweep.merge.methods._localize import calibration_batches, calibration_tokenizer
     from mergesweep.merge.methods._regmean import regmean_solve
     from mergesweep.merge.names import layer_index
     from mergesweep.merge.whole import WholeModelResult
@@ -152,8 +151,8 @@ def merge_layerwise(inputs, observe: Callable | None = None):
                     raise MergeError(f"{ref_label}: tensor '{k}' is not part of the loaded model")
                 assign(k, fallback_of(k))
 
-            tok = calibration_tokenizer(inputs, "regmean_plus_plus")
-            batches = [calibration_batches(inputs, i, tok, device) for i in range(n)]
+            tok = inputs.tokenizer("regmean_plus_plus")
+            batches = [inputs.batches(i, tok, device) for i in range(n)]
             hidden = [[mrun.embed(ids) for ids, _ in bs] for bs in batches]
             tokens = [sum(int(mask.sum()) for _, mask in bs) for bs in batches]
             info: dict = {"tokens": dict(zip(inputs.names, tokens)), "layers": []}
