@@ -104,7 +104,7 @@ def summary(plan, base_params: int | None = None) -> dict:
         "kept_models": n_kept,
         "disk_kept_gb": round(n_kept * size_gb, 1),
         "stats_jobs": len(plan.stats_jobs),
-        "stats_gb": round(sum(res.stats_gb(j.kind) for j in plan.stats_jobs.values()), 2),
+        "stats_gb": round(sum(res.stats_gb(j.kind) for j in plan.stats_jobs.values()), 4),
         "disk_peak_note": ("every merged model is kept" if keep == "all" else
                            "a merged model is removed once evaluated: the peak is the models merged "
                            "and not yet evaluated, at most the jobs running at once"),
