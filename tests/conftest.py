@@ -114,8 +114,9 @@ def _tiny_run_early(request, tmp_path_factory):
     """The shared tiny run mostly waits on its jobs (one thread each), so when a collected test
     needs it, it starts with the session in a background thread and the unit tests run meanwhile;
     the SLURM fault sweep (tests/test_slurm_faults.py: 3 minutes, nearly all of them waiting on
-    SLURM) follows it in the same thread (``MERGESWEEP_TINY_RUN_EARLY=0``: each starts when first
-    needed instead)."""
+    SLURM) follows it in the same thread, and the data-aware methods' run on a copy of it
+    (tests/test_data_methods_e2e.py) in a thread of its own beside the sweep
+    (``MERGESWEEP_TINY_RUN_EARLY=0``: each starts when first needed instead)."""
     wanted = any("tiny_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
     if wanted and os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") != "0":
         import threading
@@ -127,11 +128,26 @@ def _tiny_run_early(request, tmp_path_factory):
                                              for item in request.session.items)
         faults_dir = tmp_path_factory.mktemp("faults") if faults else None
 
+        data = any("data_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
+        data_dir = tmp_path_factory.mktemp("data-run") if data else None
+
+        def data_work():
+            try:
+                from test_data_methods_e2e import extend_and_run
+
+                _EARLY["data"] = extend_and_run(_EARLY["result"]["workdir"], data_dir)
+            except BaseException as e:  # re-raised in the test that asks for it
+                _EARLY["data_error"] = e
+
         def work():
             try:
                 _EARLY["result"] = _tiny_run(workdir, cluster)
             except BaseException as e:  # re-raised in the test that asks for the run
                 _EARLY["error"] = e
+            if data and _EARLY.get("result", {}).get("rc") == 0:
+                # the data-aware methods' run on a copy of it, beside the fault sweep below
+                _EARLY["data_thread"] = threading.Thread(target=data_work, name="data-run", daemon=True)
+                _EARLY["data_thread"].start()
             _EARLY["tiny_done"].set()
             if faults:  # then the SLURM fault sweep (mostly waiting), still beside the unit tests
                 from test_slurm_faults import run_fault_sweep
@@ -145,6 +161,20 @@ def _tiny_run_early(request, tmp_path_factory):
         _EARLY["thread"] = threading.Thread(target=work, name="tiny-run", daemon=True)
         _EARLY["thread"].start()
     yield
+
+
+def early_data_run() -> dict | None:
+    """The data-aware methods' run the background started on a copy of the shared tiny run
+    (tests/test_data_methods_e2e.py), or None when it was not started there."""
+    if "tiny_done" not in _EARLY:
+        return None
+    _EARLY["tiny_done"].wait()
+    if "data_thread" not in _EARLY:
+        return None
+    _EARLY["data_thread"].join()
+    if "data_error" in _EARLY:
+        raise _EARLY["data_error"]
+    return _EARLY["data"]
 
 
 def early_fault_sweep() -> dict | None:

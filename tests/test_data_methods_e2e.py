@@ -9,6 +9,7 @@ jobs read them through the merge YAML (and fail if the plan's and the engine's i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -28,22 +29,39 @@ DATA_MERGES = [
 ]
 
 
-def test_data_aware_methods_run_through_the_tiny_pipeline(run, tmp_path):
-    work = copy_of(run, tmp_path)
+def extend_and_run(tiny_workdir: Path, dst: Path) -> dict:
+    """A copy of the finished tiny run with DATA_MERGES added: the dry run's job counts, then the
+    run itself. tests/conftest.py starts this in the background as soon as the shared tiny run is
+    done (beside the SLURM fault sweep, which mostly waits); the test below asserts on it."""
+    work = copy_of({"workdir": tiny_workdir}, dst)
     cfg_path = work / "config/presets/tiny.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["merges"] += DATA_MERGES
     cfg["stats"] = {"examples": 16, "max_length": 48, "batch_size": 8, "device": "cpu"}
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    jobs = planned_jobs(snakemake(work, cfg_path, "-n").stdout)
+    proc = snakemake(work, cfg_path, check=False)
+    return {"work": work, "cfg": cfg, "cfg_path": cfg_path, "jobs": jobs, "rc": proc.returncode,
+            "log": proc.stderr[-5000:]}
+
+
+@pytest.fixture(scope="module")
+def data_run(run, tmp_path_factory):
+    from conftest import early_data_run
+
+    got = early_data_run()
+    return got if got is not None else extend_and_run(run["workdir"], tmp_path_factory.mktemp("data-run"))
+
+
+def test_data_aware_methods_run_through_the_tiny_pipeline(data_run):
+    work, cfg, cfg_path, jobs = data_run["work"], data_run["cfg"], data_run["cfg_path"], data_run["jobs"]
     plan = build_plan(cfg)
     new = [m for m in plan.merges.values() if m.method not in {"linear", "task_arithmetic"}]
     assert len(new) == 5
-
-    jobs = planned_jobs(snakemake(work, cfg_path, "-n").stdout)
     # two kinds x three experts, whatever the number of merges reading them; nothing upstream redone
     assert jobs.get("stats") == 6 and jobs.get("merge") == 5 and jobs.get("evaluate_merged") == 5, jobs
     assert not {"finetune", "pretrain_base", "make_data", "evaluate"} & set(jobs), jobs
-    snakemake(work, cfg_path)
+    assert data_run["rc"] == 0, data_run["log"]
 
     # `mergesweep plan` announced their disk: within 2 % of what the stats stage wrote
     from mergesweep.resources import Resources
