@@ -215,3 +215,11 @@ def tiny_run(tmp_path_factory, request):
         result = _tiny_run(tmp_path_factory.mktemp("tiny-run"), cluster)
     sys.stderr.write(f"\n[mergesweep tests] shared tiny run ({result['via']}): {result['seconds']} s\n")
     return result
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that read the background's data-aware run go last: by then it has finished beside the
+    other tests instead of holding the session while it runs."""
+    late = [i for i in items if "data_run" in getattr(i, "fixturenames", ())]
+    if late:
+        items[:] = [i for i in items if i not in late] + late
