@@ -140,6 +140,10 @@ def merge_checkpoints(
     t0 = time.perf_counter()
     opts = _validate(method, base, experts, params, dtype, device, shard_size, align, vocab_policy, tie_policy,
                      expert_names, stats, calibration, calibration_settings)
+    if opts.spec.merge_adapters is not None:  # LoRA-native: factors in, an adapter (or RMM basis) out
+        from mergesweep.merge.lora_merge import merge_adapters
+
+        return merge_adapters(opts, out_dir, expect_model_id=expect_model_id, t0=t0)
     with ExitStack() as stack:
         base_in = stack.enter_context(CheckpointReader(opts.base, "base")) if opts.base is not None else None
         expert_ins = [stack.enter_context(CheckpointReader(p, f"expert {i} ({opts.names[i]})"))

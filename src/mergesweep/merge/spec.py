@@ -236,6 +236,11 @@ class MethodSpec:
     #: expert's calibration data instead of streaming it tensor by tensor.
     merge_model: Callable | None = None
     whole_model: Callable[[dict], bool] | None = None
+    #: LoRA-native methods (LoRA-LEGO, RMM, KnOTS): they read each expert's low-rank factors, not
+    #: dense tensors, and write an adapter (or another low-rank artefact).
+    #: ``merge_adapters(inputs) -> result`` (:mod:`mergesweep.merge.lora_merge`): the engine hands the
+    #: whole merge to :func:`mergesweep.merge.lora_merge.merge_adapters` when this is set.
+    merge_adapters: Callable | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
