@@ -115,3 +115,9 @@ def merge_model_id(
         "vocab_policy": vocab_policy,
     }
     return f"{slug(method)}-{short_hash(payload)}"
+
+
+def reverted_model_id(merge_id: str, expert: str) -> str:
+    """The id of expert ``expert``'s model reverted from the reversible merge ``merge_id`` (RMM):
+    ``<merge id>--<expert name>`` (its evaluations live under that name like any model's)."""
+    return f"{merge_id}--{expert}"

@@ -16,7 +16,8 @@ name from a config can climb out of its root.
     results/stats/<stats_id>/{stats.safetensors,stats.json}   per-expert statistics (data-aware merges)
     results/calibration/<suite>.jsonl    an lm-eval suite's validation examples (calibration data)
     results/merges/<model_id>.yaml       the merge YAML (`mergesweep merge --config` input)
-    results/models/<model_id>/           merged checkpoints
+    results/models/<model_id>/           merged checkpoints (a LoRA-native merge: a PEFT adapter)
+    results/reverted/<model_id>/         tasks reverted from a reversible merge (RMM): <merge id>--<expert>
     results/align/<model>--<ref>--<method>/{perm.safetensors,summary.json}
     results/lmc/<model>--<ref>--<method>.{json,png}
     results/evals/<model_id>/<suite>.json
@@ -110,6 +111,10 @@ class Layout:
 
     def merged_model(self, model_id: str) -> str:
         return self._under(self.results, "models", model_id)
+
+    def reverted_model(self, model_id: str) -> str:
+        """A task's adapter reverted from a reversible merge (``ids.reverted_model_id``)."""
+        return self._under(self.results, "reverted", model_id)
 
     def align_dir(self, model: str, reference: str, method: str) -> str:
         return self._under(self.results, "align", f"{model}--{reference}--{method}")

@@ -8,13 +8,13 @@ and the same fields whatever stage made it:
 field      meaning
 ========== =====================================================================================
 model_id   the model's id in the plan: a configured name (base, expert) or ``<method>-<hash>``
-role       ``base`` | ``expert`` | ``merged``
+role       ``base`` | ``expert`` | ``merged`` | ``reverted``
 uid        identity of the model's *definition* (``name@hash`` of source or recipe for base and
            experts; the model id for merges). Merge ids hash the inputs' uids, so a merge run by
            hand on the workflow's checkpoints gets the workflow's id.
 fingerprint sha256 (16 hex) of this checkpoint's config and weight files
            (:func:`mergesweep.checkpoints.layout.checkpoint_fingerprint`)
-stage      what wrote it: ``fetch`` | ``pretrain`` | ``finetune`` | ``merge``
+stage      what wrote it: ``fetch`` | ``pretrain`` | ``finetune`` | ``extract`` | ``merge`` | ``revert``
 domain     the suite an expert is for (``None`` for base and merges)
 method     merge method (``None`` unless merged); ``params`` its resolved parameters
 base       model id of the base the model derives from (``None`` for a base)
@@ -41,8 +41,12 @@ from pathlib import Path
 from mergesweep.errors import MergesweepError
 
 RECORD_FILE = "mergesweep.json"
-ROLES = ("base", "expert", "merged")
-STAGES = ("fetch", "pretrain", "finetune", "merge")
+#: ``reverted``: one task's model reconstructed from a reversible merge (RMM's basis + that task's
+#: coefficients); it is evaluated on its task's domain only and compared with the expert
+ROLES = ("base", "expert", "merged", "reverted")
+#: ``extract``: a LoRA adapter extracted from a dense expert (truncated SVD of its task vector);
+#: ``revert``: a task's model reconstructed from a reversible merge
+STAGES = ("fetch", "pretrain", "finetune", "extract", "merge", "revert")
 #: distributions whose versions every record (and the run's provenance) carries
 VERSIONED = ("mergesweep", "torch", "transformers", "safetensors", "lm_eval", "snakemake", "pandas")
 
