@@ -57,7 +57,10 @@ class Checkpoint:
     dir: str
     domain: str | None = None
     source: dict | None = None
-    recipe: dict | None = None  # pretrain or finetune settings
+    recipe: dict | None = None  # pretrain, finetune or extract settings
+    #: a PEFT LoRA adapter over the base (fetched, fine-tuned with finetune.method lora, or
+    #: extracted from a dense expert), not a dense checkpoint
+    adapter: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,20 @@ class Merge:
     yaml: str
     stats: tuple[tuple[StatsJob, ...], ...] | None = None  # per expert: the statistics the method reads
     calibration: tuple[Calibration, ...] | None = None  # per expert: whole-model methods' data
+    #: a reversible merge (RMM): its output is a basis + per-task coefficients, not a model; each
+    #: expert's task is reverted from it (:class:`Reverted`) and evaluated on its domain instead
+    reversible: bool = False
+
+
+@dataclass(frozen=True)
+class Reverted:
+    """One task's model reverted from a reversible merge, evaluated on that task's domain only."""
+
+    model_id: str  # mergesweep.ids.reverted_model_id(merge, expert)
+    merge: str
+    expert: str
+    domain: str
+    dir: str
 
 
 @dataclass
@@ -126,6 +143,7 @@ class Plan:
     merges: dict[str, Merge] = field(default_factory=dict)
     align_jobs: dict[tuple[str, str, str], AlignJob] = field(default_factory=dict)
     stats_jobs: dict[str, StatsJob] = field(default_factory=dict)
+    reverted: dict[str, Reverted] = field(default_factory=dict)
 
     # -- what is in the run ----------------------------------------------------------------------
     @property
@@ -152,7 +170,17 @@ class Plan:
 
     @property
     def models(self) -> list[str]:
-        return [self.base.name, *self.experts, *self.merges]
+        """The models evaluated on every suite: base, experts and every merge but reversible ones
+        (whose tasks are evaluated as :attr:`reverted` models, each on its domain)."""
+        return [self.base.name, *self.experts, *self.evaluated_merges]
+
+    @property
+    def evaluated_merges(self) -> list[str]:
+        return [k for k, m in self.merges.items() if not m.reversible]
+
+    def model_suites(self) -> dict[str, list[str]]:
+        """Models evaluated on some suites only: each reverted model on its domain."""
+        return {r.model_id: [r.domain] for r in self.reverted.values()}
 
     @property
     def fetched(self) -> list[Checkpoint]:
@@ -161,6 +189,18 @@ class Plan:
     @property
     def trained_experts(self) -> list[str]:
         return [n for n, e in self.experts.items() if e.stage == "finetune"]
+
+    @property
+    def extracted_experts(self) -> list[str]:
+        """Experts that are LoRA adapters extracted from another (dense) expert of the plan."""
+        return [n for n, e in self.experts.items() if e.stage == "extract"]
+
+    def base_names(self) -> list[str]:
+        """Names an adapter's ``base_model_name_or_path`` may give for this plan's base: its
+        name, ``base.hf_id`` and a hub source's ``repo_id``."""
+        b = self.config["base"]
+        names = [self.base.name, b.get("hf_id"), (self.base.source or {}).get("repo_id")]
+        return [n for n in dict.fromkeys(names) if n]
 
     def checkpoint(self, name: str) -> Checkpoint:
         if name == self.base.name:
@@ -172,13 +212,17 @@ class Plan:
     def model_dir(self, model_id: str) -> str:
         if model_id in self.merges:
             return self.merges[model_id].dir
+        if model_id in self.reverted:
+            return self.reverted[model_id].dir
         return self.checkpoint(model_id).dir
 
     def role(self, model_id: str) -> str:
+        if model_id in self.reverted:
+            return "reverted"
         return "merged" if model_id in self.merges else self.checkpoint(model_id).role
 
     def uid(self, model_id: str) -> str:
-        return model_id if model_id in self.merges else self.checkpoint(model_id).uid
+        return model_id if model_id in self.merges or model_id in self.reverted else self.checkpoint(model_id).uid
 
     # -- settings (validated, defaults filled) ---------------------------------------------------
     @property
@@ -227,7 +271,16 @@ class Plan:
 
     # -- outputs ---------------------------------------------------------------------------------
     def eval_jsons(self) -> list[str]:
-        return [self.layout.eval_json(m, s) for m in self.models for s in self.suites]
+        every = [self.layout.eval_json(m, s) for m in self.models for s in self.suites]
+        return every + [self.layout.eval_json(m, s) for m, suites in self.model_suites().items() for s in suites]
+
+    def eval_models_doc(self) -> dict:
+        """``results/evaluation_models.json``: what the aggregate reads (every model on every suite;
+        ``model_suites``: models evaluated on some suites only, the reverted tasks)."""
+        doc: dict[str, Any] = {"models": [*self.models, *self.reverted], "suites": self.suites}
+        if self.reverted:
+            doc["model_suites"] = self.model_suites()
+        return doc
 
     def eval_spec_doc(self) -> dict:
         """The evaluation spec: every suite in order and the evaluation options; exactly what
@@ -326,12 +379,18 @@ def build_plan(config: dict, layout: Layout | None = None) -> Plan:
         if domain not in all_suites:
             raise ConfigError(f"{key}.domain: '{domain}' is not a suite of this config "
                               f"(suites: {', '.join(all_suites)})")
-        if not e.get("source") and domain not in skills:
+        if e.get("source") and e.get("extract"):
+            raise ConfigError(f"{key}.extract: an expert is fetched (source) or extracted from another expert "
+                              "(extract), not both")
+        if not e.get("source") and not e.get("extract") and domain not in skills:
             raise ConfigError(
                 f"{key}.domain: '{domain}' has no training data here: an expert without a source is fine-tuned "
                 f"on an embedded skill's train split ({', '.join(skills) or 'none listed in suites.skills'}); "
                 "give the expert a source (hub or local) or a skill domain")
-        experts[name] = _expert(cfg, e, key, base, layout)
+        experts[name] = None if e.get("extract") else _expert(cfg, e, key, base, layout)
+    for i, e in enumerate(cfg["experts"]):  # extractions, once every expert they may read is known
+        if e.get("extract"):
+            experts[e["name"]] = _extracted_expert(e, f"experts[{i}]", base, experts, layout)
 
     plan = Plan(config=cfg, layout=layout, base=base, experts=experts, skills=skills, heldout=heldout,
                 lm_eval_suites=lm_eval)
@@ -355,6 +414,9 @@ def _base(cfg: dict, layout: Layout) -> Checkpoint:
     name = _model_name(b["name"], "base.name")
     source = b.get("source")
     _check_local_source(source, "base.source")
+    if source and _is_adapter_source(source):
+        raise ConfigError("base.source: a LoRA adapter cannot be the base (it changes a model, it is not one); "
+                          "name its base model here and list the adapter as an expert")
     pretrain = None if source else {**b["pretrain"], "seed": b["pretrain"].get("seed", cfg["seed"])}
     if pretrain and not (cfg["suites"]["skills"] or cfg["suites"]["heldout"]):
         raise ConfigError("base.pretrain: a pretrained base is trained on the embedded suites' data, but the "
@@ -368,6 +430,13 @@ def _base(cfg: dict, layout: Layout) -> Checkpoint:
                       source=source, recipe=pretrain)
 
 
+def _is_adapter_source(source: dict) -> bool:
+    """A source declared as a LoRA adapter, or a local directory holding ``adapter_config.json``."""
+    if source.get("adapter"):
+        return True
+    return source["type"] == "local" and (Path(source["path"]).expanduser() / "adapter_config.json").is_file()
+
+
 def _expert(cfg: dict, e: dict, key: str, base: Checkpoint, layout: Layout) -> Checkpoint:
     name = e["name"]
     source = e.get("source")
@@ -375,14 +444,35 @@ def _expert(cfg: dict, e: dict, key: str, base: Checkpoint, layout: Layout) -> C
     if source:
         definition = {"source": source, "skill": e["domain"], "base": base.uid}
         return Checkpoint(name=name, role="expert", stage="fetch", uid=definition_uid(name, definition),
-                          dir=layout.checkpoint(name), domain=e["domain"], source=source)
-    recipe = {**cfg["finetune"], **(e.get("finetune") or {})}
+                          dir=layout.checkpoint(name), domain=e["domain"], source=source,
+                          adapter=_is_adapter_source(source))
+    from mergesweep.zoo.cli_finetune import finetune_recipe
+
+    # method and lora enter the recipe only for a LoRA fine-tune (full fine-tunes keep their uids)
+    recipe = finetune_recipe(cfg["finetune"], e.get("finetune"), f"{key}.finetune")
     recipe.setdefault("seed", cfg["seed"])
     # "skill" is the key the uid was first computed with: kept so existing experts keep their uid
     definition = {"skill": e["domain"], "finetune": recipe, "base": base.uid,
                   "data": {"sizes": cfg["suites"]["sizes"], "seed": cfg["seed"]}}
     return Checkpoint(name=name, role="expert", stage="finetune", uid=definition_uid(name, definition),
-                      dir=layout.trained_expert(name), domain=e["domain"], recipe=recipe)
+                      dir=layout.trained_expert(name), domain=e["domain"], recipe=recipe,
+                      adapter=recipe.get("method") == "lora")
+
+
+def _extracted_expert(e: dict, key: str, base: Checkpoint, experts: dict, layout: Layout) -> Checkpoint:
+    """A LoRA adapter extracted from a dense expert of the plan (``experts[i].extract``)."""
+    name, ex = e["name"], e["extract"]
+    src = experts.get(ex["from"])
+    if src is None or src.adapter:
+        dense = ", ".join(n for n, c in experts.items() if c is not None and not c.adapter) or "none"
+        what = ("is a LoRA adapter already" if src is not None else
+                "is extracted itself" if ex["from"] in experts else "is not an expert of this config")
+        raise ConfigError(f"{key}.extract.from: '{ex['from']}' {what}; extraction reads a dense expert "
+                          f"(here: {dense})")
+    recipe = {"from": ex["from"], "rank": ex["rank"]}
+    definition = {"extract": {"from": src.uid, "rank": ex["rank"]}, "base": base.uid}
+    return Checkpoint(name=name, role="expert", stage="extract", uid=definition_uid(name, definition),
+                      dir=layout.trained_expert(name), domain=e["domain"], recipe=recipe, adapter=True)
 
 
 def _align_text_suite(plan: Plan, model: str, key: str) -> str:
@@ -511,7 +601,19 @@ def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, metho
             raise ConfigError(f"{where}.align.reference: '{ref}' is not one of the experts merged; with "
                               "expert subsets align onto the base (reference: base)")
         align = tuple(None if e == ref else _align_job(plan, e, ref, a["method"], f"{key}.align") for e in names)
+    from mergesweep.ids import reverted_model_id
     from mergesweep.merge.identity import data_needs
+    from mergesweep.merge.methods import REGISTRY
+
+    spec = REGISTRY[method]
+    lora = [n for n in names if plan.experts[n].adapter]
+    if spec.merge_adapters is not None and len(lora) < len(names):
+        dense = next(n for n in names if not plan.experts[n].adapter)
+        raise ConfigError(f"{where}.method: '{method}' merges LoRA adapters, but expert '{dense}' is a dense "
+                          "checkpoint (fine-tune it with finetune.method: lora, fetch an adapter, or extract one "
+                          "with experts[i].extract)")
+    if lora and align:
+        raise ConfigError(f"{key}.align: expert '{lora[0]}' is a LoRA adapter; alignment permutes dense checkpoints")
 
     ms = plan.merge_settings
     for point in points:
@@ -520,6 +622,10 @@ def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, metho
         except ConfigError as err:
             raise ConfigError(f"{where}.{err}") from None
         stats = calibration = data_uids = None
+        if (kinds or whole) and lora:
+            raise ConfigError(f"{where}.method: '{method}' runs the experts as models (statistics or calibration "
+                              f"passes), but expert '{lora[0]}' is a LoRA adapter; merge adapters with a streaming "
+                              "method (task_arithmetic, ties, ...) or a LoRA-native one (lora_lego, rmm, knots)")
         if kinds or whole:
             if align:
                 raise ConfigError(f"{key}.align: method '{method}' reads data of the experts themselves "
@@ -542,7 +648,12 @@ def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, metho
         if mid not in plan.merges:
             plan.merges[mid] = Merge(mid, method, params, tuple(names), align, entry,
                                      plan.layout.merged_model(mid), plan.layout.merge_yaml(mid),
-                                     stats=stats, calibration=calibration)
+                                     stats=stats, calibration=calibration, reversible=spec.reversible)
+            if spec.reversible:  # each task reverted from the basis, evaluated on its expert's domain
+                for n in names:
+                    rid = reverted_model_id(mid, n)
+                    plan.reverted[rid] = Reverted(rid, mid, n, plan.experts[n].domain,
+                                                  plan.layout.reverted_model(rid))
 
 
 def _calibration(plan: Plan, model: str, key: str) -> Calibration:

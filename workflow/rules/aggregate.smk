@@ -36,7 +36,7 @@ rule evaluation_models:
         L.eval_models,
     params:
         # the plan's models and suites: a changed sweep rewrites the list, and so re-runs the aggregate
-        doc=plan_document(L.eval_models, {"models": PLAN.models, "suites": PLAN.suites}),
+        doc=plan_document(L.eval_models, PLAN.eval_models_doc()),
     localrule: True
     run:
         from mergesweep.atomic import write_json

@@ -241,6 +241,9 @@ class MethodSpec:
     #: ``merge_adapters(inputs) -> result`` (:mod:`mergesweep.merge.lora_merge`): the engine hands the
     #: whole merge to :func:`mergesweep.merge.lora_merge.merge_adapters` when this is set.
     merge_adapters: Callable | None = None
+    #: a reversible merge (RMM): the output is a basis plus per-task coefficients, not a model; the
+    #: workflow reverts each expert's task from it (``mergesweep revert``) and evaluates those
+    reversible: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
