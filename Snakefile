@@ -37,6 +37,7 @@ include: "workflow/rules/align.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/lora.smk"
 include: "workflow/rules/aggregate.smk"
 
 

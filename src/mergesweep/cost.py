@@ -57,6 +57,7 @@ def stage_costs(plan, res: Resources | None = None) -> list[StageCost]:
         ("make_data", "make_data", len(plan.data_suites), [1.0]),
         ("pretrain_base", "pretrain", int(plan.base.stage == "pretrain"), [1.0]),
         ("finetune", "finetune", len(plan.trained_experts), [1.0]),
+        ("extract_lora", "merge", len(plan.extracted_experts), [1.0]),
         ("align", "align", n_align, [1.0]),
         ("lmc", "lmc", n_align, [1.0]),
         ("stats", "stats", len(plan.stats_jobs), [1.0]),
@@ -64,7 +65,10 @@ def stage_costs(plan, res: Resources | None = None) -> list[StageCost]:
         # whole-model merges run forward passes: the stats stage's resources (Resources.merge_stage)
         ("merge (whole-model)", "stats", len(plan.merges) - len(streamed), [1.0]),
         ("evaluate", "evaluate", (1 + len(plan.experts)) * eval_jobs_per_model, [eval_units]),
-        ("evaluate_merged", "evaluate", len(plan.merges) * eval_jobs_per_model, [eval_units]),
+        ("evaluate_merged", "evaluate", len(plan.evaluated_merges) * eval_jobs_per_model, [eval_units]),
+        # a reversible merge's tasks: each reverted, then evaluated on its domain only
+        ("revert", "merge", len(plan.reverted), [1.0]),
+        ("evaluate_reverted", "evaluate", len(plan.reverted), [eval_units]),
     ]
     out = []
     for rule, stage, jobs, units in rows:

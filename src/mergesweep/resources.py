@@ -66,9 +66,9 @@ STAGES: dict[str, tuple[str, ...]] = {
     "finetune": ("finetune",),
     "align": ("align",),
     "lmc": ("lmc",),
-    "merge": ("merge",),
+    "merge": ("merge", "extract_lora", "revert"),
     "stats": ("stats",),
-    "evaluate": ("evaluate", "evaluate_merged"),
+    "evaluate": ("evaluate", "evaluate_merged", "evaluate_reverted"),
     "aggregate": ("aggregate", "leaderboard", "lmc_table"),
 }
 #: stage -> (runtime base, runtime per GB, mem base, mem per GB)

@@ -74,6 +74,7 @@ checkpoint leaderboard:
         lb=report(LB["leaderboard"], caption="../report/tables.rst", category="Tables"),
         sel=LB["selection"],
         par=LB["pareto"],
+        rev=LB["reversible"],
         md=report(LB["markdown"], caption="../report/leaderboard_md.rst", category="Leaderboard"),
         html=report(LB["report"], caption="../report/report_html.rst", category="Leaderboard"),
         bars=report(LB["fig_bars"], caption="../report/bars.rst", category="Figures"),

@@ -42,6 +42,9 @@ wildcard_constraints:
     suite=_alt(PLAN.suites),
     data_suite=_alt(PLAN.data_suites),
     expert=_alt(PLAN.trained_experts),
+    extracted=_alt(PLAN.extracted_experts),
+    reverted=_alt(list(PLAN.reverted)),
+    domain=_alt(PLAN.suites),
     fetched=_alt([c.name for c in PLAN.fetched]),
     merge_id=MERGE_ID_PATTERN,
 
