@@ -50,7 +50,7 @@ def html(run):
 
 def test_every_output_is_written(run):
     paths = output_paths(run)
-    assert set(paths) == {"leaderboard", "selection", "pareto", "markdown", "report",
+    assert set(paths) == {"leaderboard", "selection", "pareto", "reversible", "markdown", "report",
                           *(f"fig_{n}" for n in FIGURES)}
     for p in paths.values():
         assert p.is_file() and p.stat().st_size > 0, p

@@ -173,6 +173,8 @@ class Layout:
     def leaderboard_outputs(self) -> dict[str, str]:
         """Every file ``mergesweep leaderboard --out-dir <results>`` writes."""
         out = {name: self.table(name) for name in LEADERBOARD_TABLES}
+        # one row per task reverted from a reversible merge (RMM) against its expert (empty without)
+        out["reversible"] = self.table("reversible")
         out["markdown"] = self.leaderboard_md
         out["report"] = self.report_html
         out.update({f"fig_{name}": self.figure(name) for name in FIGURES})

@@ -132,22 +132,35 @@ def suite_scores(scores: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFra
     }, columns=cols)
 
 
+#: roles evaluated on their own ``domain`` only (a task reverted from a reversible merge is
+#: compared with its expert on that task, and on nothing else)
+DOMAIN_ONLY_ROLES = ("reverted",)
+
+
 def failures(scores: pd.DataFrame) -> pd.DataFrame:
     """Every failed (model, suite) evaluation, and every (model, suite) pair that has no
-    evaluation at all (``status="missing"``) although the suite was evaluated for other models."""
+    evaluation at all (``status="missing"``) although the suite was evaluated for other models.
+    A model of :data:`DOMAIN_ONLY_ROLES` is expected on its domain only."""
     cols = ["model_id", "role", "method", "params", "suite", "status", "error"]
     err = scores.loc[scores["status"] == "error", cols].drop_duplicates(["model_id", "suite"])
-    scores = scores[["model_id", "role", "method", "params", "suite"]]
+    scores = scores[["model_id", "role", "method", "params", "domain", "suite"]]
     pairs = scores[["model_id", "suite"]].drop_duplicates()
     have = set(zip(pairs["model_id"], pairs["suite"]))
     models = scores.drop_duplicates("model_id").set_index("model_id")
     suites = sorted(scores["suite"].unique())
+
+    def expected(m) -> list[str]:
+        if models.at[m, "role"] in DOMAIN_ONLY_ROLES:
+            d = models.at[m, "domain"]
+            return [d] if isinstance(d, str) else []
+        return suites
+
     missing = [
         {"model_id": m, "role": models.at[m, "role"], "method": models.at[m, "method"],
          "params": models.at[m, "params"], "suite": s, "status": "missing",
          "error": "no evaluation file for this (model, suite)"}
         for m in models.index
-        for s in suites
+        for s in expected(m)
         if (m, s) not in have
     ] if len(have) < len(models) * len(suites) else []
     out = pd.concat([err, pd.DataFrame(missing, columns=cols)], ignore_index=True)
@@ -161,8 +174,8 @@ def failures(scores: pd.DataFrame) -> pd.DataFrame:
 def models_table(scores: pd.DataFrame) -> pd.DataFrame:
     """One row per model with its metadata and ``domains``: the skills it is meant to cover.
 
-    An expert covers its ``domain``; a merge covers the domains of its experts (looked up by
-    model id); the base covers every skill suite.
+    An expert, and a task reverted from a reversible merge, covers its ``domain``; a merge covers
+    the domains of its experts (looked up by model id); the base covers every skill suite.
     """
     first = scores.drop_duplicates("model_id").set_index("model_id")
     meta = first[["role", "method", "params", "base", "experts", "domain", "align", "source",
@@ -175,7 +188,7 @@ def models_table(scores: pd.DataFrame) -> pd.DataFrame:
     expert_domain = meta.loc[meta["role"] == "expert", "domain"].to_dict()
 
     def domains(model_id, role, domain, experts) -> list[str]:
-        if role == "expert":
+        if role == "expert" or role in DOMAIN_ONLY_ROLES:
             return [domain] if isinstance(domain, str) else []
         if role == "merged":
             ids = json.loads(experts or "[]")
@@ -209,17 +222,10 @@ def expert_for(model_row: pd.Series, domain: str, models: pd.DataFrame,
                by_domain: dict[str, list[str]] | None = None) -> str | None:
     """``E_d`` for a model: the expert of domain ``d`` among the model's own experts, else the
     only expert of ``d`` in the run (None when there is none, or several and none is the
-    model's)."""
-    if model_row["role"] == "expert" and model_row["domain"] == domain:
-        return model_row.name
-    experts = (by_domain if by_domain is not None else _experts_by_domain(models)).get(domain, [])
-    own = json.loads(model_row["experts"] or "[]") if isinstance(model_row["experts"], str) else []
-    mine = [e for e in own if e in experts]
-    if mine:
-        return mine[0]
-    if len(experts) == 1:
-        return experts[0]
-    return None
+    model's; a reverted model's own expert is the one it reverts)."""
+    own = _own_experts(pd.DataFrame([model_row], columns=["role", "experts", "source"]))[0]
+    return _expert_of(model_row.name, model_row["role"], model_row["domain"], own, domain,
+                      by_domain if by_domain is not None else _experts_by_domain(models))
 
 
 def _experts_by_domain(models: pd.DataFrame) -> dict[str, list[str]]:
@@ -244,9 +250,29 @@ def base_for(model_row: pd.Series, models: pd.DataFrame) -> str | None:
 # normalised scores and forgetting
 
 
+def revert_source(source) -> tuple[str | None, str | None]:
+    """``(merge id, task)`` of a reverted model from its ``source`` column (the JSON of
+    ``{"type": "revert", "merge": <merge id>, "task": <expert name>}``); ``(None, None)`` for
+    any other source."""
+    try:
+        doc = json.loads(source) if isinstance(source, str) else None
+    except json.JSONDecodeError:
+        return None, None
+    if not isinstance(doc, Mapping) or doc.get("type") != "revert":
+        return None, None
+    merge, task = doc.get("merge"), doc.get("task")
+    return (merge if isinstance(merge, str) else None), (task if isinstance(task, str) else None)
+
+
 def _own_experts(models: pd.DataFrame) -> list[list[str]]:
-    """Each model's experts (JSON list), parsed once."""
-    return [json.loads(e or "[]") if isinstance(e, str) else [] for e in models["experts"]]
+    """Each model's experts (JSON list), parsed once. A reverted model's own expert is the one
+    it reverts (its source's ``task``): it is normalised by that expert, not by the merge's
+    first expert of the domain."""
+    out = []
+    for role, experts, source in zip(models["role"], models["experts"], models["source"]):
+        task = revert_source(source)[1] if role == "reverted" else None
+        out.append([task] if task else json.loads(experts or "[]") if isinstance(experts, str) else [])
+    return out
 
 
 def _expert_of(model_id, role, domain, own: list[str], d: str, by_domain: dict[str, list[str]]) -> str | None:

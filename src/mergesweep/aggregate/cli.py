@@ -1,7 +1,8 @@
 """``mergesweep aggregate``: evaluation JSONs -> results/tables/scores.parquet.
 
 The workflow reads the plan's evaluation directory: ``--evals-dir results/evals --models
-results/evaluation_models.json`` (the models, and suites, of the plan: nothing else under the
+results/evaluation_models.json`` (the models, and suites, of the plan, and the models evaluated on
+some suites only: a task reverted from a reversible merge, on its domain; nothing else under the
 directory is read, and the command line does not grow with the sweep). ``--evals`` takes files and
 directories instead (directories are searched for ``**/*.json``).
 
@@ -36,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the evaluation directory (results/evals): reads DIR/<model>/<suite>.json of the "
                              "models (and suites) listed in --models")
     parser.add_argument("--models", metavar="FILE",
-                        help='with --evals-dir: {"models": [...], "suites": [...]} (suites optional: then every '
-                             "DIR/<model>/*.json) or a text file of model ids, one per line")
+                        help='with --evals-dir: {"models": [...], "suites": [...], "model_suites": {model: [...]}} '
+                             "(suites optional: then every DIR/<model>/*.json; model_suites optional: the models "
+                             "evaluated on those suites only) or a text file of model ids, one per line")
     parser.add_argument("--provenance", metavar="FILE.json",
                         help="run provenance (config hash, checkpoints, versions), embedded in the parquet")
     parser.add_argument("--out", required=True, metavar="FILE.parquet", help="output scores table")
@@ -50,8 +52,9 @@ def input_files(args: argparse.Namespace) -> tuple[list, str]:
             raise EvalFileError("give either --evals or --evals-dir with --models, not both")
         if not (args.evals_dir and args.models):
             raise EvalFileError("--evals-dir and --models go together")
-        models, suites = read_models_list(args.models)
-        return eval_files_of(args.evals_dir, models, suites), f"--evals-dir {args.evals_dir} --models {args.models}"
+        listed = read_models_list(args.models)
+        return (eval_files_of(args.evals_dir, listed.models, listed.suites, listed.model_suites),
+                f"--evals-dir {args.evals_dir} --models {args.models}")
     if not args.evals:
         raise EvalFileError("no input: give --evals PATH... or --evals-dir DIR --models FILE")
     files = find_eval_files(args.evals)

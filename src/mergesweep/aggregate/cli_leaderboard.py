@@ -22,7 +22,7 @@ def _metric(text: str) -> tuple[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", required=True, metavar="FILE.parquet", help="results/tables/scores.parquet")
     parser.add_argument("--out-dir", required=True, metavar="DIR",
-                        help="results directory: writes tables/{leaderboard,selection,pareto}.parquet, "
+                        help="results directory: writes tables/{leaderboard,selection,pareto,reversible}.parquet, "
                              "leaderboard.md, report/report.html and report/*.png")
     parser.add_argument("--provenance", metavar="FILE.json",
                         help="run provenance; default: the one embedded in scores.parquet")

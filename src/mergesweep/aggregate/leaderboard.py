@@ -5,6 +5,10 @@ naming of the wide tables: ``<quantity>_<split>_<suite>`` with ``split`` one of 
 (validation) or ``test``; ``<quantity>`` is ``norm`` (normalised by the domain's expert),
 ``abs`` (raw score on the suite's primary metric) or ``delta`` (held-out change against the
 base). ``norm_<split>_mean`` is the mean over the model's domains. Each has a ``_stderr`` twin.
+
+The leaderboard, selection and Pareto tables are of merged models (role ``merged``) only; the
+tasks reverted from a reversible merge (role ``reverted``, each evaluated on its own domain) have
+their own table, :func:`reversible_table`, against their experts.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Tables:
     pareto: pd.DataFrame  # one row per (domain pair, split, merged model)
     failures: pd.DataFrame  # failed / missing (model, suite)
     hp_columns: list[str] = field(default_factory=list)
+    #: one row per task reverted from a reversible merge (RMM), against its expert
+    reversible: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=REVERSIBLE_COLUMNS))
 
     @property
     def references(self) -> pd.DataFrame:
@@ -183,6 +189,7 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
         scores=scores, metrics=metrics, skills=skills, heldout=heldout, models=models,
         suites=suites, norm=norm, deltas=deltas, wide=wide, leaderboard=_text(leaderboard),
         selection=_text(selection), pareto=_text(pareto), failures=fails, hp_columns=list(hp.columns),
+        reversible=_text(reversible_table(wide, norm)),
     )
 
 
@@ -286,3 +293,63 @@ def _pareto_table(merged: pd.DataFrame, skills: list[str]) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame(columns=cols)
     return pd.concat(parts, ignore_index=True)
+
+
+#: the params keys that may hold a reversible merge's number of basis components, first found wins
+COMPONENT_PARAMS = ("components", "n_components", "num_components", "m", "rank")
+REVERSIBLE_COLUMNS = [
+    "merge_id", "task", "domain", "model_id", "method", "params", "n_components", "expert_model_id",
+    *(f"{q}_{SPLIT_TAG[split]}{se}" for split in A.SPLITS for q in ("reverted", "expert", "norm")
+      for se in ("", "_stderr")),
+    "status", "failed_suites",
+]
+
+
+def n_components(params) -> float:
+    """A reversible merge's number of basis components, from its params JSON (the first of
+    :data:`COMPONENT_PARAMS` that is a number); NaN when none is."""
+    p = json.loads(params) if isinstance(params, str) and params else {}
+    for k in COMPONENT_PARAMS:
+        v = p.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return math.nan
+
+
+def reversible_table(wide: pd.DataFrame, norm: pd.DataFrame) -> pd.DataFrame:
+    """One row per task reverted from a reversible merge (role ``reverted``), by merge then task:
+    its score on its domain (``reverted_<split>``), its expert's (``expert_<split>``) and their
+    ratio ``norm_<split> = reverted / expert`` with the delta-method stderr, exactly the
+    normalised score of :func:`analysis.normalised_scores` (whose reference for a reverted model
+    is the expert it reverts); the merge's ``params`` and ``n_components``. Empty, with the
+    columns, when the run has no reverted model."""
+    rev = wide[wide["role"] == "reverted"]
+    if rev.empty:
+        return pd.DataFrame(columns=REVERSIBLE_COLUMNS)
+    source = [A.revert_source(x) for x in rev["source"]]
+    out = pd.DataFrame({
+        "merge_id": [m for m, _ in source],
+        "task": [t for _, t in source],
+        "domain": rev["domain"].to_numpy(dtype=object),
+        "model_id": rev["model_id"].to_numpy(dtype=object),
+        "method": rev["method"].to_numpy(dtype=object),
+        "params": rev["params"].to_numpy(dtype=object),
+        "n_components": [n_components(p) for p in rev["params"]],
+    })
+    n = norm.set_index(["model_id", "suite", "split"])
+    refs = []
+    for split in A.SPLITS:
+        tag = SPLIT_TAG[split]
+        key = pd.MultiIndex.from_arrays([out["model_id"], out["domain"], [split] * len(out)])
+        r = n.reindex(key)
+        refs.append(r["ref_model_id"].to_numpy(dtype=object))
+        for q, (v, se) in {"reverted": ("score", "stderr"), "expert": ("ref_score", "ref_stderr"),
+                           "norm": ("norm", "norm_stderr")}.items():
+            out[f"{q}_{tag}"] = r[v].to_numpy(dtype=float)
+            out[f"{q}_{tag}_stderr"] = r[se].to_numpy(dtype=float)
+    # the expert the ratio is taken against (the same on every split where there is one)
+    out["expert_model_id"] = [next((x for x in xs if isinstance(x, str)), None) for xs in zip(*refs)]
+    out["status"] = rev["status"].to_numpy(dtype=object)
+    out["failed_suites"] = rev["failed_suites"].to_numpy(dtype=object)
+    out = out.sort_values(["merge_id", "task", "model_id"], na_position="last", kind="stable")
+    return out[REVERSIBLE_COLUMNS].reset_index(drop=True)

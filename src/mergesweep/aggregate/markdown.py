@@ -35,8 +35,9 @@ def render_markdown(t: Tables, provenance: dict | None = None, report_href: str 
     s = V.summary(t)
     prov = provenance or {}
     out = ["# mergesweep leaderboard", ""]
+    reverted = f"{s['n_reverted']} reverted, " if s["n_reverted"] else ""
     run = [f"{s['n_models']} models ({s['n_base']} base, {s['n_experts']} experts, {s['n_merged']} merged, "
-           f"{s['n_methods']} methods)",
+           f"{reverted}{s['n_methods']} methods)",
            "skills: " + (", ".join(s["skills"]) or "–"),
            "held-out: " + (", ".join(s["heldout"]) or "–")]
     if prov.get("config_hash"):
@@ -55,11 +56,14 @@ def render_markdown(t: Tables, provenance: dict | None = None, report_href: str 
         out += [f"## {v.title}", "", table(v)]
         if v.note:
             out += [f"_{v.note}_", ""]
+    rv = V.reversible_view(t)
+    if rv.rows:
+        out += [f"## {rv.title}", "", table(rv, bold_best=False), f"_{rv.note}_", ""]
     for v in (V.references_view(t), V.selection_view(t)):
         out += [f"## {v.title}", "", table(v, bold_best=False)]
     fv = V.failures_view(t)
     out += [f"## {fv.title}", "", table(fv, bold_best=False)]
     out += ["## Definitions", ""]
-    out += [f"- **{name}**: {text}" for name, text in V.DEFINITIONS]
+    out += [f"- **{name}**: {text}" for name, text in V.definitions(t)]
     out += ["", f"Full sweep, figures and provenance: [{report_href}]({report_href}).", ""]
     return "\n".join(out)

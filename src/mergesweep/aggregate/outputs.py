@@ -14,20 +14,19 @@ from mergesweep.aggregate.leaderboard import Tables, compute_tables
 from mergesweep.aggregate.markdown import render_markdown
 from mergesweep.aggregate.report import render_report
 from mergesweep.aggregate.scores import read_scores
+from mergesweep.layout import Layout
 from mergesweep.record import sha256_file
 
 log = logging.getLogger(__name__)
 
-TABLES = ("leaderboard", "selection", "pareto")
-
-
 def output_paths(out_dir: str | Path) -> dict[str, Path]:
-    """Every file ``mergesweep leaderboard --out-dir OUT_DIR`` writes (the workflow's outputs)."""
-    out = Path(out_dir)
-    paths = {name: out / "tables" / f"{name}.parquet" for name in TABLES}
-    paths["markdown"] = out / "leaderboard.md"
-    paths["report"] = out / "report" / "report.html"
-    paths.update({f"fig_{name}": out / "report" / f"{name}.png" for name in FIGURES})
+    """Every file ``mergesweep leaderboard --out-dir OUT_DIR`` writes (the workflow's outputs):
+    :meth:`mergesweep.layout.Layout.leaderboard_outputs` under ``OUT_DIR`` (the one owner of
+    those paths)."""
+    paths = {k: Path(v) for k, v in Layout(results=str(out_dir)).leaderboard_outputs().items()}
+    missing = [f"fig_{name}" for name in FIGURES if f"fig_{name}" not in paths]
+    if missing:  # a figure the Layout does not name could not be a workflow output
+        raise RuntimeError(f"Layout.leaderboard_outputs lacks {', '.join(missing)}")
     return paths
 
 
@@ -53,6 +52,7 @@ def regenerate(scores_path: str | Path, out_dir: str | Path, provenance: Mapping
     write_parquet(tables.leaderboard, paths["leaderboard"])
     write_parquet(tables.selection, paths["selection"])
     write_parquet(tables.pareto, paths["pareto"])
+    write_parquet(tables.reversible, paths["reversible"])
     for name, png in figures.items():
         write_bytes(paths[f"fig_{name}"], png)
     write_text(paths["markdown"], markdown)

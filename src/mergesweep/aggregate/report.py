@@ -161,6 +161,7 @@ def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None 
         "all_models": V.all_models_view(t),
         "references": V.references_view(t),
         "pareto": V.pareto_view(t),
+        "reversible": V.reversible_view(t),
         "failures": V.failures_view(t),
         "cost": V.cost_view(t),
     }
@@ -168,7 +169,7 @@ def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None 
         "summary": V.summary(t),
         **views,
         "tables": {v.title: table_layout(v) for v in views.values()},
-        "definitions": V.DEFINITIONS,
+        "definitions": V.definitions(t),
         "selection_rule": V.SELECTION_RULE,
         "figures": figs,
         "prov": provenance_context(t, provenance, scores_path, scores_sha256),

@@ -24,7 +24,7 @@ import math
 import operator
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,7 +35,7 @@ from mergesweep.aggregate.checks import ROW_KEY, check_scores, metric_range, val
 from mergesweep.aggregate.files import publish
 from mergesweep.atomic import atomic_file
 from mergesweep.errors import MergesweepError
-from mergesweep.record import ModelRecord, RecordError
+from mergesweep.record import ROLES, ModelRecord, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ FORMAT_VERSION = "1"
 SCORE_SCHEMA = pa.schema(
     [
         ("model_id", pa.string()),
-        ("role", pa.string()),  # base | expert | merged
+        ("role", pa.string()),  # base | expert | merged | reverted (mergesweep.record.ROLES)
         ("method", pa.string()),  # merge method (merged models), else null
         ("params", pa.string()),  # canonical JSON object of the merge hyperparameters ("{}" if none)
         ("base", pa.string()),  # model id of the merge's base (merged models)
@@ -102,7 +102,6 @@ MODEL_COLUMNS = [
     "merge_peak_rss_mb",
     "model_versions",
 ]
-ROLES = ("base", "expert", "merged")
 
 
 class EvalFileError(MergesweepError, ValueError):
@@ -374,15 +373,59 @@ def find_eval_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def read_models_list(path: str | Path) -> tuple[list[str], list[str] | None]:
-    """The models (and optionally the suites) a run evaluated: ``{"models": [...], "suites": [...]}``
-    as the workflow's ``evaluation_models`` rule writes it (``suites`` may be absent), or a text
-    file of model ids, one per line. Raises :class:`EvalFileError` naming the file and key."""
+class ModelsList(NamedTuple):
+    """What ``aggregate --models`` lists: the models, the suites (``None``: every file of a
+    model), and the models evaluated on a subset of the suites (``model_suites``: a task reverted
+    from a reversible merge is evaluated on its own domain only). Unpacks as the arguments of
+    :func:`eval_files_of`."""
+
+    models: list[str]
+    suites: list[str] | None
+    model_suites: dict[str, list[str]]
+
+
+def _strings_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _model_suites(doc: Mapping, models: list[str], suites: list[str] | None, path: Path) -> dict[str, list[str]]:
+    """The optional ``model_suites`` key: ``{model_id: [suite, ...]}``, each model one of
+    ``models``, each suite one of ``suites`` (when given), no suite twice, none empty."""
+    value = doc.get("model_suites")
+    if value is None:
+        return {}
+    key = "model_suites"
+    if not isinstance(value, Mapping) or not all(_strings_list(v) for v in value.values()):
+        raise EvalFileError(f"{path}: key '{key}' must map model ids to lists of non-empty suite names")
+    listed, known = set(models), set(suites) if suites is not None else None
+    out: dict[str, list[str]] = {}
+    for model, qs in value.items():
+        if model not in listed:
+            raise EvalFileError(f"{path}: key '{key}' names model {model!r}, which key 'models' does not list")
+        if not qs:
+            raise EvalFileError(f"{path}: key '{key}.{model}' lists no suite")
+        unknown = [q for q in qs if known is not None and q not in known]
+        if unknown:
+            raise EvalFileError(f"{path}: key '{key}.{model}' names suite {unknown[0]!r}, which key 'suites' "
+                                "does not list")
+        if len(set(qs)) != len(qs):
+            raise EvalFileError(f"{path}: key '{key}.{model}' lists a suite twice")
+        out[str(model)] = list(qs)
+    return out
+
+
+def read_models_list(path: str | Path) -> ModelsList:
+    """The models (and optionally the suites) a run evaluated: ``{"models": [...], "suites": [...],
+    "model_suites": {model: [...]}}`` as the workflow's ``evaluation_models`` rule writes it
+    (``suites`` and ``model_suites`` may be absent; ``model_suites`` names the models evaluated on
+    some of the suites only), or a text file of model ids, one per line. Raises
+    :class:`EvalFileError` naming the file and key."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise EvalFileError(f"{path}: models list not found") from None
+    model_suites: dict[str, list[str]] = {}
     if path.suffix == ".json":
         try:
             doc = json.loads(text)
@@ -394,7 +437,7 @@ def read_models_list(path: str | Path) -> tuple[list[str], list[str] | None]:
         for key, value in (("models", models), ("suites", suites)):
             if value is None and key == "suites":
                 continue
-            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            if not _strings_list(value):
                 raise EvalFileError(f"{path}: key '{key}' must be a list of non-empty strings")
     else:
         models = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -404,23 +447,30 @@ def read_models_list(path: str | Path) -> tuple[list[str], list[str] | None]:
     dup = sorted({m for m in models if models.count(m) > 1}) if len(set(models)) != len(models) else []
     if dup:
         raise EvalFileError(f"{path}: model {dup[0]!r} is listed twice")
-    return list(models), (list(suites) if suites is not None else None)
+    if path.suffix == ".json":
+        model_suites = _model_suites(doc, models, suites, path)
+    return ModelsList(list(models), list(suites) if suites is not None else None, model_suites)
 
 
-def eval_files_of(evals_dir: str | Path, models: list[str], suites: list[str] | None = None) -> list[Path]:
+def eval_files_of(evals_dir: str | Path, models: list[str], suites: list[str] | None = None,
+                  model_suites: Mapping[str, list[str]] | None = None) -> list[Path]:
     """The evaluation files of exactly ``models`` under ``evals_dir``: ``<dir>/<model>/<suite>.json``
     for each of ``suites`` (every one must exist), or every ``<dir>/<model>/*.json`` when no
-    suites are given (each model must have at least one). Directories of other models (a stale
-    model of an older config) are not read. A missing file or model is an error naming it."""
+    suites are given (each model must have at least one). A model of ``model_suites`` is read on
+    its own suites only (``<dir>/<model>/<suite>.json``, every one must exist). Directories of
+    other models (a stale model of an older config) are not read. A missing file or model is an
+    error naming it."""
     root = Path(evals_dir)
     if not root.is_dir():
         raise EvalFileError(f"--evals-dir {root}: directory not found")
+    own = dict(model_suites or {})
     files: list[Path] = []
     missing: list[str] = []
     for m in models:
         d = root / m
-        if suites is not None:
-            for q in suites:
+        wanted = own.get(m, suites)
+        if wanted is not None:
+            for q in wanted:
                 p = d / f"{q}.json"
                 if p.is_file():
                     files.append(p)
@@ -533,7 +583,8 @@ def _row_arrays(rows: list[tuple]) -> list[pa.Array]:
 def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
     """The long scores table from evaluation JSONs (paths, directories or parsed dicts).
 
-    Rows are sorted by (role, model_id, suite, task, lm_eval_task, metric, filter, split). Two
+    Rows are sorted by (role, model_id, suite, task, lm_eval_task, metric, filter, split), roles in
+    the order of :data:`mergesweep.record.ROLES`. Two
     files for the same (model, suite) are an error naming both.
 
     Built column-wise: each file's rows (sorted within the file) become Arrow arrays chunk by

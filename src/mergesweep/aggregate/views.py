@@ -12,7 +12,9 @@ import pandas as pd
 
 from mergesweep.aggregate.analysis import SELECTION_RULE
 from mergesweep.aggregate.leaderboard import Tables, col, params_label
+from mergesweep.record import ROLES
 
+REVERSIBLE_DEFINITION = "Reversible merge (RMM)"
 DEFINITIONS = [
     ("Suite score",
      "s(m, q) = mean over the suite's tasks of the primary metric (macro average); "
@@ -26,6 +28,11 @@ DEFINITIONS = [
     ("Held-out change",
      "Δ(m, h) = s(m, h) − s(base, h) on a held-out suite h, in absolute score points; negative = "
      "forgetting, positive = generalisation; se = sqrt(se_m² + se_base²)."),
+    (REVERSIBLE_DEFINITION,
+     "a merge stored as a basis plus per-task coefficients, from which each task's model is "
+     "reverted (reconstructed) and evaluated on that task's domain only; reverted ÷ expert = "
+     "s(reverted, d) / s(E_d, d) against the very expert it reverts, se by the delta method as for "
+     "the normalised score. The reversible merge itself is not a model and is not evaluated."),
     ("Selection", SELECTION_RULE),
     ("Pareto front",
      "for a pair of domains, the merges that no other merge dominates (is at least as good on both "
@@ -226,6 +233,38 @@ def references_view(t: Tables) -> View:
     return v
 
 
+REVERSIBLE_TITLE = "Reversible merges (RMM): each task reverted from the merged basis, against its expert"
+
+
+def reversible_view(t: Tables) -> View:
+    """Each task reverted from a reversible merge, by merge then task: its test score on its
+    domain, its expert's, and their ratio (± se), and the validation ratio."""
+    headers = ["Merge", "Hyperparameters", "Components", "Task (expert)", "Domain", "Reverted (test)",
+               "Expert (test)", "Reverted ÷ expert (test)", "Reverted ÷ expert (val.)", "Model id"]
+    v = View(REVERSIBLE_TITLE, headers, source="tables/reversible.parquet",
+             note="Scores on the task's own domain, primary metric; ± one standard error.")
+    for r in t.reversible.to_dict("records"):
+        d, n = r["domain"], r["n_components"]
+        v.rows.append([
+            Cell(str(r["merge_id"]) if isinstance(r["merge_id"], str) else "–", numeric=False),
+            Cell(params_label(r["params"]) or "(defaults)", numeric=False),
+            Cell(f"{n:g}" if isinstance(n, float) and math.isfinite(n) else "–"),
+            Cell(str(r["task"]) if isinstance(r["task"], str) else "–", numeric=False),
+            Cell(str(d) if isinstance(d, str) else "–", numeric=False),
+            _score_cell(r, "reverted_test", d, None),  # "error" where its evaluation failed
+            _score_cell(r, "expert_test", None, None),
+            _score_cell(r, "norm_test", d, None),
+            _score_cell(r, "norm_val", d, None, with_se=False),
+            Cell(str(r["model_id"]), numeric=False),
+        ])
+    return v
+
+
+def definitions(t: Tables) -> list[tuple[str, str]]:
+    """:data:`DEFINITIONS` of what the run shows (reversible merges only where it has some)."""
+    return [(name, text) for name, text in DEFINITIONS if t.reversible.shape[0] or name != REVERSIBLE_DEFINITION]
+
+
 def selection_view(t: Tables) -> View:
     headers = ["Method", "Points", "Eligible", "Failed", "Selected hyperparameters", "Val. mean (norm.)",
                "Test mean (norm.)", "Rank"]
@@ -275,11 +314,12 @@ def cost_view(t: Tables) -> View:
     v = View("Runtime and peak memory", headers,
              source="tables/leaderboard.parquet (merge_*, eval_*), tables/scores.parquet (per evaluation)")
     w = t.wide.copy()
-    w["_o"] = w["role"].map({"base": 0, "expert": 1, "merged": 2})
+    w["_o"] = w["role"].map({r: i for i, r in enumerate(ROLES)})
     for r in w.sort_values(["_o", "method_label", "model_id"]).to_dict("records"):
         v.rows.append([Cell(str(r["model_id"]), numeric=False), Cell(str(r["role"]), numeric=False),
                        Cell(str(r["method_label"]) or "–", numeric=False),
-                       Cell(params_label(r["params"]) if r["role"] == "merged" else "–", numeric=False),
+                       Cell(params_label(r["params"]) if r["role"] in ("merged", "reverted") else "–",
+                            numeric=False),
                        Cell(fmt_seconds(r["merge_runtime_s"])), Cell(fmt_mb(r["merge_peak_rss_mb"])),
                        Cell(fmt_seconds(r["eval_runtime_s"])), Cell(fmt_mb(r["eval_peak_rss_mb"]))])
     return v
@@ -293,6 +333,7 @@ def summary(t: Tables) -> dict:
         "n_base": int(roles.get("base", 0)),
         "n_experts": int(roles.get("expert", 0)),
         "n_merged": int(roles.get("merged", 0)),
+        "n_reverted": int(roles.get("reverted", 0)),
         "n_methods": int(t.leaderboard["method_label"].nunique()),
         "n_evaluations": int(n_eval),
         "n_failed": int((t.failures["status"] == "error").sum()),
