@@ -7,6 +7,9 @@
 # A job that cannot run (model missing, bad argument, out of memory) exits non-zero and is
 # retried; a task-level failure after the model loaded is recorded as status "error" for that
 # suite only.
+# Every job gets the plan's base (--base, an input; it is built before anything else anyway): a
+# model that is a PEFT LoRA adapter (a LoRA expert, a LoRA-native merge) is evaluated over it with
+# lm-eval's peft=, without a dense copy; a dense model ignores it.
 import json
 
 
@@ -50,13 +53,14 @@ EVAL_LOG = ("{suite}",) if PER_SUITE else ()
 EVAL_LOG_STAGE = "evaluate_suite" if PER_SUITE else "evaluate"  # logs/<stage>/<model>[/<suite>].log
 # the same resources and command for reference and merged models
 EVAL_RESOURCES = RES.of("evaluate", units=RES.eval_units())
-EVAL_CMD = ("{MS} evaluate --model {input.model:q} --spec {input.spec:q} " + EVAL_PICK +
+EVAL_CMD = ("{MS} evaluate --model {input.model:q} --base {input.base:q} --spec {input.spec:q} " + EVAL_PICK +
             " --threads {threads} --out {output:q} 2> {log:q}")
 
 
 rule evaluate:
     input:
         model=lambda w: model_dir(w.reference),
+        base=PLAN.base.dir,
         tasks=GEN_TASKS,
         spec=L.eval_spec,
         datasets=EVAL_DATASETS,
@@ -78,6 +82,8 @@ rule evaluate_merged:
         # ancient: a merged model rebuilt from its recipe (same id, same bytes) is not a reason
         # to evaluate it again
         model=ancient(L.merged_model("{merge_id}")),
+        # ancient: the base is the merges' input already; what changes it re-runs the merges
+        base=ancient(PLAN.base.dir),
         tasks=GEN_TASKS,
         spec=L.eval_spec,
         datasets=EVAL_DATASETS,

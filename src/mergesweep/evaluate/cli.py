@@ -8,6 +8,10 @@ Two ways to name the suites:
   ``--out`` path in the same position.
 * ``--suite NAME (--tasks-dir DIR | --lm-eval-tasks T ...) --out NAME.json``: one suite by hand.
 
+A ``--model`` that is a PEFT LoRA adapter is evaluated over ``--base`` (the dense base it was
+trained on) with lm-eval's ``peft=``, without a dense copy; the workflow always passes the plan's
+base, which a dense ``--model`` ignores.
+
 Exit status (docs/evaluate.md): 0 when every JSON was written, whether the suite scored
 (``status: ok``) or the model/task failed after loading (``status: error``; 1 with
 ``--fail-on-error``); 1 with a one-line message when the evaluation could not run (missing or
@@ -23,7 +27,11 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="HF checkpoint directory")
+    p.add_argument("--model", required=True, type=Path,
+                   help="HF checkpoint directory, or a PEFT LoRA adapter directory (then --base is needed)")
+    p.add_argument("--base", type=Path,
+                   help="the dense base a LoRA adapter --model is evaluated over (lm-eval's peft=); "
+                        "ignored for a dense --model")
     p.add_argument("--spec", type=Path, help="evaluation spec (suites and options) written by the workflow")
     p.add_argument("--suites", nargs="+", help="with --spec: only these suites, in this order (default: all)")
     p.add_argument("--suite", help="one suite by hand (instead of --spec)")
@@ -102,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        recs = evaluate_suites(args.model, runs, args.out, **options)
+        recs = evaluate_suites(args.model, runs, args.out, base=args.base, **options)
     except EvaluationError:
         # lm-eval's progress bars end in a carriage return: start the error on a line of its own
         sys.stderr.write("\n")

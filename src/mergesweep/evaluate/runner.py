@@ -13,13 +13,21 @@ filter and split: ``task``, ``lm_eval_task``, ``metric``, ``filter``, ``split``,
 used) and ``requested_device``,
 ``chat_template``, ``log_samples`` (and ``samples_file``), library ``versions``, ``runtime_s`` and
 ``peak_rss_mb``, ``load_s`` (loading the model, once per job and dtype); an error adds a short
-``traceback``. ``settings`` holds the suite's effective evaluation settings (``dtype``,
+``traceback``. ``evaluated_as`` is ``dense`` or ``adapter``; ``adapter`` is null for a dense model
+and, for a PEFT adapter evaluated over its base (:func:`load_model`), ``{path, base_path,
+base_fingerprint, base_model_id, tokenizer, loader}``. ``settings`` holds the suite's effective evaluation settings (``dtype``,
 ``apply_chat_template``, ``num_fewshot``, ``limit``, ``batch_size``, ``validation``: ``{size,
 seed}`` for lm-eval suites, else null); ``splits`` (lm-eval suites; null for generated suites,
 whose tasks are one per split) records per leaf lm-eval task which examples form each split
 (:mod:`mergesweep.evaluate.splits`: ``rule``, ``fewshot_split``, ``validation``, ``test``).
 
 Two kinds of failure, kept apart (docs/evaluate.md):
+
+A model directory that is a PEFT LoRA adapter (``adapter_config.json``; format owned by
+:mod:`mergesweep.lora.adapter`) is evaluated over its base (``--base``): lm-eval's HF backend
+loads the base and applies the adapter with ``peft=`` (``PeftModel.from_pretrained``), so a merged
+LoRA is scored without a dense copy ever being written. The LoRA layers compute
+``W x + (alpha/r) B (A x)``, which equals the dense ``(W + (alpha/r) B A) x`` up to float rounding.
 
 * **The evaluation could not run** — the model directory is missing or not a checkpoint, its
   model record is malformed, the model cannot be loaded, an argument is wrong (batch size,
@@ -62,6 +70,8 @@ _BATCH_RE = re.compile(r"^(auto(:[1-9][0-9]*)?|[1-9][0-9]*)$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 #: weight files that make a directory a checkpoint (one of them must exist)
 _WEIGHT_GLOBS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+#: the weight files of a PEFT adapter (one of them must exist; peft loads either)
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class EvaluationError(MergesweepError):
@@ -127,17 +137,64 @@ def check_device(device: str) -> None:
         raise EvaluationError(f"--device {device}: MPS is not available on this machine")
 
 
-def check_model_dir(model_dir: Path) -> None:
-    """The model directory exists and holds an HF checkpoint (config.json and weight files)."""
+def is_adapter(path: Path) -> bool:
+    """Whether ``path`` is a PEFT adapter directory (``adapter_config.json``)."""
+    # TODO(issue 13): mergesweep.lora.adapter.is_adapter, the format's one owner, once it exists
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def check_model_dir(model_dir: Path, flag: str = "--model", *, adapters: bool = True) -> None:
+    """The model directory exists and holds an HF checkpoint (config.json and weight files) or,
+    with ``adapters``, a PEFT adapter (adapter_config.json and its weights)."""
     if not model_dir.exists():
-        raise EvaluationError(f"--model {model_dir}: directory not found")
+        raise EvaluationError(f"{flag} {model_dir}: directory not found")
     if not model_dir.is_dir():
-        raise EvaluationError(f"--model {model_dir}: not a directory")
+        raise EvaluationError(f"{flag} {model_dir}: not a directory")
+    if is_adapter(model_dir):
+        if not adapters:
+            raise EvaluationError(f"{flag} {model_dir}: is a LoRA adapter (adapter_config.json), not a dense "
+                                  "checkpoint")
+        if not any((model_dir / w).is_file() for w in _ADAPTER_WEIGHTS):
+            raise EvaluationError(f"{flag} {model_dir}: LoRA adapter without weights "
+                                  f"({' or '.join(_ADAPTER_WEIGHTS)})")
+        return
     if not (model_dir / "config.json").is_file():
-        raise EvaluationError(f"--model {model_dir}: not a checkpoint (no config.json)")
+        raise EvaluationError(f"{flag} {model_dir}: not a checkpoint (no config.json)")
     if not any(next(model_dir.glob(g), None) for g in _WEIGHT_GLOBS):
-        raise EvaluationError(f"--model {model_dir}: not a checkpoint (no weight files: "
+        raise EvaluationError(f"{flag} {model_dir}: not a checkpoint (no weight files: "
                               f"{', '.join(_WEIGHT_GLOBS)})")
+
+
+def check_adapter_base(model_dir: Path, base: Path | None, rec, backend: str) -> dict:
+    """For a PEFT adapter ``model_dir``: the base it is evaluated over is given (``--base``), is a
+    dense checkpoint and, when the adapter's record names the base's fingerprint
+    (``adapter.base_fingerprint``), is that base; the backend can apply adapters. Returns the
+    result JSON's ``adapter`` entry (without the loader, which :func:`load_model` decides)."""
+    if backend == "vllm":
+        raise EvaluationError(f"--model {model_dir} is a LoRA adapter: evaluation.backend vllm (--backend vllm) "
+                              "does not evaluate adapters in mergesweep; use evaluation.backend hf")
+    if base is None:
+        raise EvaluationError(f"--model {model_dir} is a LoRA adapter; evaluating it needs --base "
+                              "(the base it was trained on)")
+    base = Path(base)
+    check_model_dir(base, "--base", adapters=False)
+    from mergesweep.checkpoints.layout import checkpoint_fingerprint
+
+    try:
+        fingerprint = checkpoint_fingerprint(base)
+        base_rec = read_record(base, required=False)
+    except RecordError as e:
+        raise EvaluationError(str(e)) from e
+    except OSError as e:
+        raise EvaluationError(f"--base {base}: cannot read ({_describe(e)})") from e
+    info = rec.extra.get("adapter") if rec is not None else None
+    expected = info.get("base_fingerprint") if isinstance(info, dict) else None
+    if expected and expected != fingerprint:
+        raise EvaluationError(f"--model {model_dir}: the adapter was made on a base with fingerprint {expected} "
+                              f"(its {model_dir / 'mergesweep.json'}: adapter.base_fingerprint), but --base {base} "
+                              f"has fingerprint {fingerprint}")
+    return {"path": str(model_dir), "base_path": str(base), "base_fingerprint": fingerprint,
+            "base_model_id": base_rec.model_id if base_rec is not None else None, "tokenizer": str(base)}
 
 
 def suite_tasks(tasks_dir: Path, suite: str) -> list[tuple[str, str]]:
@@ -391,11 +448,27 @@ def build_tasks(tm, names) -> list:
 BACKENDS = ("hf", "vllm")
 
 
-def load_model(model_dir: Path, *, dtype: str, device: str, batch_size: int | str, backend: str = "hf"):
+def load_model(model_dir: Path, *, dtype: str, device: str, batch_size: int | str, backend: str = "hf",
+               base: Path | None = None, adapter: dict | None = None):
     """lm-eval's HF backend (or its vLLM backend) on the checkpoint; any failure to load is an
-    :class:`EvaluationError`."""
+    :class:`EvaluationError`.
+
+    With ``base`` (``model_dir`` is a PEFT adapter, :func:`check_adapter_base`): the HF backend
+    loads the base in ``dtype`` with the base's tokenizer and applies the adapter through lm-eval's
+    ``peft=`` (``PeftModel.from_pretrained``; peft keeps the LoRA factors in float32 when the base is
+    float16/bfloat16, so at those dtypes the scores differ by rounding from a dense copy's). One
+    exception: when the base's ``vocab_size`` differs from its tokenizer's length (a padded
+    vocabulary), lm-eval's ``peft=`` resizes the embeddings to the tokenizer — which changes the
+    softmax over the vocabulary and so the scores against a dense copy — so the adapter is applied
+    to the loaded base by the same ``PeftModel.from_pretrained`` call without the resize.
+    ``adapter["loader"]`` records which (``lm_eval_peft`` or ``peft_model``)."""
     if backend not in BACKENDS:
         raise EvaluationError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if base is not None:
+        if backend != "hf":  # check_adapter_base refused it already
+            raise EvaluationError(f"--model {model_dir}: a LoRA adapter is evaluated with backend hf only")
+        return _load_adapter(model_dir, Path(base), dtype=dtype, device=device, batch_size=batch_size,
+                             adapter=adapter if adapter is not None else {})
     if backend == "vllm":
         if not str(device).startswith("cuda"):
             raise EvaluationError(f"--backend vllm runs on a GPU, but the device is {device}")
@@ -421,6 +494,51 @@ def load_model(model_dir: Path, *, dtype: str, device: str, batch_size: int | st
             raise EvaluationError(f"--model {model_dir}: {_describe(e)} while loading the model "
                                   f"(device {device}, dtype {dtype})") from e
         raise EvaluationError(f"--model {model_dir}: cannot load the checkpoint ({_describe(e)})") from e
+
+
+def _vocab_mismatch(base: Path) -> tuple[int, int] | None:
+    """(config vocab_size, tokenizer length) of the base when they differ, else None."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(str(base), trust_remote_code=False)
+    vocab = getattr(getattr(cfg, "text_config", None), "vocab_size", None) or getattr(cfg, "vocab_size", None)
+    n = len(AutoTokenizer.from_pretrained(str(base), trust_remote_code=False))
+    return (int(vocab), n) if vocab is not None and int(vocab) != n else None
+
+
+def _load_adapter(model_dir: Path, base: Path, *, dtype: str, device: str, batch_size, adapter: dict):
+    """lm-eval's HF backend on ``base`` with the PEFT adapter ``model_dir`` applied (see
+    :func:`load_model`); sets ``adapter["loader"]``."""
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise EvaluationError(f"cannot import lm-eval's HF backend ({_describe(e)})") from e
+    common = dict(pretrained=str(base), dtype=dtype, device=device, batch_size=batch_size, trust_remote_code=False)
+    step = f"--base {base}"
+    try:
+        mismatch = _vocab_mismatch(base)
+        if mismatch is None:
+            adapter["loader"] = "lm_eval_peft"
+            step = f"--model {model_dir}"
+            return HFLM(**common, peft=str(model_dir))
+        log.info("%s: vocab_size %d but %d tokens in its tokenizer: applying the adapter without lm-eval's "
+                 "embedding resize", base, *mismatch)
+        lm = HFLM(**common)
+        from peft import PeftModel
+
+        step = f"--model {model_dir}"
+        adapter["loader"] = "peft_model"
+        lm._model = PeftModel.from_pretrained(lm._model, str(model_dir))
+        lm._model.eval()
+        lm.peft = str(model_dir)  # lm-eval's model info (peft_sha), as with peft=
+        return lm
+    except Exception as e:
+        if is_infrastructure(e):
+            raise EvaluationError(f"{step}: {_describe(e)} while loading the LoRA adapter over its base "
+                                  f"(device {device}, dtype {dtype})") from e
+        what = "the LoRA adapter" if step.startswith("--model") else "the base"
+        raise EvaluationError(f"{step}: cannot load {what} ({_describe(e)}; adapter {model_dir}, "
+                              f"base {base})") from e
 
 
 @dataclass(frozen=True)
@@ -562,6 +680,7 @@ def evaluate_suites(
     num_fewshot: int | None = None,
     include_paths: list[str] | tuple = (),
     validation: dict | None = None,
+    base: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Load the model once per distinct dtype and run every suite on it; write each suite's result
     JSON atomically (``outs[i]`` for ``suites[i]``) as soon as it is done; return the records.
@@ -576,6 +695,9 @@ def evaluate_suites(
     stops the job (the workflow retries it). A model- or task-level failure after the model loaded
     is written for *that suite* with ``status: "error"`` and the other suites go on. A model whose
     weights are not finite gets ``status: "error"`` in every suite.
+
+    ``base``: the dense base a PEFT adapter ``model_dir`` is evaluated over (required for an
+    adapter, :func:`check_adapter_base`; ignored for a dense model).
     """
     model_dir = Path(model_dir)
     outs = [Path(o) for o in outs]
@@ -596,6 +718,7 @@ def evaluate_suites(
     except RecordError as e:
         raise EvaluationError(str(e)) from e
     model_id = rec.model_id if rec else model_dir.name
+    adapter = check_adapter_base(model_dir, base, rec, backend) if is_adapter(model_dir) else None
 
     # ---- lm-eval, task index, device: failures here are the machine's or the inputs'
     with _infrastructure_errors(model_dir):
@@ -612,7 +735,7 @@ def evaluate_suites(
         t0 = time.time()
         with _infrastructure_errors(model_dir):
             lm = load_model(model_dir, dtype=dt, device=used_device, batch_size=settings[indices[0]]["batch_size"],
-                            backend=backend)
+                            backend=backend, base=Path(adapter["base_path"]) if adapter else None, adapter=adapter)
         load_s = round(time.time() - t0, 3)
         log.info("loaded %s (%s) on %s in %.1f s; %d suite(s)", model_id, dt, used_device, load_s, len(indices))
 
@@ -627,7 +750,8 @@ def evaluate_suites(
             task_splits, tm = managers[suite.name]
             records[i] = _run_suite(lm, suite, task_splits, tm, outs[i], model_dir=model_dir, model_id=model_id,
                                     rec=rec, device=used_device, requested_device=device, settings=settings[i],
-                                    log_samples=log_samples, weights_error=weights_error, load_s=load_s)
+                                    log_samples=log_samples, weights_error=weights_error, load_s=load_s,
+                                    adapter=adapter)
         del lm
         _release_memory()
     return records
@@ -731,7 +855,7 @@ def _run_lm_eval_suite(lm, suite: SuiteRun, tm, settings: dict, *, device: str, 
 
 def _run_suite(lm, suite: SuiteRun, task_splits: dict, tm, out: Path, *, model_dir: Path, model_id: str, rec,
                device: str, requested_device: str, settings: dict, log_samples: bool,
-               weights_error: str | None, load_s: float) -> dict:
+               weights_error: str | None, load_s: float, adapter: dict | None = None) -> dict:
     """Run one suite on the loaded model and write its JSON; a model/task failure is recorded."""
     t0 = time.time()
     record: dict[str, Any] = {
@@ -741,6 +865,8 @@ def _run_suite(lm, suite: SuiteRun, task_splits: dict, tm, out: Path, *, model_d
         "error": None,
         "model": rec.to_dict() if rec else {},
         "model_path": str(model_dir),
+        "evaluated_as": "adapter" if adapter else "dense",
+        "adapter": dict(adapter) if adapter else None,
         "results": [],
         "device": device,
         "requested_device": requested_device,
