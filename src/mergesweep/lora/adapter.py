@@ -458,3 +458,19 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None,
                                "(give a base model)")
         return LoraCheckpoint(path, base, label)
     return CheckpointReader(path, label)
+
+
+def require_dense_experts(method: str, whole_model: bool, inputs) -> None:
+    """Refuse LoRA experts (:class:`LoraCheckpoint` inputs) for a method that runs its experts as
+    models (``whole_model``: forward passes on calibration data, e.g. RegMean++, PLeaS): those load
+    each expert directory with transformers, which an adapter directory is not. MergeError naming
+    the expert."""
+    if not whole_model:
+        return
+    from mergesweep.errors import MergeError
+
+    for inp in inputs:
+        if isinstance(inp, LoraCheckpoint):
+            raise MergeError(f"{inp.label}: {inp.path} is a LoRA adapter, but method '{method}' runs the experts "
+                             "as models (calibration forward passes); LoRA experts are merged by streaming "
+                             "methods only (task_arithmetic, ties, tsv, ...) or the LoRA-native ones")

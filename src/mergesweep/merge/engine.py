@@ -10,7 +10,9 @@ dtype, at its pre-planned offset in the output shard. Nothing else is held: peak
 
 * options and identity: :mod:`mergesweep.merge.settings`, :mod:`mergesweep.merge.provenance`
   (the model id, computed before anything is read, as the workflow's plan computes it);
-* inputs: :class:`mergesweep.checkpoints.layout.CheckpointReader`;
+* inputs: :class:`mergesweep.checkpoints.layout.CheckpointReader`, or for a LoRA expert (a PEFT
+  adapter directory) :class:`mergesweep.lora.adapter.LoraCheckpoint`: base + ΔW, ΔW computed per
+  tensor on the fly (:func:`mergesweep.lora.adapter.open_checkpoint`);
 * tensor planning (tied heads, vocabulary policy): :mod:`mergesweep.merge.tensor_plan`;
 * whole-model statistics, for methods that declare them: :mod:`mergesweep.merge.statistics`;
 * per-expert statistics of the ``stats`` stage (Gram matrices, Fisher), for data-aware methods
@@ -50,6 +52,7 @@ from mergesweep.atomic import atomic_dir
 from mergesweep.checkpoints.layout import (CheckpointReader, cache_fingerprint, copy_non_weight_files,
                                            dtype_name, parse_dtype)
 from mergesweep.errors import ConfigError, MergeError
+from mergesweep.lora.adapter import open_checkpoint, require_dense_experts
 from mergesweep.merge.config import align_by_index
 from mergesweep.merge.io import PlannedShardWriter
 from mergesweep.merge.methods import get_method
@@ -145,9 +148,11 @@ def merge_checkpoints(
 
         return merge_adapters(opts, out_dir, expect_model_id=expect_model_id, t0=t0)
     with ExitStack() as stack:
-        base_in = stack.enter_context(CheckpointReader(opts.base, "base")) if opts.base is not None else None
-        expert_ins = [stack.enter_context(CheckpointReader(p, f"expert {i} ({opts.names[i]})"))
+        base_in = stack.enter_context(open_checkpoint(opts.base, "base")) if opts.base is not None else None
+        # a LoRA expert (PEFT adapter directory) is read as base + ΔW, one tensor at a time
+        expert_ins = [stack.enter_context(open_checkpoint(p, f"expert {i} ({opts.names[i]})", base=opts.base))
                       for i, p in enumerate(opts.experts)]
+        require_dense_experts(opts.spec.name, opts.spec.uses_whole_model(opts.kparams), expert_ins)
         stats_in = _open_stats(opts, stack)
         identity = identify_merge(opts.spec.name, params, opts.names, opts.base, opts.experts, opts.align,
                                   dtype=opts.dtype, vocab_policy=opts.vocab_policy,
