@@ -39,7 +39,7 @@ def good(tmp_path_factory):
                  "--out", str(scores)]) == 0
     assert main(["leaderboard", "--scores", str(scores), "--out-dir", str(res)]) == 0
     snap = snapshot(res)
-    assert len(snap) == 1 + 3 + 1 + 1 + 4  # scores, 3 tables, markdown, report, 4 figures
+    assert len(snap) == 1 + 4 + 1 + 1 + 4  # scores, 4 tables (reversible: empty), markdown, report, 4 figures
     return res, snap
 
 
