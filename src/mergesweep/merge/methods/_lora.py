@@ -337,7 +337,10 @@ def knots_align(factors: Sequence[Optional[Factors]], rtol: float = 1e-10):
     u, s, vh = u[:, keep], s[keep], vh[keep]
     q = cs.q_a.shape[1]
     big_u = (cs.q_b @ u).float()
-    coeffs = [((s[:, None] * vh[:, i * q:(i + 1) * q]) @ cs.q_a.T).float() for i in range(len(factors))]
+    # an expert that does not adapt the module has exactly zero coefficients (not rounding noise,
+    # which TIES would count as agreeing entries)
+    coeffs = [((s[:, None] * vh[:, i * q:(i + 1) * q]) @ cs.q_a.T).float() if f is not None
+              else torch.zeros(u.shape[1], cs.shape[1]) for i, f in enumerate(factors)]
     return big_u, coeffs
 
 
