@@ -1,8 +1,22 @@
 # Experts fine-tuned from the base on their skill's train split -> resources/experts/<name>/.
+# A LoRA expert (finetune.method: lora) is a PEFT adapter directory there instead of a dense checkpoint.
+
+import shlex
 
 
 def _recipe(w):
     return PLAN.experts[w.expert].recipe
+
+
+def _method_flags(w):
+    """--method lora and its settings for a LoRA expert (an adapter directory); nothing for full."""
+    r = _recipe(w)
+    if r.get("method", "full") != "lora":
+        return ""
+    lora = r["lora"]
+    return (f"--method lora --lora-r {int(lora['r'])} --lora-alpha {float(lora['alpha'])!r}"
+            f" --lora-targets {shlex.quote(','.join(lora['target_modules']))}"
+            f" --lora-dropout {float(lora['dropout'])!r}")
 
 
 rule finetune:
@@ -21,6 +35,7 @@ rule finetune:
         warmup=lambda w: _recipe(w)["warmup"],
         seed=lambda w: _recipe(w)["seed"],
         emb=lambda w: "--train-embeddings" if _recipe(w)["train_embeddings"] else "",
+        method=_method_flags,
     threads: RES.threads("finetune", THREADS)
     # the longest fine-tune first: it is the run's critical path
     priority: lambda w: PRIORITY["finetune"] + min(_recipe(w)["steps"] // 10, 9)
@@ -31,6 +46,6 @@ rule finetune:
     shell:
         "{MS} finetune --base {input.base:q} --data {params.train:q} --domain {params.skill:q}"
         " --name {wildcards.expert:q} --uid {params.uid:q} --steps {params.steps} --batch-size {params.batch_size}"
-        " --lr {params.lr} --warmup {params.warmup} --seed {params.seed} {params.emb}"
+        " --lr {params.lr} --warmup {params.warmup} --seed {params.seed} {params.emb} {params.method}"
         " --device {TRAIN[device]:q} --precision {TRAIN[precision]:q}"
         " --threads {threads} --out {output:q} 2> {log:q}"

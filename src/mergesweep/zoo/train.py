@@ -17,6 +17,16 @@ weights, gradients and optimiser state stay float32). Batches are built and draw
 the same seeded generator on every device, so a CUDA run sees the CPU run's batches in the same
 order; the model is back on the CPU, in float32, when :func:`train` returns. On the CPU without
 autocast the loop is exactly the CPU-only loop it always was.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): :func:`attach_lora`
+injects, through ``peft``, a trainable low-rank update into every target linear layer while its
+weight ``W`` (shape ``[out, in]``) stays frozen::
+
+    h = W x + (α / r) · B A x,   A ∈ R^{r×in} (Kaiming-uniform init), B ∈ R^{out×r} (zero init)
+
+so the adapted layer starts equal to the base's and the expert's task vector on that layer is
+``ΔW = (α / r) · B A`` (rank ≤ r). The same :func:`train` loop then optimises only A and B (the
+loop trains whatever ``requires_grad``; peft freezes everything else).
 """
 
 from __future__ import annotations
@@ -50,6 +60,41 @@ class TrainConfig:
     loss_on: str = "target"  # or "all"
     seed: int = 0
     max_length: int = 64
+
+
+@dataclass
+class LoraSpec:
+    """Rank ``r``, ``alpha`` (ΔW = alpha/r · B A), the linear-layer names adapted, input dropout
+    (defaults: the config schema's ``finetune.lora``, :func:`mergesweep.zoo.cli_finetune.lora_defaults`)."""
+    r: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    dropout: float = 0.0
+
+
+def linear_names(model) -> dict[str, int]:
+    """The last name component of every ``torch.nn.Linear`` of ``model`` (what a peft
+    ``target_modules`` entry matches) -> how many linear layers carry it."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            counts[leaf] = counts.get(leaf, 0) + 1
+    return counts
+
+
+def attach_lora(model, spec: LoraSpec, *, base_name: str | None = None):
+    """Inject LoRA layers (``peft.get_peft_model``) into ``model`` in place and return the
+    ``PeftModel``; only the adapters' A and B are trainable afterwards. ``model`` itself (now with
+    the LoRA layers inside) is what :func:`train` trains; the returned wrapper is what saves the
+    adapter. ``base_name`` is recorded as the adapter's ``base_model_name_or_path``."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.target_modules),
+                        lora_dropout=spec.dropout, bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    return peft_model
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -116,6 +161,7 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, desc: str = "
         if out_emb is not None:
             out_emb.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     model.train()
@@ -159,6 +205,7 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, desc: str = "
         "loss_first": sum(losses[:k]) / k,
         "loss_last": sum(losses[-k:]) / k,
         "tokens": tokens,
+        "trainable_params": n_trainable,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
         "device": str(dev),
