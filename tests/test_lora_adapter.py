@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers_merge import make_base, read_state
-from mergesweep.checkpoints.layout import CheckpointReader, checkpoint_fingerprint
+from mergesweep.checkpoints.layout import CheckpointError, CheckpointReader, checkpoint_fingerprint
 from mergesweep.lora.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, AdapterReader, LoraCheckpoint,
                                      is_adapter, open_checkpoint)
 from mergesweep.lora.write import write_adapter
@@ -231,3 +231,72 @@ def test_open_checkpoint_needs_the_base_and_checks_its_fingerprint(base, tmp_pat
     with pytest.raises(AdapterError, match=f"fingerprint {checkpoint_fingerprint(base)}.*{other}, has fingerprint "
                                            f"{checkpoint_fingerprint(other)}"):
         open_checkpoint(ad, "expert 0", base=other)
+
+
+# --------------------------------------------------------------------------------------------
+# fetch: hub and local sources accept adapters, checked against the configured base
+# --------------------------------------------------------------------------------------------
+def _fetched_base(base: Path, root: Path) -> Path:
+    from mergesweep.checkpoints.sources import fetch
+
+    out = root / "fetched-base"
+    if not out.exists():
+        fetch("smol-base", {"type": "local", "path": str(base)}, out, role="base", uid="smol-base@abc")
+    return out
+
+
+def test_local_and_hub_sources_accept_an_adapter_and_record_it(base, tmp_path):
+    from test_fetch import COMMIT, make_hub_cache
+
+    from mergesweep.checkpoints.sources import fetch
+    from mergesweep.lora.adapter import LoraCheckpoint
+    from mergesweep.record import read_record
+
+    fbase = _fetched_base(base, tmp_path)
+    ad = _adapter(base, tmp_path / "src")
+    _edit_config(ad, base_model_name_or_path="HuggingFaceTB/Smol-Base")
+    rec = fetch("ex", {"type": "local", "path": str(ad)}, tmp_path / "ex", role="expert", domain="math",
+                base_dir=fbase, base_names=("smol-base", "org/other"))
+    got = read_record(tmp_path / "ex")
+    assert got.base == "smol-base" and rec.domain == "math"
+    info = got.extra["adapter"]
+    assert info["r"] == 2 and info["lora_alpha"] == 2 and info["modules"] == 2
+    assert info["target_modules"] == ["down_proj", "q_proj"]
+    assert info["base_uid"] == "smol-base@abc" and info["base_fingerprint"] == checkpoint_fingerprint(fbase)
+    assert got.extra["summary"]["tensors"] == 4
+    with LoraCheckpoint(tmp_path / "ex", fbase) as ck:  # the recorded base fingerprint is checked and fits
+        torch.testing.assert_close(ck.get("model.layers.0.self_attn.q_proj.weight"),
+                                   read_state(base)["model.layers.0.self_attn.q_proj.weight"] + 2.0)  # s·B·A = 1·(1·1 + 1·1)
+    make_hub_cache(tmp_path / "hub", "org/ad", ad)
+    fetch("hx", {"type": "hub", "repo_id": "org/ad", "revision": COMMIT, "offline": True,
+                 "cache_dir": str(tmp_path / "hub")}, tmp_path / "hx", role="expert",
+          base_dir=fbase, base_names=("other", "HuggingFaceTB/smol-base"))
+    assert read_record(tmp_path / "hx").extra["adapter"]["base_fingerprint"] == checkpoint_fingerprint(fbase)
+
+
+def test_fetch_refuses_bad_adapters_naming_the_file_and_writes_nothing(base, tmp_path):
+    from mergesweep.checkpoints.sources import fetch
+
+    fbase = _fetched_base(base, tmp_path)
+    only_weights = _adapter(base, tmp_path / "w")
+    (only_weights / ADAPTER_CONFIG).unlink()
+    with pytest.raises(AdapterError, match=f"{only_weights}/{ADAPTER_CONFIG}: missing"):
+        fetch("a", {"type": "local", "path": str(only_weights)}, tmp_path / "a", role="expert", base_dir=fbase)
+    named = _adapter(base, tmp_path / "n")
+    _edit_config(named, base_model_name_or_path="meta-llama/Llama-3.2-1B")
+    with pytest.raises(AdapterError, match=r"adapter_config.json names base 'meta-llama/Llama-3.2-1B' "
+                                           r"\(base_model_name_or_path\) but the configured base is 'smol-base' / "
+                                           r"'org/smol' \(base.name / base.hf_id\)"):
+        fetch("b", {"type": "local", "path": str(named)}, tmp_path / "b", role="expert", base_dir=fbase,
+              base_names=("smol-base", "org/smol"))
+    deep = make_base(tmp_path / "deep", num_hidden_layers=4)
+    extra = _adapter(deep, tmp_path / "x", modules=("model.layers.3.self_attn.v_proj",))
+    with pytest.raises(AdapterError, match=r"adapts module 'model.layers.3.self_attn.v_proj' but the base "
+                                           r".*fetched-base has no tensor"):
+        fetch("c", {"type": "local", "path": str(extra)}, tmp_path / "c", role="expert", base_dir=fbase,
+              base_names=(str(deep),))
+    with pytest.raises(CheckpointError, match="is a LoRA adapter .*a base must be a full checkpoint"):
+        fetch("d", {"type": "local", "path": str(named)}, tmp_path / "d", role="base")
+    for name in "abcd":
+        assert not (tmp_path / name).exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.tmp-")]

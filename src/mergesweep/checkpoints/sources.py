@@ -15,6 +15,15 @@ Three kinds, each verified before anything is written:
 ``local``
     A directory already in HF layout; verified and copied (hard-linked where possible).
 
+``hub`` and ``local`` also accept a **PEFT LoRA adapter** (a directory with ``adapter_config.json``
+and ``adapter_model.safetensors``; one holding either file is taken for an adapter). It is verified
+with :class:`mergesweep.lora.adapter.AdapterReader` (every factor pair, ranks, supported features)
+and checked against the configured base: the ``base_model_name_or_path`` of its config must name
+it (``base_names``: equal, or the same last path component, case-insensitively) and, given the
+fetched base (``base_dir``), every adapted module must exist there with ΔW's shape. Its record says
+``adapter``: the adapter's target modules, rank, alpha (:meth:`AdapterReader.summary`) and the
+base's uid and fingerprint, which merges check it against.
+
 Every fetched checkpoint gets ``mergesweep.json`` (role, source, revision, sha256 of the files).
 """
 
@@ -30,7 +39,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from mergesweep.atomic import atomic_dir
 from mergesweep.checkpoints.layout import CheckpointError, CheckpointReader
@@ -67,6 +76,58 @@ def verify_checkpoint(path: Path, *, check_values: bool = False) -> dict:
                     raise CheckpointError(f"{ckpt.file_of(name)}: tensor '{name}' holds NaN or inf")
         arch = (ckpt.config.get("architectures") or [None])[0]
     return {"tensors": len(names), "parameters": n_params, "architecture": arch}
+
+
+def looks_like_adapter(path: Path) -> bool:
+    """Whether ``path`` holds a PEFT adapter's config or weights (then both are required)."""
+    return any((Path(path) / f).exists() for f in ("adapter_config.json", "adapter_model.safetensors",
+                                                   "adapter_model.bin"))
+
+
+def _names_base(declared: str, names: Sequence[str]) -> bool:
+    """``declared`` (an adapter's ``base_model_name_or_path``) names one of ``names``: equal, or
+    the same last path component (``HuggingFaceTB/SmolLM2-135M`` ~ ``/models/smollm2-135m``),
+    case-insensitively."""
+    def last(x: str) -> str:
+        return str(x).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+    return any(declared == n or (last(declared) and last(declared) == last(n)) for n in names if n)
+
+
+def verify_adapter(path: Path, *, base_dir: Path | None = None, base_names: Sequence[str] = (),
+                   check_values: bool = False) -> dict:
+    """Check that ``path`` is a PEFT LoRA adapter mergesweep can use
+    (:class:`~mergesweep.lora.adapter.AdapterReader`: both files, paired factors of consistent
+    ranks, no unsupported feature), that its ``base_model_name_or_path`` names one of
+    ``base_names`` (skipped when none are given) and that it fits the base checkpoint ``base_dir``
+    (when given). With ``check_values`` every factor is read and checked for NaN/inf. Returns a
+    summary with the adapter's (:meth:`AdapterReader.summary`) under ``adapter``; raises
+    :class:`CheckpointError` (an :class:`~mergesweep.lora.adapter.AdapterError`) naming the file,
+    key or module."""
+    import torch
+
+    from mergesweep.lora.adapter import AdapterError, AdapterReader
+
+    with AdapterReader(path) as ad:
+        declared = ad.lora_config.base_model_name_or_path
+        names = [str(n) for n in base_names if n]
+        if names and declared and not _names_base(str(declared), names):
+            raise AdapterError(f"{ad.config_file}: adapter_config.json names base {declared!r} "
+                               f"(base_model_name_or_path) but the configured base is "
+                               f"{' / '.join(repr(n) for n in names)} (base.name / base.hf_id)")
+        if names and not declared:
+            log.warning("%s: names no base (base_model_name_or_path); it is checked against the configured "
+                        "base's shapes only", ad.config_file)
+        if base_dir is not None:
+            ad.check_base(base_dir)
+        n_params = 0
+        for name in ad.modules():
+            b, a = ad.factors(name)
+            n_params += b.numel() + a.numel()
+            if check_values and not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+                raise AdapterError(f"{ad.weights_file}: the LoRA factors of '{name}' hold NaN or inf")
+        summary = ad.summary()
+    return {"tensors": 2 * summary["modules"], "parameters": n_params, "architecture": None, "adapter": summary}
 
 
 def _require(src: Mapping[str, Any], key: str, where: str) -> Any:
@@ -189,7 +250,10 @@ def fetch_local(src: Mapping[str, Any], out_dir: Path, where: str) -> dict:
     path = Path(_require(src, "path", where)).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{path}: directory not found ({where}.path)")
-    verify_checkpoint(path)
+    if looks_like_adapter(path):
+        verify_adapter(path)
+    else:
+        verify_checkpoint(path)
     for p in path.iterdir():
         if p.is_file() and not p.name.startswith(".") and p.name != "mergesweep.json":
             try:
@@ -202,9 +266,16 @@ def fetch_local(src: Mapping[str, Any], out_dir: Path, where: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 def fetch(name: str, src: Mapping[str, Any], out: str | os.PathLike, *, role: str = "base",
           domain: str | None = None, uid: str | None = None, cache_dir: str | os.PathLike = "resources/downloads",
-          check_values: bool = True, where: str | None = None) -> ModelRecord:
+          check_values: bool = True, where: str | None = None, base_dir: str | os.PathLike | None = None,
+          base_names: Sequence[str] = ()) -> ModelRecord:
     """Fetch checkpoint ``name`` from source mapping ``src`` into ``out`` (atomically), verify it and
-    write its model record (``uid``: the plan's uid of its definition, recorded for merge ids)."""
+    write its model record (``uid``: the plan's uid of its definition, recorded for merge ids).
+
+    A PEFT LoRA adapter (``hub`` / ``local``) is checked against the configured base
+    (:func:`verify_adapter`): ``base_names`` are the names its ``adapter_config.json`` may give
+    as ``base_model_name_or_path`` (the base's name, ``base.hf_id``, a hub base's repo_id),
+    ``base_dir`` the fetched base checkpoint whose modules it must fit; its record carries
+    ``adapter`` (summary, ``base_uid``, ``base_fingerprint``)."""
     where = where or f"checkpoints.{name}.source"
     kind = src.get("type")
     if kind not in KINDS:
@@ -218,10 +289,36 @@ def fetch(name: str, src: Mapping[str, Any], out: str | os.PathLike, *, role: st
             info = fetch_hub(src, tmp, where)
         else:
             info = fetch_local(src, tmp, where)
-        summary = verify_checkpoint(tmp, check_values=check_values)
+        extra: dict[str, Any] = {}
+        base_model = None
+        if looks_like_adapter(tmp):
+            if role == "base":
+                raise CheckpointError(f"{where}: {name} is a LoRA adapter (adapter_config.json); a base must be a "
+                                      "full checkpoint")
+            summary = verify_adapter(tmp, base_dir=Path(base_dir) if base_dir is not None else None,
+                                     base_names=base_names, check_values=check_values)
+            extra["adapter"] = {**summary.pop("adapter"), **_base_identity(base_dir)}
+            base_model = extra["adapter"].get("base_model_id")
+        else:
+            summary = verify_checkpoint(tmp, check_values=check_values)
         record = write_record(tmp, ModelRecord(
-            model_id=name, role=role, stage="fetch", uid=uid, domain=domain, source=info,
-            runtime_s=round(time.time() - t0, 2), peak_rss_mb=peak_rss_mb(), extra={"summary": summary},
+            model_id=name, role=role, stage="fetch", uid=uid, domain=domain, source=info, base=base_model,
+            runtime_s=round(time.time() - t0, 2), peak_rss_mb=peak_rss_mb(), extra={"summary": summary, **extra},
         ))
-    log.info("fetched %s (%s, %d tensors) into %s", name, kind, summary["tensors"], out)
+    log.info("fetched %s (%s, %d tensors%s) into %s", name, kind, summary["tensors"],
+             ", LoRA adapter" if extra else "", out)
     return record
+
+
+def _base_identity(base_dir: str | os.PathLike | None) -> dict:
+    """``base_uid``, ``base_fingerprint`` and ``base_model_id`` of the base an adapter was checked
+    against (None each without one)."""
+    if base_dir is None:
+        return {"base_uid": None, "base_fingerprint": None, "base_model_id": None}
+    from mergesweep.checkpoints.layout import checkpoint_fingerprint
+    from mergesweep.merge.identity import checkpoint_uid
+    from mergesweep.record import read_record
+
+    rec = read_record(base_dir, required=False)
+    return {"base_uid": checkpoint_uid(base_dir), "base_fingerprint": checkpoint_fingerprint(base_dir),
+            "base_model_id": rec.model_id if rec is not None else None}
