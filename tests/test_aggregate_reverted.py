@@ -290,3 +290,22 @@ def test_bad_model_suites_is_named(tmp_path, model_suites, message):
     p.write_text(json.dumps({"models": [BASE, "expert-reverse"], "suites": SUITES, "model_suites": model_suites}))
     with pytest.raises(EvalFileError, match=re.escape(f"{p}: {message}")):
         read_models_list(p)
+
+
+def test_a_failed_reverted_evaluation_is_an_error_row(tmp_path):
+    evals, _ = write_tree(tmp_path)
+    rid = reverted_model_id("rmm-aaaaaaaaaa", "expert-reverse")
+    p = evals / rid / "reverse.json"
+    doc = json.loads(p.read_text())
+    doc.update(status="error", results=[], error="RuntimeError: revert produced NaN weights")
+    p.write_text(json.dumps(doc))
+    t = compute_tables(build_scores([evals]))
+    rev = t.reversible.set_index("model_id")
+    assert rev.at[rid, "status"] == "error" and rev.at[rid, "failed_suites"] == "reverse"
+    assert math.isnan(rev.at[rid, "norm_test"]) and rev.at[rid, "expert_model_id"] == "expert-reverse"
+    assert list(t.failures["model_id"]) == [rid]  # its failure, and nothing missing
+    from mergesweep.aggregate.markdown import render_markdown
+
+    line = next(l for l in render_markdown(t).splitlines() if l.endswith(f"| {rid} |"))
+    x, xe = suite_score("expert-reverse", "reverse", "test")
+    assert line.count("_error_") == 3 and f"| {fmt(x)} ± {fmt(xe)} |" in line  # the expert's score stands
