@@ -29,7 +29,9 @@ HELDOUT = "capitals"
 SUITES = [*SKILLS, HELDOUT]
 MERGED = "task-arithmetic-0123456789"
 #: two reversible merges of the two experts (listed reverse first: the table orders by task name)
-RMM = {"rmm-aaaaaaaaaa": {"components": 1}, "rmm-bbbbbbbbbb": {"components": 2}}
+RMM = {"rmm-aaaaaaaaaa": {"components": 1}, "rmm-bbbbbbbbbb": {"components": 3}}
+#: the components each uses: RMM caps them at the number of experts (2)
+USED = {"rmm-aaaaaaaaaa": 1, "rmm-bbbbbbbbbb": 2}
 RMM_EXPERTS = ["expert-reverse", "expert-arithmetic"]
 SPLITS = ("validation", "test")
 N = 200
@@ -138,7 +140,7 @@ def test_reversible_table_is_reverted_over_expert(run):
         d = EXPERTS[r["task"]]
         assert r["domain"] == d and r["expert_model_id"] == r["task"] and r["method"] == "rmm"
         assert json.loads(r["params"]) == RMM[r["merge_id"]]
-        assert r["n_components"] == RMM[r["merge_id"]]["components"]
+        assert r["n_components"] == USED[r["merge_id"]]
         assert r["status"] == "ok"
         for split, tag in (("validation", "val"), ("test", "test")):
             s, se = suite_score(r["model_id"], d, split)
@@ -188,7 +190,7 @@ def test_markdown_and_report_show_the_reversible_section(run):
         x, xe = suite_score(e, d, "test")
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == m and cells[3] == e and cells[4] == d
-        assert cells[2] == str(RMM[m]["components"])
+        assert cells[1] == f"components={RMM[m]['components']}" and cells[2] == str(USED[m])
         assert cells[5] == f"{fmt(s)} ± {fmt(se)}" and cells[6] == f"{fmt(x)} ± {fmt(xe)}"
         assert cells[7] == f"{fmt(s / x)} ± {fmt(math.hypot(se / x, s * xe / x**2))}"
         assert cells[-1] == reverted_model_id(m, e)

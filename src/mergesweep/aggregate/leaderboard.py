@@ -295,8 +295,6 @@ def _pareto_table(merged: pd.DataFrame, skills: list[str]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-#: the params keys that may hold a reversible merge's number of basis components, first found wins
-COMPONENT_PARAMS = ("components", "n_components", "num_components", "m", "rank")
 REVERSIBLE_COLUMNS = [
     "merge_id", "task", "domain", "model_id", "method", "params", "n_components", "expert_model_id",
     *(f"{q}_{SPLIT_TAG[split]}{se}" for split in A.SPLITS for q in ("reverted", "expert", "norm")
@@ -305,15 +303,19 @@ REVERSIBLE_COLUMNS = [
 ]
 
 
-def n_components(params) -> float:
-    """A reversible merge's number of basis components, from its params JSON (the first of
-    :data:`COMPONENT_PARAMS` that is a number); NaN when none is."""
+def n_components(method, params, experts) -> float:
+    """The number of basis components a reversible merge used, from its params JSON and its
+    experts (JSON list): RMM's own rule (:func:`mergesweep.merge.methods.rmm.components`: the
+    ``components`` parameter capped at the number of experts); NaN when the params do not say."""
     p = json.loads(params) if isinstance(params, str) and params else {}
-    for k in COMPONENT_PARAMS:
-        v = p.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return math.nan
+    v = p.get("components")
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return math.nan
+    if method == "rmm":
+        from mergesweep.merge.methods.rmm import components
+
+        return float(components(p, len(json.loads(experts)) if isinstance(experts, str) else int(v)))
+    return float(v)
 
 
 def reversible_table(wide: pd.DataFrame, norm: pd.DataFrame) -> pd.DataFrame:
@@ -334,7 +336,7 @@ def reversible_table(wide: pd.DataFrame, norm: pd.DataFrame) -> pd.DataFrame:
         "model_id": rev["model_id"].to_numpy(dtype=object),
         "method": rev["method"].to_numpy(dtype=object),
         "params": rev["params"].to_numpy(dtype=object),
-        "n_components": [n_components(p) for p in rev["params"]],
+        "n_components": [n_components(*x) for x in zip(rev["method"], rev["params"], rev["experts"])],
     })
     n = norm.set_index(["model_id", "suite", "split"])
     refs = []
