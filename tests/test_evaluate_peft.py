@@ -171,8 +171,7 @@ def _no_weights(models, tmp_path):
      r"--base .*plora-adapter: is a LoRA adapter \(adapter_config\.json\), not a dense checkpoint"),
     (_bad_fingerprint, r"the adapter was made on a base with fingerprint 0123456789abcdef .*adapter\.base_fingerprint"
                        r"\), but --base .*tiny-base has fingerprint [0-9a-f]{16}"),
-    (_no_weights, r"--model .*/adapter: LoRA adapter without weights \(adapter_model\.safetensors or "
-                  r"adapter_model\.bin\)"),
+    (_no_weights, r"--model .*/adapter: LoRA adapter without weights \(no adapter_model\.safetensors\)"),
     (lambda m, t: (m["adapter"], ["--base", str(m["base"]), "--backend", "vllm"]),
      r"is a LoRA adapter: evaluation\.backend vllm \(--backend vllm\) does not evaluate adapters"),
 ], ids=["no-base", "base-not-checkpoint", "base-missing", "base-is-adapter", "fingerprint", "no-weights", "vllm"])

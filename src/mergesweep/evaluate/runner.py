@@ -70,8 +70,6 @@ _BATCH_RE = re.compile(r"^(auto(:[1-9][0-9]*)?|[1-9][0-9]*)$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 #: weight files that make a directory a checkpoint (one of them must exist)
 _WEIGHT_GLOBS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
-#: the weight files of a PEFT adapter (one of them must exist; peft loads either)
-_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class EvaluationError(MergesweepError):
@@ -138,9 +136,11 @@ def check_device(device: str) -> None:
 
 
 def is_adapter(path: Path) -> bool:
-    """Whether ``path`` is a PEFT adapter directory (``adapter_config.json``)."""
-    # TODO(issue 13): mergesweep.lora.adapter.is_adapter, the format's one owner, once it exists
-    return (Path(path) / "adapter_config.json").is_file()
+    """Whether ``path`` is a PEFT adapter directory (the format's one owner decides:
+    :func:`mergesweep.lora.adapter.is_adapter`)."""
+    from mergesweep.lora.adapter import is_adapter as _is_adapter
+
+    return _is_adapter(path)
 
 
 def check_model_dir(model_dir: Path, flag: str = "--model", *, adapters: bool = True) -> None:
@@ -154,9 +154,10 @@ def check_model_dir(model_dir: Path, flag: str = "--model", *, adapters: bool = 
         if not adapters:
             raise EvaluationError(f"{flag} {model_dir}: is a LoRA adapter (adapter_config.json), not a dense "
                                   "checkpoint")
-        if not any((model_dir / w).is_file() for w in _ADAPTER_WEIGHTS):
-            raise EvaluationError(f"{flag} {model_dir}: LoRA adapter without weights "
-                                  f"({' or '.join(_ADAPTER_WEIGHTS)})")
+        from mergesweep.lora.adapter import ADAPTER_WEIGHTS
+
+        if not (model_dir / ADAPTER_WEIGHTS).is_file():
+            raise EvaluationError(f"{flag} {model_dir}: LoRA adapter without weights (no {ADAPTER_WEIGHTS})")
         return
     if not (model_dir / "config.json").is_file():
         raise EvaluationError(f"{flag} {model_dir}: not a checkpoint (no config.json)")
@@ -165,7 +166,7 @@ def check_model_dir(model_dir: Path, flag: str = "--model", *, adapters: bool = 
                               f"{', '.join(_WEIGHT_GLOBS)})")
 
 
-def check_adapter_base(model_dir: Path, base: Path | None, rec, backend: str) -> dict:
+def check_adapter_base(model_dir: Path, base: Path | None, backend: str) -> dict:
     """For a PEFT adapter ``model_dir``: the base it is evaluated over is given (``--base``), is a
     dense checkpoint and, when the adapter's record names the base's fingerprint
     (``adapter.base_fingerprint``), is that base; the backend can apply adapters. Returns the
@@ -179,16 +180,16 @@ def check_adapter_base(model_dir: Path, base: Path | None, rec, backend: str) ->
     base = Path(base)
     check_model_dir(base, "--base", adapters=False)
     from mergesweep.checkpoints.layout import checkpoint_fingerprint
+    from mergesweep.lora.adapter import adapter_record_fingerprint
 
     try:
         fingerprint = checkpoint_fingerprint(base)
         base_rec = read_record(base, required=False)
+        expected = adapter_record_fingerprint(model_dir)
     except RecordError as e:
         raise EvaluationError(str(e)) from e
     except OSError as e:
         raise EvaluationError(f"--base {base}: cannot read ({_describe(e)})") from e
-    info = rec.extra.get("adapter") if rec is not None else None
-    expected = info.get("base_fingerprint") if isinstance(info, dict) else None
     if expected and expected != fingerprint:
         raise EvaluationError(f"--model {model_dir}: the adapter was made on a base with fingerprint {expected} "
                               f"(its {model_dir / 'mergesweep.json'}: adapter.base_fingerprint), but --base {base} "
@@ -718,7 +719,7 @@ def evaluate_suites(
     except RecordError as e:
         raise EvaluationError(str(e)) from e
     model_id = rec.model_id if rec else model_dir.name
-    adapter = check_adapter_base(model_dir, base, rec, backend) if is_adapter(model_dir) else None
+    adapter = check_adapter_base(model_dir, base, backend) if is_adapter(model_dir) else None
 
     # ---- lm-eval, task index, device: failures here are the machine's or the inputs'
     with _infrastructure_errors(model_dir):
