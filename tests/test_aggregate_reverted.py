@@ -311,3 +311,20 @@ def test_a_failed_reverted_evaluation_is_an_error_row(tmp_path):
     line = next(l for l in render_markdown(t).splitlines() if l.endswith(f"| {rid} |"))
     x, xe = suite_score("expert-reverse", "reverse", "test")
     assert line.count("_error_") == 3 and f"| {fmt(x)} ± {fmt(xe)} |" in line  # the expert's score stands
+
+
+def test_merge_and_task_from_the_id_when_the_record_has_no_revert_source():
+    """A reverted record without ``source`` (``{"type": "revert", ...}``) is still placed by its id,
+    ``<merge id>--<expert name>`` (ids.reverted_model_id), and compared with that expert."""
+    recs = _records()
+    rid = reverted_model_id("rmm-dddddddddd", "expert-reverse")
+    rev = ModelRecord(model_id=rid, role="reverted", stage="revert", uid=rid, method="rmm",
+                      params={"components": 2}, base=BASE, experts=list(RMM_EXPERTS), domain="reverse")
+    docs = [_doc(recs[e], EXPERTS[e]) for e in EXPERTS] + [_doc(rev, "reverse")]
+    (row,) = compute_tables(build_scores(docs)).reversible.to_dict("records")
+    assert (row["merge_id"], row["task"], row["expert_model_id"]) == ("rmm-dddddddddd", "expert-reverse",
+                                                                     "expert-reverse")
+    s, _ = suite_score(rid, "reverse", "test")
+    e, _ = suite_score("expert-reverse", "reverse", "test")
+    assert row["norm_test"] == pytest.approx(s / e, abs=1e-12)
+    assert A.revert_source(None, "not-a-reverted-id") == (None, None)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
 from mergesweep.aggregate.scores import ScoresError
+from mergesweep.ids import MERGE_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -250,18 +252,24 @@ def base_for(model_row: pd.Series, models: pd.DataFrame) -> str | None:
 # normalised scores and forgetting
 
 
-def revert_source(source) -> tuple[str | None, str | None]:
+#: a reverted model's id, ``<merge id>--<expert name>`` (:func:`mergesweep.ids.reverted_model_id`)
+_REVERTED_ID = re.compile(rf"({MERGE_ID_PATTERN})--(.+)")
+
+
+def revert_source(source, model_id=None) -> tuple[str | None, str | None]:
     """``(merge id, task)`` of a reverted model from its ``source`` column (the JSON of
-    ``{"type": "revert", "merge": <merge id>, "task": <expert name>}``); ``(None, None)`` for
-    any other source."""
+    ``{"type": "revert", "merge": <merge id>, "task": <expert name>}``), else from its id
+    (``<merge id>--<expert name>``); ``(None, None)`` when neither says."""
     try:
         doc = json.loads(source) if isinstance(source, str) else None
     except json.JSONDecodeError:
-        return None, None
-    if not isinstance(doc, Mapping) or doc.get("type") != "revert":
-        return None, None
-    merge, task = doc.get("merge"), doc.get("task")
-    return (merge if isinstance(merge, str) else None), (task if isinstance(task, str) else None)
+        doc = None
+    if isinstance(doc, Mapping) and doc.get("type") == "revert":
+        merge, task = doc.get("merge"), doc.get("task")
+        if isinstance(merge, str) and isinstance(task, str):
+            return merge, task
+    m = _REVERTED_ID.fullmatch(model_id) if isinstance(model_id, str) else None
+    return (m.group(1), m.group(2)) if m else (None, None)
 
 
 def _own_experts(models: pd.DataFrame) -> list[list[str]]:
@@ -269,8 +277,8 @@ def _own_experts(models: pd.DataFrame) -> list[list[str]]:
     it reverts (its source's ``task``): it is normalised by that expert, not by the merge's
     first expert of the domain."""
     out = []
-    for role, experts, source in zip(models["role"], models["experts"], models["source"]):
-        task = revert_source(source)[1] if role == "reverted" else None
+    for model_id, role, experts, source in zip(models.index, models["role"], models["experts"], models["source"]):
+        task = revert_source(source, model_id)[1] if role == "reverted" else None
         out.append([task] if task else json.loads(experts or "[]") if isinstance(experts, str) else [])
     return out
 

@@ -328,7 +328,7 @@ def reversible_table(wide: pd.DataFrame, norm: pd.DataFrame) -> pd.DataFrame:
     rev = wide[wide["role"] == "reverted"]
     if rev.empty:
         return pd.DataFrame(columns=REVERSIBLE_COLUMNS)
-    source = [A.revert_source(x) for x in rev["source"]]
+    source = [A.revert_source(x, m) for x, m in zip(rev["source"], rev["model_id"])]
     out = pd.DataFrame({
         "merge_id": [m for m, _ in source],
         "task": [t for _, t in source],
