@@ -287,6 +287,7 @@ def rmm(factors: Sequence[Optional[Factors]], m: int, rtol: float = 1e-10) -> Rm
         vec = vec * torch.sign(vec[idx, torch.arange(vec.shape[1])])
     root = lam.sqrt()
     coeff = vec * root                                  # [n, m']
+    coeff[gram.diagonal() == 0] = 0  # a task that does not adapt the module: exactly 0, not rounding noise
     basis = (vec / root).T @ flat                       # [m', p q]: orthonormal rows
     sq_norms = gram.diagonal().clone()
     sq_errors = (sq_norms - (coeff * coeff).sum(1)).clamp_min(0)
