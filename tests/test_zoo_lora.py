@@ -21,6 +21,7 @@ import argparse
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,32 @@ def test_bad_lora_config_names_the_key(edit, message):
     edit(cfg)
     with pytest.raises(ConfigError, match=message):
         build_plan(cfg)
+
+
+def test_the_finetune_rule_passes_the_lora_flags(tmp_path):
+    """snakemake -n -p on the tiny preset with LoRA experts: each finetune command carries its
+    expert's LoRA settings (per-expert keys merged over the config's), a full expert none."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "config/presets/tiny.yaml").read_text())
+    cfg["merges"] = [m for m in cfg["merges"] if m["method"] == "task_arithmetic"]
+    cfg["finetune"].update(method="lora", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    names = [e["name"] for e in cfg["experts"]]
+    cfg["experts"][1]["finetune"] = {"lora": {"lr": 5e-3, "dropout": 0.1}}
+    cfg["experts"][2]["finetune"] = {**cfg["experts"][2].get("finetune", {}), "method": "full"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"), "-n", "-p",
+                           "--cores", "2", "--directory", str(tmp_path), "--configfile", str(tmp_path / "cfg.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmds = {m.group(1): m.group(0) for m in re.finditer(r"finetune --base .*? --name (\S+) .*", proc.stdout)}
+    assert sorted(cmds) == sorted(names)
+    assert re.search(r" --lr 0\.001 .* --method lora --lora-r 4 --lora-alpha 32\.0 --lora-targets q_proj,v_proj "
+                     r"--lora-dropout 0\.0 ", cmds[names[0]]), cmds[names[0]]
+    assert re.search(r" --lr 0\.005 .* --method lora --lora-r 4 --lora-alpha 32\.0 --lora-targets q_proj,v_proj "
+                     r"--lora-dropout 0\.1 ", cmds[names[1]]), cmds[names[1]]
+    assert "--method" not in cmds[names[2]] and "--lora" not in cmds[names[2]]
