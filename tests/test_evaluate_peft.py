@@ -82,6 +82,17 @@ def models(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def base_scores(models, tmp_path_factory):
+    """The scores of each base (evaluated once for the module): the adapters must move them."""
+    out = {}
+    for key in ("base", "padded"):
+        path = tmp_path_factory.mktemp("base_evals") / f"{key}.json"
+        assert evaluate(models, models[key], path) == 0
+        out[key] = scores(path)
+    return out
+
+
 def evaluate(models, model: Path, out: Path, *extra: str) -> int:
     return main(["evaluate", "--model", str(model), "--suite", SUITE, "--tasks-dir", str(models["tasks"]),
                  "--batch-size", "4", "--device", "cpu", "--threads", "1", "--log-samples", *extra,
@@ -108,39 +119,63 @@ def _assert_same(a: dict, b: dict, tol: float) -> None:
     assert not bad, bad
 
 
-@pytest.mark.parametrize("which, loader", [("", "lm_eval_peft"), ("padded_", "peft_model")])
-def test_adapter_scores_equal_its_dense_merge(models, tmp_path, one_torch_thread, which, loader):
-    """The adapter over its base (peft=) scores what the adapter merged into a dense checkpoint
-    scores: every metric, every example's log-likelihood (float32; the LoRA layers compute
-    W x + s B (A x) where the dense copy computes (W + s B A) x); and not what the base scores.
-    With a padded vocabulary the adapter is applied without lm-eval's embedding resize (which
-    would renormalise the softmax over fewer tokens and so move every log-likelihood)."""
-    from mergesweep.checkpoints.layout import checkpoint_fingerprint
-
-    base, adapter, dense = models["padded" if which else "base"], models[f"{which}adapter"], models[f"{which}dense"]
-    outs = {k: tmp_path / f"{k}.json" for k in ("adapter", "dense", "base")}
-    assert evaluate(models, adapter, outs["adapter"], "--base", str(base)) == 0
-    assert evaluate(models, dense, outs["dense"], "--base", str(base)) == 0  # a dense model ignores --base
-    assert evaluate(models, base, outs["base"]) == 0
-    (doc_a, m_a, ll_a), (doc_d, m_d, ll_d), (_, m_b, ll_b) = (scores(outs[k]) for k in ("adapter", "dense", "base"))
-
+def assert_adapter_scores(adapter_out: Path, dense_out: Path, base: tuple) -> tuple[dict, dict]:
+    """The adapter's scores equal the dense copy's: every example's log-likelihood (float32: the
+    LoRA layers compute W x + s B (A x) where the dense copy computes (W + s B A) x), acc exactly,
+    perplexity = exp(-mean log-likelihood) with the mean within 1e-5; and they are not the base's
+    (every example's log-likelihood moved, and so did every perplexity). Returns both JSONs."""
+    (doc_a, m_a, ll_a), (doc_d, m_d, ll_d), (_, m_b, ll_b) = scores(adapter_out), scores(dense_out), base
     _assert_same(ll_a, ll_d, 1e-5)
     assert m_a.keys() == m_d.keys() and {k[1] for k in m_a} == {"acc", "perplexity"}
-    for k in m_a:  # acc exactly; perplexity = exp(-mean log-likelihood): the mean within 1e-5
+    for k in m_a:
         if k[1] == "acc":
             assert m_a[k] == m_d[k], (k, m_a[k], m_d[k])
         else:
             assert abs(math.log(m_a[k]) - math.log(m_d[k])) <= 1e-5, (k, m_a[k], m_d[k])
-    # the adapter was applied: every example's log-likelihood moved, and so did the perplexities
+    assert ll_a.keys() == ll_b.keys()
     assert all(abs(ll_a[k] - ll_b[k]) > 1e-3 for k in ll_a), "the adapter left some log-likelihoods unchanged"
     assert all(abs(math.log(m_a[k]) - math.log(m_b[k])) > 1e-2 for k in m_a if k[1] == "perplexity"), (m_a, m_b)
-
     assert doc_a["evaluated_as"] == "adapter" and doc_d["evaluated_as"] == "dense" and doc_d["adapter"] is None
+    return doc_a, doc_d
+
+
+@pytest.mark.parametrize("which, loader", [("", "lm_eval_peft"), ("padded_", "peft_model")])
+def test_adapter_scores_equal_its_dense_merge(models, base_scores, tmp_path, one_torch_thread, which, loader):
+    """A peft-saved adapter over its base (peft=) scores what peft's own merge of it into a dense
+    checkpoint scores, and not what the base scores. With a padded vocabulary the adapter is
+    applied without lm-eval's embedding resize (which would renormalise the softmax over fewer
+    tokens and so move every log-likelihood)."""
+    from mergesweep.checkpoints.layout import checkpoint_fingerprint
+
+    base = models["padded" if which else "base"]
+    adapter, dense = models[f"{which}adapter"], models[f"{which}dense"]
+    outs = {k: tmp_path / f"{k}.json" for k in ("adapter", "dense")}
+    assert evaluate(models, adapter, outs["adapter"], "--base", str(base)) == 0
+    assert evaluate(models, dense, outs["dense"], "--base", str(base)) == 0  # a dense model ignores --base
+    doc_a, _ = assert_adapter_scores(outs["adapter"], outs["dense"], base_scores["padded" if which else "base"])
     assert doc_a["model_id"] == f"{'plora' if which else 'lora'}-adapter" and doc_a["model_path"] == str(adapter)
     assert doc_a["adapter"] == {"path": str(adapter), "base_path": str(base),
                                 "base_fingerprint": checkpoint_fingerprint(base),
                                 "base_model_id": "tiny-padded" if which else "tiny-base",
                                 "tokenizer": str(base), "loader": loader}
+
+
+def test_a_merged_lora_lego_adapter_scores_its_dense_model(models, base_scores, tmp_path, one_torch_thread):
+    """Issue 13's test: a merged LoRA (lora_lego through the real merge engine, two experts) is
+    evaluated as an adapter via peft= and scores what the same merge written as a dense model
+    (lora_lego's ``dense: true``, base + B @ A computed by the merge) scores."""
+    from mergesweep.merge.engine import merge_checkpoints
+
+    other, _ = _adapter_and_dense(models["base"], tmp_path, "other", seed=3)
+    out = tmp_path / "lego"
+    rec = merge_checkpoints("lora_lego", models["base"], [models["adapter"], other], {"rank": 6, "dense": True}, out,
+                            expert_names=["lora", "other"])
+    outs = {k: tmp_path / f"{k}.json" for k in ("adapter", "dense")}
+    assert evaluate(models, out, outs["adapter"], "--base", str(models["base"])) == 0
+    assert evaluate(models, out / "dense", outs["dense"]) == 0
+    doc_a, doc_d = assert_adapter_scores(outs["adapter"], outs["dense"], base_scores["base"])
+    assert doc_a["model_id"] == doc_d["model_id"] == rec["model_id"] and doc_a["model"]["role"] == "merged"
+    assert doc_a["adapter"]["loader"] == "lm_eval_peft"
 
 
 def _bad_fingerprint(models, tmp_path):
