@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "finetune": ("mergesweep.zoo.cli_finetune", "fine-tune an expert from a base on one skill"),
     "merge": ("mergesweep.merge.cli", "merge checkpoints once, from a YAML (outside any workflow)"),
     "methods": ("mergesweep.merge.cli_methods", "list merge methods, parameters, defaults and papers"),
+    "lora-extract": ("mergesweep.lora.cli_extract", "a LoRA adapter from a dense expert (truncated SVD of its task vector)"),
     "revert": ("mergesweep.lora.revert", "one task's LoRA adapter, reverted from a reversible (RMM) merge"),
     "align": ("mergesweep.align.cli", "permutation-align a model onto a reference"),
     "stats": ("mergesweep.stats.cli", "statistics of a model on calibration data for data-aware merges (Gram, Fisher)"),
