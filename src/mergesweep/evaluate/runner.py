@@ -13,21 +13,22 @@ filter and split: ``task``, ``lm_eval_task``, ``metric``, ``filter``, ``split``,
 used) and ``requested_device``,
 ``chat_template``, ``log_samples`` (and ``samples_file``), library ``versions``, ``runtime_s`` and
 ``peak_rss_mb``, ``load_s`` (loading the model, once per job and dtype); an error adds a short
-``traceback``. ``evaluated_as`` is ``dense`` or ``adapter``; ``adapter`` is null for a dense model
-and, for a PEFT adapter evaluated over its base (:func:`load_model`), ``{path, base_path,
-base_fingerprint, base_model_id, tokenizer, loader}``. ``settings`` holds the suite's effective evaluation settings (``dtype``,
-``apply_chat_template``, ``num_fewshot``, ``limit``, ``batch_size``, ``validation``: ``{size,
-seed}`` for lm-eval suites, else null); ``splits`` (lm-eval suites; null for generated suites,
-whose tasks are one per split) records per leaf lm-eval task which examples form each split
-(:mod:`mergesweep.evaluate.splits`: ``rule``, ``fewshot_split``, ``validation``, ``test``).
-
-Two kinds of failure, kept apart (docs/evaluate.md):
+``traceback``. ``evaluated_as`` is ``dense`` or ``adapter``; ``adapter`` is null for a dense
+model and, for a PEFT adapter evaluated over its base (:func:`load_model`), ``{path, base_path,
+base_fingerprint, base_model_id, tokenizer, loader}``. ``settings`` holds the suite's effective
+evaluation settings (``dtype``, ``apply_chat_template``, ``num_fewshot``, ``limit``,
+``batch_size``, ``validation``: ``{size, seed}`` for lm-eval suites, else null); ``splits``
+(lm-eval suites; null for generated suites, whose tasks are one per split) records per leaf
+lm-eval task which examples form each split (:mod:`mergesweep.evaluate.splits`: ``rule``,
+``fewshot_split``, ``validation``, ``test``).
 
 A model directory that is a PEFT LoRA adapter (``adapter_config.json``; format owned by
 :mod:`mergesweep.lora.adapter`) is evaluated over its base (``--base``): lm-eval's HF backend
 loads the base and applies the adapter with ``peft=`` (``PeftModel.from_pretrained``), so a merged
 LoRA is scored without a dense copy ever being written. The LoRA layers compute
 ``W x + (alpha/r) B (A x)``, which equals the dense ``(W + (alpha/r) B A) x`` up to float rounding.
+
+Two kinds of failure, kept apart (docs/evaluate.md):
 
 * **The evaluation could not run** — the model directory is missing or not a checkpoint, its
   model record is malformed, the model cannot be loaded, an argument is wrong (batch size,
