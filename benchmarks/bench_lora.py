@@ -122,6 +122,14 @@ def prepare_experts(base: Path, work: Path, rank: int, n: int = 3) -> tuple[list
     return adapters, dense
 
 
+def prepare(args) -> int:
+    """``--prepare``: the base and the experts (in a process of its own: see :func:`main`)."""
+    base, origin = prepare_base(args.base, args.work)
+    prepare_experts(base, args.work, args.rank)
+    print(json.dumps({"base": str(base), "origin": origin}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, default=REPO / "resources/checkpoints/smollm2-135m-instruct")
@@ -130,13 +138,24 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1, help="runs per merge (the fastest is reported)")
     ap.add_argument("--no-native", action="store_true", help="skip lora_lego / rmm")
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.prepare:
+        return prepare(args)
+    # This process stays light (no torch): Linux carries the parent's peak RSS into a child's
+    # ru_maxrss across fork/vfork + exec, so a heavy parent would inflate every measurement.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     ms = [sys.executable, "-m", "mergesweep"]
-    base, origin = prepare_base(args.base, args.work)
-    adapters, dense = prepare_experts(base, args.work, args.rank)
-    print(f"base: {origin}; 3 experts, LoRA rank {args.rank} on {', '.join(LINEAR)}; threads {args.threads}")
+    proc = subprocess.run([sys.executable, __file__, "--prepare", "--base", str(args.base), "--work", str(args.work),
+                           "--rank", str(args.rank)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"preparing the experts failed:\n{proc.stderr[-3000:]}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = Path(info["base"])
+    adapters = [args.work / f"lora{i}" for i in range(3)]
+    dense = [args.work / f"dense{i}" for i in range(3)]
+    print(f"base: {info['origin']}; 3 experts, LoRA rank {args.rank} on {', '.join(LINEAR)}; threads {args.threads}")
     wall, rss = run([sys.executable, "-c", "import torch, peft"], env)
     wall0, rss0 = run([sys.executable, "-c", "import torch"], env)
     print(f"import peft (on top of torch): {wall - wall0:.1f} s, {rss - rss0:.0f} MB")
@@ -157,17 +176,13 @@ def main() -> int:
 
     results = {"task_arithmetic (dense copies)": merge("ta-dense", "task_arithmetic", dense, {}),
                "task_arithmetic (adapters)": merge("ta-lora", "task_arithmetic", adapters, {})}
-    if not args.no_native:
-        from mergesweep.merge.methods import REGISTRY
-
+    if not args.no_native:  # helper methods of other work: timed when this build has them
         for method, params in NATIVE:
-            if method not in REGISTRY:
-                print(f"{method}: not in this build's methods; skipped")
-                continue
             try:
                 results[f"{method} (adapters)"] = merge(method, method, adapters, params)
             except RuntimeError as e:
-                print(f"{method}: failed; skipped\n{str(e)[-1500:]}")
+                why = "not in this build's methods" if "unknown merge method" in str(e) else f"failed\n{str(e)[-1500:]}"
+                print(f"{method}: {why}; skipped")
     dw, dr = results["task_arithmetic (dense copies)"]
     print(f"\n{'merge':34s} {'wall s':>8s} {'x dense':>8s} {'peak RSS MB':>12s} {'x dense':>8s}")
     for tag, (w, r) in results.items():

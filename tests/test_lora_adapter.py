@@ -71,6 +71,9 @@ def test_delta_of_a_peft_adapter_is_peft_merged_minus_base(base, tmp_path, cfg):
         s = ad.summary()
         assert s["r"] == 4 and s["lora_alpha"] == 8 and s["modules"] == 21
         assert s["target_modules"] == sorted(LINEAR)
+    with AdapterReader(tmp_path / "ad", peft=True) as by_peft:  # peft's own parse reads the same adapter
+        assert by_peft.summary() == s
+        assert [by_peft.scaling(n) for n in by_peft.modules()] == [ad.scaling(n) for n in ad.modules()]
     with LoraCheckpoint(tmp_path / "ad", base, "expert") as ck:
         assert ck.keys() == CheckpointReader(base).keys()
         for name in ck.keys():
@@ -126,6 +129,18 @@ def test_rslora_and_dtype_round_trip(base, tmp_path):
         want = state[name] + 3 / 2 * (b.float() @ a.float())
         torch.testing.assert_close(ck.get(name), want, rtol=0, atol=1e-5)
         torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-4)
+
+
+def test_config_defaults_are_peft_s():
+    """The fields read without importing peft default to what peft.LoraConfig gives them."""
+    from peft import LoraConfig
+
+    from mergesweep.lora.adapter import _UNSUPPORTED, LORA_DEFAULTS
+
+    cfg = LoraConfig()
+    for key, default in LORA_DEFAULTS.items():
+        assert getattr(cfg, key) == default, key
+    assert set(_UNSUPPORTED) <= set(LORA_DEFAULTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +205,9 @@ def test_bad_tensors_are_named(base, tmp_path, edit, match):
     ({"bias": "all"}, "'bias' = 'all'"),
     ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
     ({"rank_pattern": {"q_proj": 5}}, r"rank 2 but adapter_config.json says rank_pattern\['q_proj'\] = 5"),
-], ids=["modules_to_save", "dora", "bias", "ia3", "rank_pattern"])
+    ({"r": "two"}, r"'r' = 'two': expected a positive integer"),
+    ({"alpha_pattern": {"q_proj": "x"}}, r"'alpha_pattern' = .*: expected a mapping"),
+], ids=["modules_to_save", "dora", "bias", "ia3", "rank_pattern", "r-type", "alpha-type"])
 def test_unsupported_config_is_named(base, tmp_path, changes, match):
     ad = _adapter(base, tmp_path / "ad")
     _edit_config(ad, **changes)

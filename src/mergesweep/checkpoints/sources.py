@@ -108,7 +108,7 @@ def verify_adapter(path: Path, *, base_dir: Path | None = None, base_names: Sequ
 
     from mergesweep.lora.adapter import AdapterError, AdapterReader
 
-    with AdapterReader(path) as ad:
+    with AdapterReader(path, peft=True) as ad:  # parsed by peft itself: an adapter peft accepts
         declared = ad.lora_config.base_model_name_or_path
         names = [str(n) for n in base_names if n]
         if names and declared and not _names_base(str(declared), names):

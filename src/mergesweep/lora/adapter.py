@@ -18,8 +18,12 @@ unless a key of ``rank_pattern`` / ``alpha_pattern`` matches the module name (pe
 expression). With ``fan_in_fan_out`` (GPT-2's Conv1D layers) the stored weight is ``[in, out]``
 and ΔW is transposed.
 
-The config is parsed with ``peft.LoraConfig.from_pretrained`` (so unset fields take peft's
-defaults); tensors are read one at a time with mergesweep's own safetensors reader
+The config's fields that matter here are read from the JSON with peft's defaults for unset
+ones (:data:`LORA_DEFAULTS`, checked against ``peft.LoraConfig()`` by the tests) - importing peft
+costs ~7 s and ~160 MB of RSS (it imports transformers' modelling code), more than a streamed
+merge of a 135M model needs; with ``peft=True`` (the fetch stage's verification) the config is
+parsed by ``peft.LoraConfig.from_pretrained`` itself, so an adapter entering the workflow is one
+peft accepts. Tensors are read one at a time with mergesweep's own safetensors reader
 (:class:`mergesweep.checkpoints.layout.CheckpointReader`'s reads, no whole-file map). Features that
 change the model other than by ``W + ΔW`` on linear weights are refused with an
 :class:`AdapterError` naming the file and the key: ``modules_to_save``, DoRA (``use_dora``), bias
@@ -42,6 +46,7 @@ import math
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from mergesweep.checkpoints.layout import CheckpointError, CheckpointReader, read_safetensors_header
@@ -49,8 +54,8 @@ from mergesweep.checkpoints.layout import CheckpointError, CheckpointReader, rea
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "AdapterError", "AdapterReader", "LoraCheckpoint",
-           "is_adapter", "open_checkpoint", "pattern_key"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LORA_DEFAULTS", "PEFT_PREFIX", "AdapterError", "AdapterReader",
+           "LoraCheckpoint", "is_adapter", "open_checkpoint", "pattern_key", "require_dense_experts"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -95,8 +100,43 @@ def pattern_key(keys, module: str) -> str | None:
     return None
 
 
-def _load_lora_config(path: Path, raw: dict):
-    """``peft.LoraConfig`` of the adapter directory ``path`` (peft's defaults for unset fields)."""
+#: the ``LoraConfig`` fields mergesweep reads, with peft's defaults for a config that omits them
+#: (``tests/test_lora_adapter.py`` checks them against ``peft.LoraConfig()``)
+LORA_DEFAULTS: dict[str, Any] = {
+    "r": 8, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+    "rank_pattern": {}, "alpha_pattern": {}, "target_modules": None, "base_model_name_or_path": None,
+    "modules_to_save": None, "use_dora": False, "lora_bias": False, "trainable_token_indices": None,
+    "target_parameters": None, "alora_invocation_tokens": None, "use_qalora": False, "layer_replication": None,
+    "arrow_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None, "kasa_config": None,
+}
+
+
+class LoraFields(SimpleNamespace):
+    """The fields of :data:`LORA_DEFAULTS` of an ``adapter_config.json`` (attribute access, like a
+    ``peft.LoraConfig``)."""
+
+
+def _read_lora_fields(file: Path, raw: dict) -> LoraFields:
+    """:data:`LORA_DEFAULTS` overridden by ``raw``; each value's type checked (error naming the key)."""
+    vals = {k: (raw[k] if raw.get(k) is not None else (dict(d) if isinstance(d, dict) else d))
+            for k, d in LORA_DEFAULTS.items()}
+    r = vals["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{file}: 'r' = {r!r}: expected a positive integer")
+    if isinstance(vals["lora_alpha"], bool) or not isinstance(vals["lora_alpha"], (int, float)):
+        raise AdapterError(f"{file}: 'lora_alpha' = {vals['lora_alpha']!r}: expected a number")
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pat = vals[key]
+        if not isinstance(pat, dict) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in pat.values()):
+            raise AdapterError(f"{file}: '{key}' = {pat!r}: expected a mapping of module pattern -> number")
+    tm = vals["target_modules"]
+    if isinstance(tm, list):
+        vals["target_modules"] = set(tm)
+    return LoraFields(**vals)
+
+
+def _peft_lora_config(path: Path):
+    """``peft.LoraConfig.from_pretrained`` of the adapter directory ``path``."""
     from peft import LoraConfig
 
     try:
@@ -124,9 +164,10 @@ class AdapterReader:
     ``factors(name)`` gives ``(B [out, r], A [r, in])`` as stored (float32, unscaled) and
     ``delta(name)`` the update ``ΔW = s · B @ A`` (module docstring). Use as a context manager.
     Raises :class:`AdapterError` naming the file and key for anything it cannot represent.
+    ``peft=True`` parses the config with ``peft.LoraConfig`` itself (slow import; module docstring).
     """
 
-    def __init__(self, path: str | os.PathLike, label: str | None = None):
+    def __init__(self, path: str | os.PathLike, label: str | None = None, *, peft: bool = False):
         self.path = Path(path)
         self.label = label or str(self.path)
         where = f"{label}: " if label else ""
@@ -153,7 +194,8 @@ class AdapterReader:
             raise AdapterError(f"{self.config_file}: peft_type is {peft_type!r}; only LoRA adapters "
                                "(peft_type 'LORA') are read")
         self.config: dict = raw
-        self.lora_config = _load_lora_config(self.path, raw)
+        #: the config's fields (:data:`LORA_DEFAULTS`); a ``peft.LoraConfig`` with ``peft=True``
+        self.lora_config = _peft_lora_config(self.path) if peft else _read_lora_fields(self.config_file, raw)
         self._check_features()
         self._file = _WeightsFile(self.weights_file, self.label)
         self._modules = self._pair_factors()
