@@ -19,8 +19,13 @@
    skipped with a message otherwise, or with ``--no-native``).
 
 The adapter merge reads the base once per input (base + 3 experts) instead of four dense files, and
-computes a rank-r product per adapted weight; it also imports peft (for its LoraConfig), a fixed
-cost of a few seconds that the dense merge does not pay - shown separately as "import peft".
+computes a rank-r product per adapted weight. It does not import peft (mergesweep.lora.adapter reads
+adapter_config.json itself, with peft's defaults); methods that *write* an adapter do (through
+``peft.LoraConfig``): that fixed cost is printed as "import peft".
+
+Measured (2 shared cores, load average ~3, ``--repeat 2``, real SmolLM2-135M, rank 16, 1 thread):
+dense 8.1 s / 787 MB, adapters 9.9 s / 799 MB (x1.22 wall, x1.02 RSS); lora_lego 14.7 s / 440 MB,
+rmm 6.0 s / 335 MB; import peft 6.9 s / 161 MB.
 """
 
 from __future__ import annotations
