@@ -23,10 +23,19 @@ rule make_data:
         " --data-dir {output.data:q} --tasks-dir {output.tasks:q} 2> {log:q}"
 
 
+def _adapter_base(w):
+    """A fetched LoRA adapter is checked against the base it must fit: the base comes first."""
+    return [PLAN.base.dir] if PLAN.checkpoint(w.fetched).adapter else []
+
+
 rule fetch:
+    input:
+        base=_adapter_base,
     output:
         directory(L.checkpoint("{fetched}")),
     params:
+        adapter=lambda w: (["--base-dir", PLAN.base.dir] + [a for n in PLAN.base_names() for a in ("--base-name", n)]
+                           if PLAN.checkpoint(w.fetched).adapter else []),
         source=lambda w: json.dumps(PLAN.checkpoint(w.fetched).source, sort_keys=True),
         role=lambda w: PLAN.checkpoint(w.fetched).role,
         domain=lambda w: ["--domain", PLAN.checkpoint(w.fetched).domain] if PLAN.checkpoint(w.fetched).domain else [],
@@ -39,7 +48,8 @@ rule fetch:
         L.log("fetch", "{fetched}"),
     shell:
         "{MS} fetch --name {wildcards.fetched:q} --role {params.role:q} {params.domain:q}"
-        " --uid {params.uid:q} --source {params.source:q} --cache-dir {params.cache:q} --out {output:q} 2> {log:q}"
+        " --uid {params.uid:q} --source {params.source:q} --cache-dir {params.cache:q} {params.adapter:q}"
+        " --out {output:q} 2> {log:q}"
 
 
 if PLAN.base.stage == "pretrain":

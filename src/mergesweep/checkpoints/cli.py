@@ -21,6 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uid", help="the uid of the checkpoint's definition in the plan (recorded for merge ids)")
     p.add_argument("--cache-dir", default="resources/downloads", type=Path)
     p.add_argument("--no-value-check", action="store_true", help="skip the NaN/inf scan of every tensor")
+    p.add_argument("--base-dir", type=Path,
+                   help="for a LoRA adapter: the fetched base checkpoint it must fit (every adapted module's shape)")
+    p.add_argument("--base-name", action="append", default=[],
+                   help="for a LoRA adapter: a name its adapter_config.json may give as base_model_name_or_path "
+                        "(the base's name, base.hf_id, a hub base's repo_id); repeatable")
 
 
 def parse_source(text: str) -> dict:
@@ -39,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from mergesweep.checkpoints.sources import fetch
 
     rec = fetch(args.name, parse_source(args.source), args.out, role=args.role, domain=args.domain or None,
-                uid=args.uid, cache_dir=args.cache_dir, check_values=not args.no_value_check)
-    print(json.dumps({"model_id": rec.model_id, "fingerprint": rec.fingerprint, **rec.extra["summary"]}))
+                uid=args.uid, cache_dir=args.cache_dir, check_values=not args.no_value_check,
+                base_dir=args.base_dir, base_names=tuple(args.base_name))
+    print(json.dumps({"model_id": rec.model_id, "fingerprint": rec.fingerprint, **(rec.extra.get("summary") or {})}))
     return 0
