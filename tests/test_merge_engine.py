@@ -62,6 +62,8 @@ def _reads_weights_only(method: str) -> bool:
     n = 1 if method == "slerp" else 3
     if spec.max_experts is not None and n > spec.max_experts:
         return False
+    if spec.merge_adapters is not None:  # LoRA-native: adapters only (tests/test_lora_merge_engine.py)
+        return False
     kinds, whole = data_needs(method, DEFAULT_PARAMS.get(method, {}), n)
     return not kinds and not whole
 

@@ -127,7 +127,8 @@ def revert(rmm_dir: str | os.PathLike, task: str, out_dir: str | os.PathLike, ba
         record = ModelRecord(
             model_id=want_id, role="reverted", stage="revert", uid=want_id,
             fingerprint=checkpoint_fingerprint(tmp), domain=expert.get("domain"), method=rec.method,
-            params=rec.params, base=rec.base, experts=[expert.get("model_id") or task],
+            params=rec.params, base=rec.base, experts=list(rec.experts),
+            source={"type": "revert", "merge": rec.model_id, "task": task},
             runtime_s=round(time.perf_counter() - t0, 3), peak_rss_mb=peak_rss_mb(),
             extra={"reverted_from": rec.model_id, "task": task, "relative_error": rel,
                    "components": meta.get("components"), "expert": expert or None, "files": sorted(files),

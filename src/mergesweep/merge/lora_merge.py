@@ -158,7 +158,7 @@ def merge_adapters(opts, out_dir, *, expect_model_id: str | None = None, t0: flo
         raise MergeError(f"model id mismatch: expected {expect_model_id} (the plan's) but these inputs and "
                          f"settings give {identity.model_id}; the plan and the merge engine disagree")
     out_dtype = parse_dtype(opts.dtype) or torch.float32
-    reversible = bool(getattr(spec, "reversible", False)) or spec.name == "rmm"
+    reversible = spec.reversible
     with ExitStack() as stack:
         base_in = stack.enter_context(CheckpointReader(opts.base, "base"))
         readers = open_adapter_experts(spec.name, base_in, opts.experts, opts.names, stack)

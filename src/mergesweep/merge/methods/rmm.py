@@ -70,7 +70,6 @@ def _merge(base, experts, p, ctx):
     return _lora.dense_merge(base, experts, delta)
 
 
-_reversible = {"reversible": True} if "reversible" in MethodSpec.__dataclass_fields__ else {}
 
 SPEC = MethodSpec(
     name="rmm",
@@ -95,5 +94,5 @@ SPEC = MethodSpec(
                "stored in the experts' core space (no storage saving over the adapters); the artefact is a basis, "
                "reverted per task with `mergesweep revert`; experts must be LoRA adapters",
     mergekit="",
-    **_reversible,
+    reversible=True,
 )
