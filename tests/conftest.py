@@ -130,21 +130,32 @@ def _tiny_run_early(request, tmp_path_factory):
 
         data = any("data_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
         data_dir = tmp_path_factory.mktemp("data-run") if data else None
+        lora = any("lora_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
+        lora_dir = tmp_path_factory.mktemp("lora-run") if lora else None
 
         def data_work():
-            try:
-                from test_data_methods_e2e import extend_and_run
+            # the data-aware run, then the LoRA run: one at a time beside the unit tests
+            if data:
+                try:
+                    from test_data_methods_e2e import extend_and_run
 
-                _EARLY["data"] = extend_and_run(_EARLY["result"]["workdir"], data_dir)
-            except BaseException as e:  # re-raised in the test that asks for it
-                _EARLY["data_error"] = e
+                    _EARLY["data"] = extend_and_run(_EARLY["result"]["workdir"], data_dir)
+                except BaseException as e:  # re-raised in the test that asks for it
+                    _EARLY["data_error"] = e
+            if lora:
+                try:
+                    from test_lora_e2e import extend_and_run as lora_run
+
+                    _EARLY["lora"] = lora_run(_EARLY["result"]["workdir"], lora_dir)
+                except BaseException as e:
+                    _EARLY["lora_error"] = e
 
         def work():
             try:
                 _EARLY["result"] = _tiny_run(workdir, cluster)
             except BaseException as e:  # re-raised in the test that asks for the run
                 _EARLY["error"] = e
-            if data and _EARLY.get("result", {}).get("rc") == 0:
+            if (data or lora) and _EARLY.get("result", {}).get("rc") == 0:
                 # the data-aware methods' run on a copy of it, beside the fault sweep below
                 _EARLY["data_thread"] = threading.Thread(target=data_work, name="data-run", daemon=True)
                 _EARLY["data_thread"].start()
@@ -175,6 +186,20 @@ def early_data_run() -> dict | None:
     if "data_error" in _EARLY:
         raise _EARLY["data_error"]
     return _EARLY["data"]
+
+
+def early_lora_run() -> dict | None:
+    """The LoRA run the background started on a copy of the shared tiny run after the data-aware
+    one (tests/test_lora_e2e.py), or None when it was not started there."""
+    if "tiny_done" not in _EARLY:
+        return None
+    _EARLY["tiny_done"].wait()
+    if "data_thread" not in _EARLY:
+        return None
+    _EARLY["data_thread"].join()
+    if "lora_error" in _EARLY:
+        raise _EARLY["lora_error"]
+    return _EARLY.get("lora")
 
 
 def early_fault_sweep() -> dict | None:
@@ -220,6 +245,6 @@ def tiny_run(tmp_path_factory, request):
 def pytest_collection_modifyitems(session, config, items):
     """Tests that read the background's data-aware run go last: by then it has finished beside the
     other tests instead of holding the session while it runs."""
-    late = [i for i in items if "data_run" in getattr(i, "fixturenames", ())]
+    late = [i for i in items if {"data_run", "lora_run"} & set(getattr(i, "fixturenames", ()))]
     if late:
         items[:] = [i for i in items if i not in late] + late
