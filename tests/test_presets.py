@@ -22,7 +22,8 @@ PRESETS = {
 }
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n", "--cores", "2"]
 TOY_RULES = ("make_data", "pretrain_base", "finetune")
-COMPUTE_RULES = ("fetch", *TOY_RULES, "align", "lmc", "merge", "evaluate", "evaluate_merged")
+COMPUTE_RULES = ("fetch", *TOY_RULES, "extract_lora", "align", "lmc", "merge", "revert", "evaluate",
+                 "evaluate_merged", "evaluate_reverted")
 
 
 def preset(name):
@@ -37,10 +38,13 @@ def job_counts(stdout: str) -> dict[str, int]:
 def test_preset_plan(name):
     want = PRESETS[name]
     plan = build_plan(load_config_file(preset(name)))
-    assert len(plan.experts) == want["experts"] and len(plan.suites) == want["suites"]
+    assert len([e for e in plan.experts.values() if not e.adapter]) == want["experts"]
+    assert len(plan.suites) == want["suites"]
     assert plan.data_suites == [] and plan.trained_experts == []  # no toy skill, nothing trained
     assert sorted(plan.domains) == sorted({e.domain for e in plan.experts.values()})
-    assert len({m.experts for m in plan.merges.values() if m.method == "task_arithmetic"}) == want["subsets"]
+    dense = {m.experts for m in plan.merges.values() if m.method == "task_arithmetic"
+             and not any(plan.experts[e].adapter for e in m.experts)}
+    assert len(dense) == want["subsets"]
     # every hub source is pinned by a placeholder the user must fill in (fetching it is an error)
     assert all(c.source["revision"] == "FILL-IN-COMMIT-SHA" for c in plan.fetched)
 
@@ -55,7 +59,11 @@ def test_preset_dag_and_cost_agree(tmp_path, name):
     assert not set(TOY_RULES) & set(jobs), jobs
     cost = summary(build_plan(load_config_file(preset(name))), base_params=3_210_000_000)
     assert {r: cost["jobs"].get(r, 0) for r in COMPUTE_RULES} == {r: jobs.get(r, 0) for r in COMPUTE_RULES}
-    assert cost["jobs"]["evaluate_merged"] == cost["merged_models"] == jobs["merge"]
+    plan = build_plan(load_config_file(preset(name)))
+    assert cost["merged_models"] == jobs["merge"]
+    # a reversible merge (RMM) is not evaluated: each of its tasks is, on its own domain
+    assert cost["jobs"]["evaluate_merged"] == len(plan.evaluated_merges)
+    assert cost["jobs"].get("evaluate_reverted", 0) == jobs.get("evaluate_reverted", 0) == len(plan.reverted)
 
 
 def test_cost_counts_match_snakemake_on_the_tiny_preset(tmp_path):
@@ -83,13 +91,17 @@ def test_plan_cli(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
-    # 6 methods: linear, TA x5, TIES x9, DARE x6, DARE-TIES x6 over 26 subsets; consensus x3 over 16
-    assert s["merged_models"] == 26 * (1 + 5 + 9 + 6 + 6) + 16 * 3
+    # 6 methods: linear, TA x5, TIES x9, DARE x6, DARE-TIES x6 over 26 subsets; consensus x3 over 16;
+    # on the five rank-16 adapters: TA x2, lora_lego x2, knots x4, rmm x3 (not evaluated itself)
+    assert s["merged_models"] == 26 * (1 + 5 + 9 + 6 + 6) + 16 * 3 + 2 + 2 + 4 + 3
+    assert s["jobs"]["extract_lora"] == 5 and s["jobs"]["revert"] == s["jobs"]["evaluate_reverted"] == 3 * 5
     assert s["base_params"] == 3_210_000_000 and s["base_params_source"] == "--base-params"
     # GPU hours: evaluation jobs x their time limit (30 + 5 min per GB per suite, 12.84 GB, 6
-    # suites, whole minutes)
+    # suites, whole minutes); a reverted RMM task is evaluated on its one domain
     per_job_h = math.ceil(30 + 5 * 12.84 * 6) / 60
-    assert s["total_gpu_hours_reserved"] == pytest.approx((s["merged_models"] + 6) * per_job_h, rel=1e-3)
+    per_reverted_h = math.ceil(30 + 5 * 12.84 * 1) / 60
+    evaluated = s["merged_models"] - 3 + 1 + 5 + 5  # merges but RMM's; base, dense and LoRA experts
+    assert s["total_gpu_hours_reserved"] == pytest.approx(evaluated * per_job_h + 15 * per_reverted_h, rel=1e-3)
     bad = subprocess.run([sys.executable, "-m", "mergesweep", "plan", "--base-params", "-3"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "--base-params -3: expected a positive number" in bad.stderr

@@ -68,7 +68,7 @@ def stage_costs(plan, res: Resources | None = None) -> list[StageCost]:
         ("evaluate_merged", "evaluate", len(plan.evaluated_merges) * eval_jobs_per_model, [eval_units]),
         # a reversible merge's tasks: each reverted, then evaluated on its domain only
         ("revert", "merge", len(plan.reverted), [1.0]),
-        ("evaluate_reverted", "evaluate", len(plan.reverted), [eval_units]),
+        ("evaluate_reverted", "evaluate", len(plan.reverted), [1]),  # its domain only
     ]
     out = []
     for rule, stage, jobs, units in rows:

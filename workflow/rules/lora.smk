@@ -69,7 +69,8 @@ rule evaluate_reverted:
     threads: EVAL_THREADS
     priority: PRIORITY["evaluate_merged"]
     resources:
-        **EVAL_RESOURCES,
+        # one suite: the time limit of a one-suite evaluation job
+        **RES.of("evaluate", units=1),
     log:
         L.log("evaluate", "{reverted}", "{domain}"),
     shell:
