@@ -37,7 +37,9 @@ def render_model_card(record: ModelRecord) -> str:
 
     spec = get_method(record.method)
     x = record.extra
-    front = {"library_name": "transformers", "tags": ["merge", "mergesweep", spec.name]}
+    # a LoRA-native merge's output is a PEFT adapter (its record carries the adapter's settings)
+    library = "peft" if x.get("adapter") else "transformers"
+    front = {"library_name": library, "tags": ["merge", "mergesweep", spec.name]}
     if record.base:
         front["base_model"] = record.base
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
