@@ -14,9 +14,12 @@ from helpers_pipeline import REPO
 
 @pytest.fixture(scope="module")
 def lm_eval_tasks():
-    from lm_eval.tasks import TaskManager
+    """lm-eval's whole task index (TaskManager(): 12-30 s to build) through the evaluation's own
+    per-process cache, so the session builds it once (tests/test_evaluate_failures.py's unknown-task
+    test asks for the same index)."""
+    from mergesweep.evaluate.runner import lm_eval_task_manager
 
-    return set(TaskManager().all_tasks)
+    return set(lm_eval_task_manager().all_tasks)
 
 
 def test_every_preset_task_exists_in_lm_eval(lm_eval_tasks):
