@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mergesweep.errors import ConfigError, MergesweepError
-from mergesweep.ids import canonical_json
+from mergesweep.ids import canonical_json, short_hash
 from mergesweep.search.space import SearchSpace
 
 
@@ -42,6 +42,12 @@ class SearchError(MergesweepError):
 def params_key(params: Mapping[str, Any]) -> str:
     """The identity of a candidate's parameters (the canonical JSON the model ids hash)."""
     return canonical_json(dict(params))
+
+
+def short_id(params: Mapping[str, Any]) -> str:
+    """10 hex digits of :func:`params_key` (for names in tests and logs; the workflow's model ids
+    come from :func:`mergesweep.ids.merge_model_id`)."""
+    return short_hash(dict(params))
 
 
 # --------------------------------------------------------------------------------------------

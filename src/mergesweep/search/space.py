@@ -32,8 +32,9 @@ Checks, each a :class:`~mergesweep.errors.ConfigError` whose message starts with
 * ``per_expert: true`` on a parameter the method does not let vary per expert;
 * unknown keys in a parameter's spec;
 * a space whose lowest, central or highest point is not a valid merge of the method (its
-  cross-parameter checks, e.g. ties with ``normalize: true`` rejects weights whose subsets sum
-  to 0, so ``weight.low: 0`` is refused there).
+  cross-parameter checks, e.g. linear with ``normalize: true`` divides by the sum of the
+  weights, so per-expert ``weight.low: 0`` is refused there). Points inside the box are not all
+  checked: :meth:`SearchSpace.validate` checks one proposal.
 """
 
 from __future__ import annotations
