@@ -409,3 +409,15 @@ def dense_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], module_delt
         return base.clone()
     d = module_delta(factors, (rows, cols))
     return base + d.reshape(shape).to(base.dtype)
+
+
+def dense_method_merge(module_merge, base: torch.Tensor, experts: Sequence[torch.Tensor], params: dict, ctx):
+    """``MethodSpec.merge`` of a LoRA-native method whose ``module_merge(factors, params, name)``
+    returns merged factors ``(.b, .a)``: :func:`dense_merge` with ``ΔW = b @ a`` (the registry's
+    property tests only; the engine merges adapters)."""
+
+    def delta(factors, shape):
+        r = module_merge(factors, params, ctx.name)
+        return r.b @ r.a
+
+    return dense_merge(base, experts, delta)

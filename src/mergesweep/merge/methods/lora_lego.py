@@ -57,13 +57,9 @@ def module_merge(factors, params: dict, name: str = "tensor"):
 
 
 def _merge(base, experts, p, ctx):
-    from mergesweep.merge.methods import _lora
+    from mergesweep.merge.methods._lora import dense_method_merge
 
-    def delta(factors, shape):
-        r = module_merge(factors, p, ctx.name)
-        return r.b @ r.a
-
-    return _lora.dense_merge(base, experts, delta)
+    return dense_method_merge(module_merge, base, experts, p, ctx)
 
 
 SPEC = MethodSpec(
