@@ -34,6 +34,9 @@ Three generations:
    (:func:`predicted_vs_measured`: per point and task the error, per task the RMSE of those
    errors next to the surrogate's own LOO RMSE). The search ends.
 
+The tasks are the objective's suites (their weights and normalisation do not change the front;
+they only score the candidates in ``history``).
+
 Departures from the paper / authors' code, and why:
 
 * The surrogate is the plain quadratic fitted by linear least squares; the authors' code passes

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from mergesweep.search.base import SearchError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: the only split a search reads
 VALIDATION = "validation"
@@ -85,6 +87,8 @@ def validation_suite_scores(
 ) -> pd.DataFrame:
     """One row per (model_id, suite): ``score`` on the validation split (see the module
     docstring). ``split`` exists only to be refused when it is not ``"validation"``."""
+    import pandas as pd
+
     _only_validation(split)
     rows = validation_rows(table)
     if model_ids is not None:
@@ -116,10 +120,11 @@ def validation_suite_scores(
     if rows.empty:
         return pd.DataFrame(columns=cols)
     value = rows["value"].astype(float)
-    g = rows.assign(_v=value).groupby(["model_id", "suite"], sort=True)["_v"]
+    g = rows.assign(_v=value, _nan=value.isna()).groupby(["model_id", "suite"], sort=True)
+    out = g.agg(score=("_v", "mean"), nan=("_nan", "any")).reset_index()
     # a NaN among a suite's tasks makes the suite's score NaN (as the leaderboard's suite_scores)
-    out = g.agg(lambda v: float(v.mean()) if v.notna().all() else float("nan")).reset_index()
-    return out.rename(columns={"_v": "score"})[cols]
+    out.loc[out["nan"], "score"] = float("nan")
+    return out[cols]
 
 
 def observations_from_scores(
