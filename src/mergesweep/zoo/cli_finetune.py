@@ -200,6 +200,17 @@ def adapter_summary(path: Path) -> dict:
         return reader.summary()
 
 
+def _sort_target_modules(path: Path) -> None:
+    """peft writes ``target_modules`` from a set, in string-hash order, which changes from one
+    Python process to the next; sorted, the same training writes the same bytes (and fingerprint)."""
+    import json
+
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def save_adapter(peft_model, tok, out: Path, record: ModelRecord, *, base_uid: str | None,
                  base_fingerprint: str | None) -> ModelRecord:
     """Save a LoRA expert into ``out`` atomically: the PEFT adapter (``adapter_config.json`` +
@@ -209,6 +220,7 @@ def save_adapter(peft_model, tok, out: Path, record: ModelRecord, *, base_uid: s
         # no embedding layers are adapted; "auto" would look the base name up on the Hub
         peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         (Path(tmp) / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+        _sort_target_modules(Path(tmp) / "adapter_config.json")
         tok.save_pretrained(tmp)
         record.extra["adapter"] = {**adapter_summary(Path(tmp)), "base_uid": base_uid,
                                    "base_fingerprint": base_fingerprint}
