@@ -66,6 +66,53 @@ def fetch_smollm2() -> str | None:
 
 
 _EARLY: dict = {}  # what the background threads started with the session left (see below)
+_T0 = None  # the session's start (time.monotonic())
+_SPANS: dict = {}  # background work -> [start, end] in seconds from the session's start
+_WAITS: dict = {}  # what the tests waited for -> seconds spent waiting
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic() - (_T0 or 0.0)
+
+
+class _span:
+    """Times a piece of background work (printed at the end of the session)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        _SPANS[self.name] = [_now(), None]
+
+    def __exit__(self, *exc):
+        _SPANS[self.name][1] = _now()
+
+
+def _wait(what: str, wait) -> None:
+    """``wait()`` (a join), its duration added to what the tests waited for ``what``."""
+    t = _now()
+    wait()
+    if _now() - t > 0.5:
+        _WAITS[what] = _WAITS.get(what, 0.0) + _now() - t
+
+
+def pytest_sessionstart(session):
+    import time
+
+    global _T0
+    _T0 = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where the background work ran and how long the tests waited for it: the session's critical
+    path at a glance (the suite's time budget is tight)."""
+    if _SPANS:
+        spans = ", ".join(f"{k} {a:.0f}-{'?' if b is None else f'{b:.0f}'}" for k, (a, b) in _SPANS.items())
+        waits = ", ".join(f"{k} {v:.0f}" for k, v in _WAITS.items()) or "nothing"
+        terminalreporter.write_line(f"[mergesweep tests] background work (s from the session's start): {spans}; "
+                                    f"tests waited (s) for: {waits}")
 
 # fixtures through which a test reads the real SmolLM2 (test_align_function's ``smollm2_model``
 # asks for ``smollm2`` with request.getfixturevalue, which fixturenames does not show)
@@ -88,7 +135,8 @@ def _smollm2_early(request):
 
         def work():
             try:
-                _EARLY["smollm2"] = fetch_smollm2()
+                with _span("SmolLM2 fetch"):
+                    _EARLY["smollm2"] = fetch_smollm2()
             except BaseException as e:  # re-raised in the test that asks for it
                 _EARLY["smollm2_error"] = e
 
@@ -102,7 +150,7 @@ def smollm2() -> Path:
     """The real SmolLM2 base directory (fetched on first use, or by the background thread above);
     skips when it cannot be had."""
     if "smollm2_thread" in _EARLY:
-        _EARLY["smollm2_thread"].join()
+        _wait("SmolLM2 fetch", _EARLY["smollm2_thread"].join)
         if "smollm2_error" in _EARLY:
             raise _EARLY["smollm2_error"]
         reason = _EARLY["smollm2"]
@@ -176,20 +224,23 @@ def _tiny_run_early(request, tmp_path_factory):
                 try:
                     from test_data_methods_e2e import extend_and_run
 
-                    _EARLY["data"] = extend_and_run(_EARLY["result"]["workdir"], data_dir)
+                    with _span("data-aware run"):
+                        _EARLY["data"] = extend_and_run(_EARLY["result"]["workdir"], data_dir)
                 except BaseException as e:  # re-raised in the test that asks for it
                     _EARLY["data_error"] = e
             if lora:
                 try:
                     from test_lora_e2e import extend_and_run as lora_run
 
-                    _EARLY["lora"] = lora_run(_EARLY["result"]["workdir"], lora_dir)
+                    with _span("LoRA run"):
+                        _EARLY["lora"] = lora_run(_EARLY["result"]["workdir"], lora_dir)
                 except BaseException as e:
                     _EARLY["lora_error"] = e
 
         def work():
             try:
-                _EARLY["result"] = _tiny_run(workdir, cluster)
+                with _span("tiny run"):
+                    _EARLY["result"] = _tiny_run(workdir, cluster)
             except BaseException as e:  # re-raised in the test that asks for the run
                 _EARLY["error"] = e
             if (data or lora) and _EARLY.get("result", {}).get("rc") == 0:
@@ -201,7 +252,8 @@ def _tiny_run_early(request, tmp_path_factory):
                 from test_slurm_faults import run_fault_sweep
 
                 try:
-                    _EARLY["faults"] = run_fault_sweep(cluster, faults_dir)
+                    with _span("fault sweep"):
+                        _EARLY["faults"] = run_fault_sweep(cluster, faults_dir)
                 except BaseException as e:
                     _EARLY["faults_error"] = e
 
@@ -216,10 +268,10 @@ def early_data_run() -> dict | None:
     (tests/test_data_methods_e2e.py), or None when it was not started there."""
     if "tiny_done" not in _EARLY:
         return None
-    _EARLY["tiny_done"].wait()
+    _wait("tiny run", _EARLY["tiny_done"].wait)
     if "data_thread" not in _EARLY:
         return None
-    _EARLY["data_thread"].join()
+    _wait("data-aware run", _EARLY["data_thread"].join)
     if "data_error" in _EARLY:
         raise _EARLY["data_error"]
     return _EARLY["data"]
@@ -230,10 +282,10 @@ def early_lora_run() -> dict | None:
     one (tests/test_lora_e2e.py), or None when it was not started there."""
     if "tiny_done" not in _EARLY:
         return None
-    _EARLY["tiny_done"].wait()
+    _wait("tiny run", _EARLY["tiny_done"].wait)
     if "data_thread" not in _EARLY:
         return None
-    _EARLY["data_thread"].join()
+    _wait("LoRA run", _EARLY["data_thread"].join)
     if "lora_error" in _EARLY:
         raise _EARLY["lora_error"]
     return _EARLY.get("lora")
@@ -244,7 +296,7 @@ def early_fault_sweep() -> dict | None:
     was not started there."""
     if "thread" not in _EARLY:
         return None
-    _EARLY["thread"].join()
+    _wait("fault sweep", _EARLY["thread"].join)
     if "faults_error" in _EARLY:
         raise _EARLY["faults_error"]
     return _EARLY.get("faults")
@@ -257,7 +309,7 @@ def _cluster_to_itself(request):
     # the item's own fixtures (request.fixturenames would also list the cluster the session
     # fixture above asked for while setting up the first test, which would then wait for it all)
     if "slurm" in request.node.fixturenames and "thread" in _EARLY:
-        _EARLY["thread"].join()
+        _wait("fault sweep", _EARLY["thread"].join)
     yield
 
 
@@ -268,7 +320,7 @@ def tiny_run(tmp_path_factory, request):
     mid-run: tests/test_slurm_e2e.py asserts on that), else ``snakemake --cores 2`` locally.
     Returns ``{"workdir", "config", "via", "rc", "log", "events", "sacct", "seconds"}``."""
     if "thread" in _EARLY:
-        _EARLY["tiny_done"].wait()  # not the fault sweep that follows it in the thread
+        _wait("tiny run", _EARLY["tiny_done"].wait)  # not the fault sweep that follows it in the thread
         if "error" in _EARLY:
             raise _EARLY["error"]
         result = _EARLY["result"]
