@@ -291,6 +291,11 @@ def test_killed_run_restarts_with_the_same_command(tmp_path):
     for sub in ("workflow", "config", "profiles"):
         shutil.copytree(REPO / sub, tmp_path / sub)
     cfg = tmp_path / "config/presets/tiny.yaml"
+    # a third of the preset's pretraining (still ~10 s of it on one idle core, ~16 s loaded, against
+    # the 2 s it runs before Ctrl-C): the rerun redoes the cut job in full
+    doc = yaml.safe_load(cfg.read_text())
+    doc["base"]["pretrain"]["steps"] = 150
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     target = "resources/checkpoints/tiny-base"
     cmd = [*SNAKEMAKE, target, "--snakefile", str(tmp_path / "Snakefile"), "--directory", str(tmp_path),
            "--cores", "2", "--configfile", str(cfg)]
