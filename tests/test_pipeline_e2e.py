@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import in_background
 from helpers_pipeline import REPO, run_cli
 from mergesweep.checkpoints.layout import checkpoint_fingerprint
 from mergesweep.plan import build_plan
@@ -54,11 +55,16 @@ def planned_jobs(dry_run_output: str) -> dict[str, int]:
     return counts
 
 
-@pytest.fixture(scope="module")
-def run(tiny_run):
+def shared_run(tiny_run: dict) -> dict:
+    """The ``run`` fixture's value (also given to the tests a background lane runs)."""
     assert tiny_run["rc"] == 0, tiny_run["log"][-5000:]
     cfg = yaml.safe_load(tiny_run["config"].read_text())
     return {**tiny_run, "cfg": cfg, "plan": build_plan(cfg)}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    return shared_run(tiny_run)
 
 
 def copy_of(run, tmp_path) -> Path:
@@ -189,6 +195,7 @@ def test_report_names_every_model(run):
         assert model in md
 
 
+@in_background(after_tiny_run=True)  # on a copy of the run, beside the other tests
 def test_nothing_to_redo_then_only_new_jobs(run, tmp_path):
     work = copy_of(run, tmp_path)
     cfg_path = work / "config/presets/tiny.yaml"
@@ -206,6 +213,7 @@ def test_nothing_to_redo_then_only_new_jobs(run, tmp_path):
         assert rule not in jobs, jobs
 
 
+@in_background(after_tiny_run=True)  # on a copy of the run, beside the other tests
 def test_deleted_model_is_rebuilt(run, tmp_path):
     work = copy_of(run, tmp_path)
     cfg_path = work / "config/presets/tiny.yaml"
@@ -217,6 +225,7 @@ def test_deleted_model_is_rebuilt(run, tmp_path):
     assert f"--model-id {victim.model_id} " in dry and f"--out {victim.dir} " in dry
 
 
+@in_background(after_tiny_run=True)  # on a copy of the run, beside the other tests
 def test_keep_models_selected_keeps_only_the_selected_points(run, tmp_path):
     """keep_models: selected: merged models are removed once evaluated and each sweep's selected
     point is kept; a rerun has nothing to do; a removed model rebuilt on request from its recipe
@@ -256,6 +265,7 @@ def test_keep_models_selected_keeps_only_the_selected_points(run, tmp_path):
     assert "Nothing to be done" in snakemake(work, cfg_path, "-n", *keep).stdout  # its evaluations stand
 
 
+@in_background(after_tiny_run=True)  # on a copy of the run, beside the other tests
 def test_failing_suite_is_recorded_and_the_rest_survive(run, tmp_path):
     """A task YAML that cannot load records an error for that (model, suite); every other score
     stays in the tables and the failure shows in the report."""
@@ -284,6 +294,7 @@ def test_failing_suite_is_recorded_and_the_rest_survive(run, tmp_path):
     assert "missing.jsonl" in html
 
 
+@in_background()  # its own workflow copy, beside the other tests
 def test_killed_run_restarts_with_the_same_command(tmp_path):
     """Ctrl-C (SIGINT) on a local run mid-pretraining, then the same command again: the cut job is
     redone (profiles/default: rerun-incomplete), nothing half-written is left."""

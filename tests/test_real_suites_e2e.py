@@ -10,7 +10,6 @@ table, independently of the aggregation code."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,24 +73,23 @@ def prepare(tmp: Path) -> dict:
     return {"dir": work, "tasks": tasks, "cfg": cfg, "datasets": tmp / "datasets"}
 
 
-def execute(prepared: dict, nice: int = 0) -> subprocess.CompletedProcess:
-    """The sweep through a real ``snakemake`` process (``nice``: its niceness, for the session's
-    background thread, which fills idle CPU only)."""
+def execute(prepared: dict) -> subprocess.CompletedProcess:
+    """The sweep through a real ``snakemake`` process."""
     work = prepared["dir"]
     env = {**os.environ, "HF_DATASETS_CACHE": str(prepared["datasets"]), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
-    niced = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
-    return subprocess.run([*niced, sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                           "--cores", "2", "--directory", str(work), "--configfile", str(work / "cfg.yaml")],
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2",
+                           "--directory", str(work), "--configfile", str(work / "cfg.yaml")],
                           capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import early_real_suites
+    from conftest import early, scheduled
 
-    got = early_real_suites()  # run by the session's background thread (tests/conftest.py) ...
-    if got is None:  # ... or here
+    if scheduled("real suites run"):  # run by a background lane (tests/conftest.py) ...
+        got = early("real suites run")
+    else:  # ... or here
         got = prepare(tmp_path_factory.mktemp("real_suites"))
         got["proc"] = execute(got)
     proc = got["proc"]
