@@ -132,8 +132,8 @@ _JOBS: dict = {}  # job label -> {"done": Event, "result" | "error"}
 SMOLLM2_FIXTURES = {"smollm2", "smollm2_model"}
 REAL_SUITES = "test_real_suites_e2e.py"  # its module fixture ``run``: a sweep over real lm-eval suites
 SYNTH_TREE = "test_aggregate_scale.py"  # its module fixture ``tree``: 7,000 models' evaluations
-# fixtures a test run by a lane may take (see in_background)
-LANE_FIXTURES = {"tmp_path", "run", "clean_env"}
+# fixtures a test run in the background may take (see in_background), and after what
+LANE_FIXTURES = {"tmp_path": None, "clean_env": None, "run": "tiny_run", "slurm": "fault_sweep"}
 
 
 def _uses(item, names) -> bool:
@@ -146,7 +146,7 @@ def _in(item, module: str, fixture: str | None = None) -> bool:
 
 
 def _background(item):
-    """``(key, function, after_tiny_run)`` of a test marked with :func:`in_background`, else None."""
+    """``(key, function, after)`` of a test marked with :func:`in_background`, else None."""
     return getattr(getattr(item, "function", None), "_mergesweep_background", None)
 
 
@@ -170,9 +170,22 @@ def early(label: str):
     return job["result"]
 
 
+def _run_jobs(jobs: list) -> None:
+    """Run ``jobs`` ((label, function) pairs, each label :func:`_schedule`d) one after another in
+    this thread, keeping what each returned or raised."""
+    for label, fn in jobs:
+        job = _JOBS[label]
+        try:
+            with _span(label):
+                job["result"] = fn()
+        except BaseException as e:  # re-raised in the test that asks for it
+            job["error"] = e
+        finally:
+            job["done"].set()
+
+
 def _lane(name: str, jobs: list) -> None:
-    """Run ``jobs`` ((label, function) pairs, each label :func:`_schedule`d) one after another in a
-    niced thread of their own."""
+    """:func:`_run_jobs` in a niced thread of its own."""
     import threading
 
     def work():
@@ -180,35 +193,32 @@ def _lane(name: str, jobs: list) -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LANE_NICE)
         except (AttributeError, OSError):  # not Linux: the lane runs at the tests' priority
             pass
-        for label, fn in jobs:
-            job = _JOBS[label]
-            try:
-                with _span(label):
-                    job["result"] = fn()
-            except BaseException as e:  # re-raised in the test that asks for it
-                job["error"] = e
-            finally:
-                job["done"].set()
+        _run_jobs(jobs)
 
     threading.Thread(target=work, name=name, daemon=True).start()
 
 
-def in_background(after_tiny_run: bool = False):
-    """Decorator: a lane runs this test's body from the session's start (``after_tiny_run``: once
-    the shared tiny run is done), beside the other tests; the test itself, run near the end, waits
-    for it and re-raises what it raised, assertion messages and traceback included. For slow tests
-    that mostly wait on subprocesses and touch nothing the other tests use. The body may take only
-    ``tmp_path`` (a fresh directory), ``run`` (with ``after_tiny_run``: the module's
-    ``shared_run`` of the tiny run) and ``clean_env`` (None in the lane, so the body must give its
-    subprocesses their environment itself); ``MERGESWEEP_TINY_RUN_EARLY=0`` runs it as usual."""
+def in_background(after: str | None = None):
+    """Decorator: this test's body runs in the background, beside the other tests: in a lane from
+    the session's start; with ``after="tiny_run"`` in a lane of its own once the shared tiny run is
+    done; with ``after="fault_sweep"`` in the tiny run's thread after the SLURM fault sweep (the
+    cluster is then free). The test itself, run near the end, waits for it and re-raises what it
+    raised, assertion messages and traceback included. For slow tests that mostly wait on
+    subprocesses and touch nothing the other tests use. The body may take only ``tmp_path`` (a
+    fresh directory), ``clean_env`` (None in the background, so the body must give its
+    subprocesses their environment itself), ``run`` (after the tiny run: the module's
+    ``shared_run`` of it) and ``slurm`` (after the fault sweep: the cluster).
+    ``MERGESWEEP_TINY_RUN_EARLY=0`` runs it as usual, as does a session without the tiny run's
+    background thread for the ``after`` ones."""
     import functools
     import inspect
 
     def deco(fn):
         names = set(inspect.signature(fn).parameters)
-        if names - LANE_FIXTURES or ("run" in names and not after_tiny_run):
-            raise TypeError(f"{fn.__name__}: a background test takes only {sorted(LANE_FIXTURES)} "
-                            "(run: with after_tiny_run)")
+        wrong = {n for n in names if n not in LANE_FIXTURES or LANE_FIXTURES[n] not in (None, after)}
+        if wrong or after not in (None, "tiny_run", "fault_sweep"):
+            raise TypeError(f"{fn.__name__}: a background test takes only {LANE_FIXTURES} "
+                            f"(fixture: needs after=...), not {sorted(wrong)} with after={after!r}")
         key = fn.__name__
 
         @functools.wraps(fn)
@@ -217,7 +227,7 @@ def in_background(after_tiny_run: bool = False):
                 return fn(*args, **kwargs)
             early(key)
 
-        wrapper._mergesweep_background = (key, fn, after_tiny_run)
+        wrapper._mergesweep_background = (key, fn, after)
         return wrapper
 
     return deco
@@ -245,9 +255,9 @@ def _lanes_early(request, tmp_path_factory, _tiny_run_early):  # the tiny run st
     CI run), then the real lm-eval suites' sweep (tests/test_real_suites_e2e.py: 75 s of snakemake
     alone; its models and config are written here, in the main thread); and the 7,000-model
     evaluation tree with its aggregation (tests/test_aggregate_scale.py: 40-130 s), then the tests
-    marked ``in_background()``. (Those marked ``in_background(after_tiny_run=True)`` get a lane of
-    their own once the tiny run is done: _tiny_run_early.) ``MERGESWEEP_TINY_RUN_EARLY=0``: each
-    runs in its test, as usual."""
+    marked ``in_background()``. (Those marked ``in_background(after=...)`` run once the tiny run,
+    or the fault sweep, is done: _tiny_run_early.) ``MERGESWEEP_TINY_RUN_EARLY=0``: each runs in
+    its test, as usual."""
     if os.environ.get("MERGESWEEP_TINY_RUN_EARLY", "1") == "0":
         yield
         return
@@ -270,7 +280,7 @@ def _lanes_early(request, tmp_path_factory, _tiny_run_early):  # the tiny run st
         second.append(("synthetic tree", lambda: write_and_aggregate(root)))
     for item in items:
         bg = _background(item)
-        if bg is not None and not bg[2] and bg[0] not in {label for label, _ in second}:
+        if bg is not None and bg[2] is None and bg[0] not in {label for label, _ in second}:
             kwargs = _lane_kwargs(bg[1], tmp_path_factory)
             second.append((bg[0], functools.partial(bg[1], **kwargs)))
     for name, jobs in (("lane-1", first), ("lane-2", second)):
@@ -348,9 +358,17 @@ def _tiny_run_early(request, tmp_path_factory):
         data_dir = tmp_path_factory.mktemp("data-run") if data else None
         lora = any("lora_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
         lora_dir = tmp_path_factory.mktemp("lora-run") if lora else None
-        # tests marked in_background(after_tiny_run=True): a lane of their own once the run is done
-        after = [(bg, _lane_kwargs(bg[1], tmp_path_factory))
-                 for bg in dict.fromkeys(map(_background, request.session.items)) if bg and bg[2]]
+        # tests marked in_background(after="tiny_run"): a lane of their own once the run is done;
+        # after="fault_sweep": this thread, after the sweep (scheduled now: their tests wait for
+        # this thread before they start, see _cluster_to_itself)
+        marked = [bg for bg in dict.fromkeys(map(_background, request.session.items)) if bg]
+        after = [(bg, _lane_kwargs(bg[1], tmp_path_factory)) for bg in marked if bg[2] == "tiny_run"]
+        on_cluster = []
+        if cluster is not None:
+            for key, fn, when in marked:
+                if when == "fault_sweep":
+                    _schedule(key)
+                    on_cluster.append((key, functools.partial(fn, slurm=cluster, **_lane_kwargs(fn, tmp_path_factory))))
 
         def data_work():
             # the data-aware run, then the LoRA run: one at a time beside the unit tests
@@ -394,17 +412,23 @@ def _tiny_run_early(request, tmp_path_factory):
                 _lane("lane-after-tiny", [(key, functools.partial(body, fn, kwargs)) for (key, fn, _), kwargs in after])
             _EARLY["tiny_done"].set()
             if faults:  # then the SLURM fault sweep (mostly waiting), still beside the unit tests
-                from test_slurm_faults import run_fault_sweep
-
                 try:
+                    from test_slurm_faults import run_fault_sweep
+
                     with _span("fault sweep"):
                         _EARLY["faults"] = run_fault_sweep(cluster, faults_dir)
                 except BaseException as e:
                     _EARLY["faults_error"] = e
 
+        def work_then_cluster_tests():
+            try:
+                work()
+            finally:  # then the tests that drive the cluster themselves (mostly waiting)
+                _run_jobs(on_cluster)
+
         _EARLY["tiny_done"] = threading.Event()
         _EARLY["data_done"] = threading.Event()
-        _EARLY["thread"] = threading.Thread(target=work, name="tiny-run", daemon=True)
+        _EARLY["thread"] = threading.Thread(target=work_then_cluster_tests, name="tiny-run", daemon=True)
         _EARLY["thread"].start()
     yield
 

@@ -195,7 +195,7 @@ def test_report_names_every_model(run):
         assert model in md
 
 
-@in_background(after_tiny_run=True)  # on a copy of the run, beside the other tests
+@in_background(after="tiny_run")  # on a copy of the run, beside the other tests
 def test_nothing_to_redo_then_only_new_jobs(run, tmp_path):
     work = copy_of(run, tmp_path)
     cfg_path = work / "config/presets/tiny.yaml"
@@ -213,7 +213,7 @@ def test_nothing_to_redo_then_only_new_jobs(run, tmp_path):
         assert rule not in jobs, jobs
 
 
-@in_background(after_tiny_run=True)  # on a copy of the run, beside the other tests
+@in_background(after="tiny_run")  # on a copy of the run, beside the other tests
 def test_deleted_model_is_rebuilt(run, tmp_path):
     work = copy_of(run, tmp_path)
     cfg_path = work / "config/presets/tiny.yaml"
@@ -225,7 +225,7 @@ def test_deleted_model_is_rebuilt(run, tmp_path):
     assert f"--model-id {victim.model_id} " in dry and f"--out {victim.dir} " in dry
 
 
-@in_background(after_tiny_run=True)  # on a copy of the run, beside the other tests
+@in_background(after="tiny_run")  # on a copy of the run, beside the other tests
 def test_keep_models_selected_keeps_only_the_selected_points(run, tmp_path):
     """keep_models: selected: merged models are removed once evaluated and each sweep's selected
     point is kept; a rerun has nothing to do; a removed model rebuilt on request from its recipe
@@ -265,7 +265,7 @@ def test_keep_models_selected_keeps_only_the_selected_points(run, tmp_path):
     assert "Nothing to be done" in snakemake(work, cfg_path, "-n", *keep).stdout  # its evaluations stand
 
 
-@in_background(after_tiny_run=True)  # on a copy of the run, beside the other tests
+@in_background(after="tiny_run")  # on a copy of the run, beside the other tests
 def test_failing_suite_is_recorded_and_the_rest_survive(run, tmp_path):
     """A task YAML that cannot load records an error for that (model, suite); every other score
     stays in the tables and the failure shows in the report."""

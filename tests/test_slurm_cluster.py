@@ -15,12 +15,14 @@ import signal
 import pytest
 
 import slurm_cluster as sc
+from conftest import in_background
 
 slurm = sc.make_fixture()
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 
+@in_background(after="fault_sweep")  # mostly waiting on SLURM, beside the other tests
 def test_interrupting_snakemake_cancels_its_jobs(slurm, tmp_path):
     since = dt.datetime.now() - dt.timedelta(seconds=1)
     workdir = sc.write_workflow(tmp_path, sc.SLEEPERS)
@@ -38,6 +40,7 @@ def test_interrupting_snakemake_cancels_its_jobs(slurm, tmp_path):
     assert not list((workdir / "out").glob("z*.txt"))
 
 
+@in_background(after="fault_sweep")  # mostly waiting on SLURM, beside the other tests
 def test_killed_snakemake_restarts_without_redoing_finished_jobs(slurm, tmp_path):
     since = dt.datetime.now() - dt.timedelta(seconds=1)
     workdir = sc.write_workflow(tmp_path, sc.CHAIN)
