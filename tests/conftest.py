@@ -8,6 +8,12 @@ then skip). On a fresh checkout the fetch (40 s alone, ~110 s on a loaded 2-core
 core) starts with the session in a background lane (``_lanes_early``) and its tests run near the end.
 
 ``tiny_run``: one run of the tiny preset end to end, shared by every test that needs one.
+
+The session's wall time is kept down by background threads that start with it: the tiny run and
+what follows it (the data-aware and LoRA runs, the SLURM fault sweep), and niced "lanes" for other
+slow, self-contained work and for whole tests marked ``@in_background(...)``; the tests reading
+them run last (pytest_collection_modifyitems). The end of the session prints when each ran and
+how long the tests waited for them. ``MERGESWEEP_TINY_RUN_EARLY=0`` runs everything in its test.
 """
 
 from __future__ import annotations
