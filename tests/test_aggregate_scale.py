@@ -75,32 +75,37 @@ def test_pareto_front_cases():
 TREE = dict(n_models=7000, n_experts=3, tasks=1, error_rate=0.03, indent=None)
 
 
-def aggregate(tree, out) -> subprocess.CompletedProcess:
-    """``mergesweep aggregate`` over the tree, with a stale model directory of an older config and a
-    suite file no longer planned in it (never to be read; removed afterwards)."""
-    stale = tree.evals / "task-arithmetic-0000000000"
-    shutil.copytree(tree.evals / tree.models[-1].model_id, stale)
-    extra = tree.evals / tree.models[0].model_id / "oldsuite.json"
+def aggregate(root, first: str, last: str, out) -> subprocess.CompletedProcess:
+    """``mergesweep aggregate`` over the tree under ``root``, with a stale model directory of an
+    older config (a copy of model ``last``'s) and a suite file no longer planned (in model
+    ``first``'s) in it: never to be read; removed afterwards."""
+    evals = root / "evals"
+    stale = evals / "task-arithmetic-0000000000"
+    shutil.copytree(evals / last, stale)
+    extra = evals / first / "oldsuite.json"
     extra.write_text("not even JSON")
     try:
-        return subprocess.run([sys.executable, "-m", "mergesweep", "aggregate", "--evals-dir", str(tree.evals),
-                               "--models", str(tree.models_file), "--provenance", str(tree.provenance),
-                               "--out", str(out)], capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "mergesweep", "aggregate", "--evals-dir", str(evals),
+                               "--models", str(root / "evaluation_models.json"), "--provenance",
+                               str(root / "provenance.json"), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
     finally:
         shutil.rmtree(stale)
         extra.unlink()
 
 
 def write_and_aggregate(root) -> dict:
-    """The tree written under ``root/tree`` by a process of its own and aggregated into
-    ``root/scores.parquet`` (tests/conftest.py runs this in a background lane): the aggregation's
-    process and output; the tree itself is ``generate(..., write=False)`` (same values, 3 s)."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from synth_evals import generate; "
-            f"generate(sys.argv[2], **{TREE!r})")
-    subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks"), str(root / "tree")], check=True,
-                   capture_output=True, text=True)
-    tree = generate(root / "tree", write=False, **TREE)
-    return {"root": root / "tree", "proc": aggregate(tree, root / "scores.parquet"), "out": root / "scores.parquet"}
+    """The tree written under ``root/tree`` by a process of its own, then aggregated into
+    ``root/scores.parquet`` (tests/conftest.py runs this in a background lane, which does no
+    Python work of its own to speak of): the aggregation's process and output. The ``tree``
+    fixture rebuilds the tree's values with ``generate(..., write=False)`` (the same, in 3 s)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from synth_evals import generate; "
+            f"t = generate(sys.argv[2], **{TREE!r}); print(json.dumps([t.models[0].model_id, t.models[-1].model_id]))")
+    made = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks"), str(root / "tree")], check=True,
+                          capture_output=True, text=True)
+    first, last = json.loads(made.stdout.splitlines()[-1])
+    out = root / "scores.parquet"
+    return {"root": root / "tree", "proc": aggregate(root / "tree", first, last, out), "out": out}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +125,7 @@ def test_aggregate_reads_a_7000_model_tree(tree, tmp_path):
         proc, out = got["proc"], got["out"]
     else:
         out = tmp_path / "scores.parquet"
-        proc = aggregate(tree, out)
+        proc = aggregate(tree.root, tree.models[0].model_id, tree.models[-1].model_id, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df, prov = read_scores(out)
     n_models, n_suites = len(tree.models), len(tree.suites)
