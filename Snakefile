@@ -38,6 +38,7 @@ include: "workflow/rules/stats.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/lora.smk"
+include: "workflow/rules/search.smk"
 include: "workflow/rules/aggregate.smk"
 
 
@@ -55,5 +56,8 @@ rule all:
         L.table("scores"),
         *L.leaderboard_outputs().values(),
         ALIGN_TARGETS,
+        # each search's result: a target of its own (what depends on a checkpoint is not re-checked
+        # until the checkpoint ran, so a search added to a finished run must be asked for here)
+        SEARCH_RESULTS,
         [L.table("lmc")] if ALIGN_TARGETS else [],
     default_target: True

@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "evaluate": ("mergesweep.evaluate.cli", "evaluate one model on its suites with lm-eval (the model loaded once)"),
     "calibration-data": ("mergesweep.evaluate.calibration", "an lm-eval suite's validation examples as calibration data (JSONL)"),
     "prefetch-datasets": ("mergesweep.evaluate.prefetch", "fetch the datasets of the spec's lm-eval tasks into the HF cache"),
+    "search": ("mergesweep.search.cli", "a config's searches (MAP, CMA-ES, CycleQD): status; a generation or result by hand"),
     "aggregate": ("mergesweep.aggregate.cli", "collect evaluation JSONs into results/tables/scores.parquet"),
     "lmc-table": ("mergesweep.aggregate.lmc", "collect linear-mode-connectivity results into a parquet table"),
     "leaderboard": ("mergesweep.aggregate.cli_leaderboard", "regenerate tables, leaderboard and report from scores.parquet"),

@@ -121,3 +121,10 @@ def reverted_model_id(merge_id: str, expert: str) -> str:
     """The id of expert ``expert``'s model reverted from the reversible merge ``merge_id`` (RMM):
     ``<merge id>--<expert name>`` (its evaluations live under that name like any model's)."""
     return f"{merge_id}--{expert}"
+
+
+def search_id(strategy: str, method: str, definition: Any) -> str:
+    """``<strategy>-<method>-<hash>`` of everything that defines a search (its config entry, the
+    inputs' uids, the merge and evaluation settings): its directory under ``results/search/``.
+    A changed search is a new search; its old generations stay where they were."""
+    return f"{slug(strategy)}-{slug(method)}-{short_hash(definition)}"

@@ -21,6 +21,7 @@ name from a config can climb out of its root.
     results/align/<model>--<ref>--<method>/{perm.safetensors,summary.json}
     results/lmc/<model>--<ref>--<method>.{json,png}
     results/evals/<model_id>/<suite>.json
+    results/search/<search_id>/{generation-NNNN.json,result.json}   a search's generations, its result
     results/evaluation.json, results/evaluation_models.json   evaluation spec; models the aggregate reads
     results/datasets.json                the lm-eval datasets fetched before the evaluations
     results/tables/{scores,leaderboard,selection,pareto,lmc}.parquet, provenance.json
@@ -115,6 +116,21 @@ class Layout:
     def reverted_model(self, model_id: str) -> str:
         """A task's adapter reverted from a reversible merge (``ids.reverted_model_id``)."""
         return self._under(self.results, "reverted", model_id)
+
+    def search_dir(self, search_id: str) -> str:
+        """A search's generation files and result (mergesweep.search.state names the files)."""
+        return self._under(self.results, "search", search_id)
+
+    def search_generation(self, search_id: str, generation: int | str) -> str:
+        """``results/search/<id>/generation-NNNN.json`` (``generation``: an int, or a wildcard)."""
+        from mergesweep.search.state import generation_path
+
+        if isinstance(generation, int):
+            return str(generation_path(self.search_dir(search_id), generation))
+        return self._under(self.results, "search", search_id, f"generation-{generation}.json")
+
+    def search_result(self, search_id: str) -> str:
+        return self._under(self.results, "search", search_id, "result.json")
 
     def align_dir(self, model: str, reference: str, method: str) -> str:
         return self._under(self.results, "align", f"{model}--{reference}--{method}")

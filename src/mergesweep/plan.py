@@ -110,7 +110,7 @@ class Merge:
     params: dict  # resolved: defaults filled, per-expert values as lists
     experts: tuple[str, ...]
     align: tuple[AlignJob | None, ...] | None  # per expert (None: the reference itself)
-    entry: int  # index in config["merges"]
+    entry: int  # index in config["merges"] (-1: a search's candidate only)
     dir: str
     yaml: str
     stats: tuple[tuple[StatsJob, ...], ...] | None = None  # per expert: the statistics the method reads
@@ -131,6 +131,25 @@ class Reverted:
     dir: str
 
 
+@dataclass(frozen=True)
+class Search:
+    """One ``search[i]`` of the config: generations of merges of ``method`` over ``experts``, each
+    planned by ``strategy`` from the previous generation's validation scores (mergesweep.search).
+    Its candidates are ordinary plan merges (content ids), registered as their generation files
+    appear (:meth:`Plan.search_generation_ids`)."""
+
+    search_id: str  # mergesweep.ids.search_id: results/search/<search_id>/
+    label: str  # the leaderboard's method label: name, or "<strategy>:<method>"
+    entry: int  # index in config["search"]
+    strategy: str
+    method: str
+    experts: tuple[str, ...]
+    config: dict  # the entry as make_search takes it (objective suites filled in)
+    dir: str
+    #: objective suite -> the expert whose validation score normalises it (empty: raw scores)
+    reference: dict = field(default_factory=dict)
+
+
 @dataclass
 class Plan:
     config: dict  # validated, defaults filled
@@ -144,6 +163,11 @@ class Plan:
     align_jobs: dict[tuple[str, str, str], AlignJob] = field(default_factory=dict)
     stats_jobs: dict[str, StatsJob] = field(default_factory=dict)
     reverted: dict[str, Reverted] = field(default_factory=dict)
+    searches: dict[str, Search] = field(default_factory=dict)
+    #: merges the ``merges:`` section plans (a search's candidate may also be one of them)
+    grid_merges: set = field(default_factory=set)
+    #: per search: the merge id of each proposal, generation by generation (as registered)
+    search_ids: dict[str, list[list[str]]] = field(default_factory=dict)
 
     # -- what is in the run ----------------------------------------------------------------------
     @property
@@ -274,13 +298,60 @@ class Plan:
         every = [self.layout.eval_json(m, s) for m in self.models for s in self.suites]
         return every + [self.layout.eval_json(m, s) for m, suites in self.model_suites().items() for s in suites]
 
-    def eval_models_doc(self) -> dict:
+    def eval_models_doc(self, candidates: bool = True) -> dict:
         """``results/evaluation_models.json``: what the aggregate reads (every model on every suite;
-        ``model_suites``: models evaluated on some suites only, the reverted tasks)."""
-        doc: dict[str, Any] = {"models": [*self.models, *self.reverted], "suites": self.suites}
+        ``model_suites``: models evaluated on some suites only, the reverted tasks; ``searches``:
+        each search's label, id and result file; ``search_only``: the merges only a search planned).
+        ``candidates=False``: without the searches' candidates (the rule's params: they are known
+        once the searches finish)."""
+        models = self.models if candidates else [m for m in self.models if m not in self.merges or m in self.grid_merges]
+        doc: dict[str, Any] = {"models": [*models, *self.reverted], "suites": self.suites}
         if self.reverted:
             doc["model_suites"] = self.model_suites()
+        if self.searches:
+            doc["searches"] = [{"label": s.label, "id": s.search_id, "result": self.layout.search_result(s.search_id)}
+                               for s in self.searches.values()]
+            if candidates:
+                doc["search_only"] = [m for m in self.evaluated_merges if m not in self.grid_merges]
         return doc
+
+    # -- searches --------------------------------------------------------------------------------
+    def search_strategy(self, search_id: str, reference: dict | None = None):
+        """The search's strategy (mergesweep.search.make_search). ``reference``: the objective
+        suites' expert validation scores (None: placeholders of 1, for checking the config only)."""
+        from mergesweep.search import make_search
+
+        s = self.searches[search_id]
+        if reference is None and s.reference:
+            reference = {q: 1.0 for q in s.reference}
+        return make_search(s.config, experts=list(s.experts), suites=self.suites, reference=reference,
+                           key=f"search[{s.entry}]")
+
+    def search_generation_ids(self, search_id: str, generation: int) -> list[str]:
+        """The merge id of each proposal of generation ``generation`` of a search (its file must
+        exist), registering the proposals as plan merges; ``[]``: the search is finished."""
+        from mergesweep.search.state import generation_path, load_generation
+
+        known = self.search_ids.setdefault(search_id, [])
+        if generation < len(known):
+            return known[generation]
+        s = self.searches[search_id]
+        for g in range(len(known), generation + 1):
+            gen = load_generation(generation_path(s.dir, g))
+            known.append([_plan_merge_set(self, {"method": s.method}, f"search[{s.entry}] (generation {g})",
+                                          f"search[{s.entry}]", -1, s.method, s.experts, [p.params])[0]
+                          for p in gen.proposals])
+        return known[generation]
+
+    def load_searches(self) -> None:
+        """Register every proposal of every generation file on disk (a job's process rebuilds
+        the plan and finds the candidates the submitting process planned)."""
+        from mergesweep.search.state import generation_files
+
+        for sid, s in self.searches.items():
+            n = len(generation_files(s.dir))
+            if n:
+                self.search_generation_ids(sid, n - 1)
 
     def eval_spec_doc(self) -> dict:
         """The evaluation spec: every suite in order and the evaluation options; exactly what
@@ -396,7 +467,74 @@ def build_plan(config: dict, layout: Layout | None = None) -> Plan:
                 lm_eval_suites=lm_eval)
     for i, m in enumerate(cfg["merges"]):
         _plan_merges(plan, m, f"merges[{i}]", i)
+    plan.grid_merges = set(plan.merges)
+    for i, entry in enumerate(cfg["search"]):
+        _plan_search(plan, entry, i)
+    plan.load_searches()
     return plan
+
+
+def _plan_search(plan: Plan, entry: dict, i: int) -> None:
+    """Check one ``search[i]`` entry (every error names the key) and add it to the plan."""
+    from mergesweep.ids import search_id
+    from mergesweep.merge.identity import data_needs
+    from mergesweep.merge.methods import REGISTRY
+
+    key = f"search[{i}]"
+    method = entry["method"]
+    if method not in REGISTRY:
+        raise ConfigError(f"{key}.method: unknown merge method '{method}' (known: {', '.join(sorted(REGISTRY))})")
+    spec = REGISTRY[method]
+    if spec.reversible:
+        raise ConfigError(f"{key}.method: '{method}' is reversible (its output is a basis, not a model to "
+                          "score); search over a method whose output is a model")
+    names = entry.get("experts") or list(plan.experts)
+    for j, n in enumerate(names):
+        if n not in plan.experts:
+            raise ConfigError(f"{key}.experts[{j}]: '{n}' is not an expert (experts: {', '.join(plan.experts)})")
+    names = tuple(names)
+    try:
+        kinds, whole = data_needs(method, {}, len(names), list(names))
+    except ConfigError:
+        kinds, whole = (), False
+    if kinds or whole:
+        raise ConfigError(f"{key}.method: '{method}' reads data of the experts (statistics or calibration "
+                          "passes); a search runs weight-only methods")
+    config = {k: v for k, v in entry.items() if k not in ("name", "experts")}
+    # the default objective: the mean normalised validation score over the experts' domains (the
+    # leaderboard's selection score), each suite divided by its expert's validation score
+    objective = config.get("objective")
+    domains = [q for q in plan.suites if q in {plan.experts[n].domain for n in names}]
+    if objective is None or isinstance(objective, dict) and "suites" not in objective:
+        objective = {**(objective or {}), "suites": domains}
+    elif isinstance(objective, list):
+        objective = {"suites": objective}
+    config["objective"] = objective
+    reference: dict[str, str] = {}
+    if isinstance(objective, dict) and objective.get("normalise", True) is not False:
+        for j, q in enumerate(objective.get("suites") or []):
+            owners = [n for n in names if plan.experts[n].domain == q]
+            if q in plan.suites and not owners:
+                raise ConfigError(f"{key}.objective.suites[{j}]: suite '{q}' is no expert's domain among the "
+                                  "search's experts, so there is no expert score to normalise it by; set "
+                                  f"{key}.objective.normalise: false or drop the suite")
+            if owners:
+                reference[q] = owners[0]
+    config["objective"] = {**objective, "normalise": bool(reference)} if isinstance(objective, dict) else objective
+    label = entry.get("name") or f"{entry.get('strategy')}:{method}"
+    for other in plan.searches.values():
+        if other.label == label:
+            raise ConfigError(f"{key}.name: the label '{label}' is search[{other.entry}]'s too; give one of them "
+                              "a name")
+    ms = plan.merge_settings
+    definition = {"search": config, "base": plan.base.uid, "experts": [plan.experts[n].uid for n in names],
+                  "dtype": ms["dtype"], "vocab_policy": ms["vocab_policy"], "evaluation": plan.eval_spec_doc(),
+                  "suites": plan.config["suites"], "seed": plan.config["seed"]}
+    sid = search_id(entry.get("strategy", "search"), method, definition)
+    search = Search(sid, label, i, entry.get("strategy"), method, names, config, plan.layout.search_dir(sid),
+                    reference)
+    plan.searches[sid] = search
+    plan.search_strategy(sid)  # every check of the strategy, its space and objective, naming the key
 
 
 def _check_local_source(src: dict | None, key: str) -> None:
@@ -587,7 +725,9 @@ def _plan_merges(plan: Plan, m: dict, key: str, entry: int) -> None:
 
 
 def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, method: str,
-                    names: tuple[str, ...], points: list[dict]) -> None:
+                    names: tuple[str, ...], points: list[dict]) -> list[str]:
+    """Plan one merge per point (a resolved parameter set) of ``method`` over ``names``; returns
+    their ids in point order (an id planned before is not planned again)."""
     from mergesweep.merge.identity import merge_identity
 
     align = None
@@ -616,6 +756,7 @@ def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, metho
         raise ConfigError(f"{key}.align: expert '{lora[0]}' is a LoRA adapter; alignment permutes dense checkpoints")
 
     ms = plan.merge_settings
+    ids = []
     for point in points:
         try:
             kinds, whole = data_needs(method, point, len(names), list(names))
@@ -645,6 +786,7 @@ def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, metho
             )
         except ConfigError as err:
             raise ConfigError(f"{where}.{err}") from None
+        ids.append(mid)
         if mid not in plan.merges:
             plan.merges[mid] = Merge(mid, method, params, tuple(names), align, entry,
                                      plan.layout.merged_model(mid), plan.layout.merge_yaml(mid),
@@ -654,6 +796,7 @@ def _plan_merge_set(plan: Plan, m: dict, where: str, key: str, entry: int, metho
                     rid = reverted_model_id(mid, n)
                     plan.reverted[rid] = Reverted(rid, mid, n, plan.experts[n].domain,
                                                   plan.layout.reverted_model(rid))
+    return ids
 
 
 def _calibration(plan: Plan, model: str, key: str) -> Calibration:

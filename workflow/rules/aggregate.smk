@@ -31,24 +31,33 @@ rule provenance:
         write_json(output[0], provenance(PLAN))
 
 
+# the plan's models and suites: a changed sweep rewrites the list, and so re-runs the aggregate
+plan_document(L.eval_models, PLAN.eval_models_doc())
+
+
 rule evaluation_models:
+    input:
+        # a search's candidates are known once it is finished
+        SEARCH_RESULTS,
     output:
         L.eval_models,
     params:
-        # the plan's models and suites: a changed sweep rewrites the list, and so re-runs the aggregate
-        doc=plan_document(L.eval_models, PLAN.eval_models_doc()),
+        # without the searches' candidates (they come with the searches' results)
+        doc=json.dumps(PLAN.eval_models_doc(candidates=False), sort_keys=True),
     localrule: True
     run:
         from mergesweep.atomic import write_json
 
-        write_json(output[0], json.loads(params.doc))
+        PLAN.load_searches()
+        write_json(output[0], PLAN.eval_models_doc())
 
 
 # the aggregate reads the planned models' evaluations from the evaluation directory (listed in
 # L.eval_models): its command line does not grow with the sweep; `input:` still names every JSON
 rule aggregate:
     input:
-        evals=PLAN.eval_jsons(),
+        evals=GRID_EVAL_JSONS,
+        search_evals=search_candidate_jsons,
         models=L.eval_models,
         provenance=L.provenance,
     output:

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 from mergesweep.search.base import Proposal, SearchError, Strategy
 from mergesweep.search.observations import Observation
-from mergesweep.search.state import Generation, check_config, resume, save_generation
+from mergesweep.search.state import (Generation, check_config, generation_path, load_generation, resume,
+                                     save_generation)
 
 
 def plan_next(strategy: Strategy, directory: str | Path, observations: Sequence[Observation] = ()) -> Generation:
@@ -25,17 +26,26 @@ def plan_next(strategy: Strategy, directory: str | Path, observations: Sequence[
     last generation's proposals must each have an observation. Returns the written generation
     (``done`` when it proposes nothing). Planning past a finished search is a SearchError."""
     last = resume(directory)
+    return plan_generation(strategy, directory, 0 if last is None else last.generation + 1, observations)
+
+
+def plan_generation(strategy: Strategy, directory: str | Path, index: int,
+                    observations: Sequence[Observation] = ()) -> Generation:
+    """Plan and write generation ``index`` from generation ``index - 1``'s file (whatever
+    follows it on disk is ignored and, for ``index``, overwritten): what a workflow job re-run
+    after a kill does, writing the same file again."""
     config = strategy.config()
-    if last is None:
+    if index == 0:
         if observations:
             raise SearchError(f"{directory}: no generation yet, so there is nothing to observe "
                               f"({len(observations)} observation(s) given)")
-        state, index = strategy.initial_state(), 0
+        state = strategy.initial_state()
     else:
+        last = load_generation(generation_path(directory, index - 1))
         check_config(last, strategy.name, config)
         if last.done:
             raise SearchError(f"{last.path}: the search is finished (generation {last.generation} proposed nothing)")
-        state, index = last.state, last.generation + 1
+        state = last.state
     proposals, new_state = strategy.propose(state, list(observations))
     gen = Generation(strategy=strategy.name, generation=index, seed=strategy.seed, config=config,
                      observations=list(observations), proposals=list(proposals), state=new_state)
