@@ -364,6 +364,8 @@ def _tiny_run_early(request, tmp_path_factory):
         data_dir = tmp_path_factory.mktemp("data-run") if data else None
         lora = any("lora_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
         lora_dir = tmp_path_factory.mktemp("lora-run") if lora else None
+        search = any("search_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
+        search_dir = tmp_path_factory.mktemp("search-run") if search else None
         # tests marked in_background(after="tiny_run"): a lane of their own once the run is done;
         # after="fault_sweep": this thread, after the sweep (scheduled now: their tests wait for
         # this thread before they start, see _cluster_to_itself)
@@ -402,6 +404,19 @@ def _tiny_run_early(request, tmp_path_factory):
                     _EARLY["result"] = _tiny_run(workdir, cluster)
             except BaseException as e:  # re-raised in the test that asks for the run
                 _EARLY["error"] = e
+            if search and _EARLY.get("result", {}).get("rc") == 0:
+                # the searches' run (cut by Ctrl-C, run again) on a copy of it, in a thread of its own
+                def search_work():
+                    try:
+                        from test_search_e2e import extend_and_run as search_run
+
+                        with _span("search run"):
+                            _EARLY["search"] = search_run(_EARLY["result"]["workdir"], search_dir)
+                    except BaseException as e:
+                        _EARLY["search_error"] = e
+
+                _EARLY["search_thread"] = threading.Thread(target=search_work, name="search-run", daemon=True)
+                _EARLY["search_thread"].start()
             if (data or lora) and _EARLY.get("result", {}).get("rc") == 0:
                 # the data-aware methods' run on a copy of it, beside the fault sweep below
                 _EARLY["data_thread"] = threading.Thread(target=data_work, name="data-run", daemon=True)
@@ -467,6 +482,20 @@ def early_lora_run() -> dict | None:
     return _EARLY.get("lora")
 
 
+def early_search_run() -> dict | None:
+    """The searches' run the background started on a copy of the shared tiny run
+    (tests/test_search_e2e.py), or None when it was not started there."""
+    if "tiny_done" not in _EARLY:
+        return None
+    _wait("tiny run", _EARLY["tiny_done"].wait)
+    if "search_thread" not in _EARLY:
+        return None
+    _wait("search run", _EARLY["search_thread"].join)
+    if "search_error" in _EARLY:
+        raise _EARLY["search_error"]
+    return _EARLY.get("search")
+
+
 def early_fault_sweep() -> dict | None:
     """The fault sweep the background thread ran (tests/test_slurm_faults.py), or None when it
     was not started there."""
@@ -512,7 +541,7 @@ def pytest_collection_modifyitems(session, config, items):
     finished beside the other tests instead of holding the session while they run. Just before
     them go the tests reading the lanes' work: the real lm-eval suites' sweep, the synthetic
     evaluation tree, SmolLM2's, then the tests run in the background themselves."""
-    late = [i for i in items if _uses(i, {"data_run", "lora_run"})]
+    late = [i for i in items if _uses(i, {"data_run", "lora_run", "search_run"})]
     side = [i for i in items if _in(i, REAL_SUITES)] + [i for i in items if _in(i, SYNTH_TREE, "tree")]
     side += [i for i in items if _uses(i, SMOLLM2_FIXTURES)] + [i for i in items if _background(i)]
     moved, ordered = set(), []

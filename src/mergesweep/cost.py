@@ -44,6 +44,16 @@ class StageCost:
         return self.jobs * self.minutes_per_job / 60 if self.gpus_per_job == 0 else 0.0
 
 
+def search_candidates_left(plan) -> int:
+    """Candidates the searches may still propose: each search's budget less the distinct
+    candidates its generation files on disk already planned (those are in ``plan.merges``)."""
+    left = 0
+    for sid, s in plan.searches.items():
+        seen = {i for gen in plan.search_ids.get(sid, []) for i in gen}
+        left += max(0, s.config["budget"] - len(seen))
+    return left
+
+
 def stage_costs(plan, res: Resources | None = None) -> list[StageCost]:
     """One :class:`StageCost` per compute rule that has jobs in the plan."""
     res = res or Resources(plan)
@@ -52,6 +62,7 @@ def stage_costs(plan, res: Resources | None = None) -> list[StageCost]:
     eval_units = res.eval_units()
     n_align = len(plan.align_jobs)
     streamed = [k for k in plan.merges if res.merge_stage(k) == "merge"]
+    search_left = search_candidates_left(plan)
     rows = [
         ("fetch", "fetch", len(plan.fetched), [1.0]),
         ("make_data", "make_data", len(plan.data_suites), [1.0]),
@@ -69,6 +80,9 @@ def stage_costs(plan, res: Resources | None = None) -> list[StageCost]:
         # a reversible merge's tasks: each reverted, then evaluated on its domain only
         ("revert", "merge", len(plan.reverted), [1.0]),
         ("evaluate_reverted", "evaluate", len(plan.reverted), [1]),  # its domain only
+        # a search's candidates not planned yet: at most its budget (a candidate seen before is free)
+        ("merge (search)", "merge", search_left, [1.0]),
+        ("evaluate (search)", "evaluate", search_left * eval_jobs_per_model, [eval_units]),
     ]
     out = []
     for rule, stage, jobs, units in rows:
