@@ -37,6 +37,16 @@ SELECTION_RULE = (
     "by their mean normalised score on the test split. Test scores are never used for selection."
 )
 
+#: How searches enter the selection (shown only for a run that has searches).
+SEARCH_RULE = (
+    "Each search (MAP, CMA-ES, CycleQD over a base method's parameters) is one more method, named by "
+    "its label: its candidates are selected on validation exactly like a sweep's points (highest mean "
+    "normalised validation score, ties to the smallest model id), whatever objective the search itself "
+    "optimised, and the selected candidate is ranked on test with every other method's selected point. "
+    "A grid merge that a search also proposed is a point of both; a merge that only a search planned is "
+    "not a point of its base method's sweep."
+)
+
 
 # --------------------------------------------------------------------------------------------
 # suite scores
@@ -412,32 +422,35 @@ def mean_normalised(norm: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
 # selection
 
 
-def select_points(candidates: pd.DataFrame, score: str = "norm_val_mean") -> pd.DataFrame:
-    """For each sweep (rows sharing :data:`GROUP_COLUMNS`), the point
+def select_points(candidates: pd.DataFrame, score: str = "norm_val_mean",
+                  group_columns: list[str] | None = None) -> pd.DataFrame:
+    """For each sweep (rows sharing :data:`GROUP_COLUMNS`, or ``group_columns``), the point
     ``argmax_p score(p)`` over points with a finite ``score`` (the validation mean normalised
     score); ties go to the smallest ``model_id``. Returns one row per group with
     ``selected_model_id`` (null when no point is eligible), ``n_points``, ``n_eligible``.
 
-    ``candidates`` has one row per merged model with ``model_id``, the group columns and
-    ``score``. Test columns are not looked at.
+    ``candidates`` has one row per merged model of a group with ``model_id``, the group columns
+    and ``score`` (a model may be a point of several groups: a grid merge that a search also
+    proposed is a row of each). Test columns are not looked at.
     """
-    cols = GROUP_COLUMNS + ["n_points", "n_eligible", "selected_model_id", "selection_score"]
+    group_columns = list(GROUP_COLUMNS if group_columns is None else group_columns)
+    cols = group_columns + ["n_points", "n_eligible", "selected_model_id", "selection_score"]
     if candidates.empty:
         return pd.DataFrame(columns=cols)
-    keys = candidates[GROUP_COLUMNS].astype(object).where(candidates[GROUP_COLUMNS].notna(), "")
+    keys = candidates[group_columns].astype(object).where(candidates[group_columns].notna(), "")
     values = candidates[score].astype(float)
     frame = keys.assign(_eligible=np.isfinite(values).to_numpy(), _pos=np.arange(len(candidates)))
-    by = frame.groupby(GROUP_COLUMNS, sort=True)
+    by = frame.groupby(group_columns, sort=True)
     out = by.agg(n_points=("_pos", "size"), n_eligible=("_eligible", "sum"), _first=("_pos", "min"))
     # the best eligible point of each sweep: highest score, then smallest model id
     eligible = frame[frame["_eligible"]].assign(_score=values[frame["_eligible"].to_numpy()].to_numpy(),
                                                _id=candidates["model_id"].to_numpy()[frame["_eligible"].to_numpy()])
     best = eligible.sort_values(["_score", "_id"], ascending=[False, True], kind="stable").drop_duplicates(
-        GROUP_COLUMNS).set_index(GROUP_COLUMNS)
+        group_columns).set_index(group_columns)
     out = out.join(best[["_id", "_score"]])
     first = candidates.iloc[out["_first"].to_numpy()]
     return pd.DataFrame({
-        **{c: first[c].to_numpy() for c in GROUP_COLUMNS},
+        **{c: first[c].to_numpy() for c in group_columns},
         "n_points": out["n_points"].to_numpy(dtype=int),
         "n_eligible": out["n_eligible"].to_numpy(dtype=int),
         "selected_model_id": [m if isinstance(m, str) else None for m in out["_id"]],

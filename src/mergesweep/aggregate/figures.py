@@ -18,7 +18,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mergesweep.aggregate.leaderboard import Tables, col
+from mergesweep.aggregate.leaderboard import (
+    Tables, col, convergence_table, grid_selected_ids, map_fronts, ranked_points,
+)
 
 #: Okabe-Ito, colour-blind safe; methods get colours in sorted order so every figure agrees.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
@@ -60,10 +62,21 @@ FIGURES = {
     "sensitivity": "Hyperparameter sensitivity (mean normalised score)",
     "pareto": "Pareto fronts per pair of domains (test)",
 }
+#: Figures drawn only for a run with searches (outputs of the leaderboard only then:
+#: :func:`mergesweep.aggregate.outputs.output_paths` with ``searches=True``)
+SEARCH_FIGURES = {
+    "search_convergence": "Search convergence (validation objective per generation)",
+    "search_fronts": "MAP: predicted and measured Pareto fronts against the grid (validation)",
+}
+SEARCH_PANELS_MAX = 12  # searches (convergence) or (MAP search, suite pair) panels (fronts)
 
 
 def method_colors(tables: Tables) -> dict[str, str]:
-    labels = sorted(set(tables.leaderboard["method_label"].dropna()))
+    """A colour per method label (searches' labels included), in sorted order."""
+    labels = set(tables.leaderboard["method_label"].dropna())
+    if tables.searches:
+        labels |= {s["label"] for s in tables.searches}
+    labels = sorted(labels)
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(labels)}
 
 
@@ -85,8 +98,7 @@ def _domains(r) -> set[str]:
 def _selected(tables: Tables, limit: int | None = None) -> pd.DataFrame:
     """Each sweep's selected point, by rank. With ``limit`` and more points than that: the
     ``limit`` best by mean normalised test score (across merge tasks; ties by label)."""
-    lb = tables.leaderboard
-    sel = lb[lb["selected"]].copy()
+    sel = ranked_points(tables).copy()
     sel = sel.sort_values(["rank", "sweep_label"], na_position="last", kind="stable")
     if limit is not None and len(sel) > limit:
         sel = sel.sort_values([col("norm", "test", "mean"), "sweep_label"], ascending=[False, True],
@@ -95,7 +107,10 @@ def _selected(tables: Tables, limit: int | None = None) -> pd.DataFrame:
 
 
 def _n_selected(tables: Tables) -> int:
-    return int(tables.leaderboard["selected"].sum())
+    """The number of method groups with a selected point (each sweep and each search)."""
+    if not tables.searches:
+        return int(tables.leaderboard["selected"].sum())
+    return len(ranked_points(tables))
 
 
 def figure_notes(tables: Tables) -> dict[str, str]:
@@ -113,6 +128,12 @@ def figure_notes(tables: Tables) -> dict[str, str]:
         notes["sensitivity"] = (f"Shown: {SENSITIVITY_MAX} of {len(sweeps)} sweeps: the best-ranked sweep of each "
                                 "method first (by its selected point's mean normalised test score), then the "
                                 "next best; every point is in the all-models table and leaderboard.parquet.")
+    if len(tables.searches) > SEARCH_PANELS_MAX:
+        notes["search_convergence"] = (f"Shown: the first {SEARCH_PANELS_MAX} of {len(tables.searches)} searches; "
+                                       "every generation of every search is in the convergence table.")
+    if tables.searches and len(map_fronts(tables)) > SEARCH_PANELS_MAX:
+        notes["search_fronts"] = (f"Shown: the first {SEARCH_PANELS_MAX} of {len(map_fronts(tables))} (MAP search, "
+                                  "suite pair) panels.")
     pairs = _pareto_pairs(tables)
     if len(pairs) > PARETO_MAX:
         notes["pareto"] = (f"Shown: {PARETO_MAX} of {len(pairs)} domain pairs (the first alphabetically); every "
@@ -306,6 +327,8 @@ def _sweeps(tables: Tables) -> list[tuple[str, pd.DataFrame, list[str]]]:
     if cached is not None and cached[0] is lb:
         return cached[1]
     out = []
+    if tables.search_only:  # a merge only a search planned is no point of its method's sweep
+        lb = lb[~lb["model_id"].isin(tables.search_only)]
     keys = lb[["method", "align", "base", "experts"]].astype(object).fillna("")
     by = [keys[c] for c in keys.columns]
     hp_text = lb[tables.hp_columns].astype(str) if tables.hp_columns else pd.DataFrame(index=lb.index)
@@ -344,7 +367,7 @@ def _chosen_sweeps(tables: Tables, limit: int = SENSITIVITY_MAX) -> list[tuple[s
 
     scores = {}
     for sw in sweeps:
-        v = sw[1].loc[sw[1]["selected"].to_numpy(dtype=bool), test].to_numpy(dtype=float)
+        v = sw[1].loc[_grid_selected(tables, sw[1]), test].to_numpy(dtype=float)
         scores[id(sw)] = float(v[0]) if len(v) and np.isfinite(v[0]) else -math.inf
 
     def score(sw) -> float:
@@ -411,7 +434,7 @@ def sensitivity_figure(tables: Tables) -> Figure:
             bad = gg[gg[val].isna()]
             for xv in bad["_x"]:
                 ax.plot([xv], [0.02], marker="x", color="#B00020", ms=6, mew=1.5, transform=ax.get_xaxis_transform())
-        s = g[g["selected"]]
+        s = g[_grid_selected(tables, g)]
         if len(s):
             sx = xpos.get(s[xh].iloc[0] if numeric else str(s[xh].iloc[0]), np.nan)
             ax.plot([sx], [s[val].iloc[0]], marker="*", ms=13, color="#FFD700", mec="#222222", mew=0.8,
@@ -439,6 +462,14 @@ def sensitivity_figure(tables: Tables) -> Figure:
                Line2D([], [], color="#B00020", marker="x", ms=6, ls="none", label="failed evaluation")]
     fig.legend(handles=handles, loc="lower center" if many else "outside lower center", ncols=4, frameon=False)
     return fig
+
+
+def _grid_selected(tables: Tables, g: pd.DataFrame) -> np.ndarray:
+    """Which rows of a sweep its own selection chose (``selected``, without searches; with
+    them a grid point that only a search's selection chose is not starred)."""
+    if not tables.searches:
+        return g["selected"].to_numpy(dtype=bool)
+    return g["model_id"].isin(grid_selected_ids(tables)).to_numpy(dtype=bool)
 
 
 def _pick_x(g: pd.DataFrame, vary: list[str]) -> tuple[str, list[str]]:
@@ -528,6 +559,98 @@ def pareto_figure(tables: Tables) -> Figure:
     return fig
 
 
+def convergence_figure(tables: Tables) -> Figure:
+    """One panel per search (at most :data:`SEARCH_PANELS_MAX`): the best validation objective
+    among each generation's candidates (markers) and the best so far (a step line), the
+    search's own objective as its result.json records it (:func:`convergence_table`)."""
+    conv = convergence_table(tables)
+    labels = [s["label"] for s in tables.searches][:SEARCH_PANELS_MAX]
+    ncols = min(3, max(len(labels), 1))
+    nrows = max(1, math.ceil(len(labels) / ncols))
+    fig = Figure(figsize=(3.3 * ncols + 0.3, 2.6 * nrows + 0.5), dpi=DPI, layout="constrained")
+    if not labels or conv.empty:
+        return _empty(fig, "no search evaluated a generation")
+    colors = method_colors(tables)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        c = conv[conv["search"] == label].sort_values("generation")
+        color = colors.get(label, "#0072B2")
+        ax.plot(c["generation"], c["best"], "o", ms=4, color=color, label="best of the generation")
+        ax.step(c["generation"], c["best_so_far"], where="post", lw=1.4, color="#222222", label="best so far")
+        search = next(x for x in tables.searches if x["label"] == label)
+        ax.set_title(_panel_title(label, f"{search['strategy']}, {len(search['candidates'])} evaluations"),
+                     loc="left", fontsize=7.5)
+        ax.set_xlabel("generation")
+        ax.set_ylabel("validation objective")
+        gens = c["generation"].dropna().astype(int).tolist()
+        if gens:
+            ax.set_xticks(sorted(set(gens)) if len(set(gens)) <= 12 else ax.get_xticks())
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color="#444444", marker="o", ls="none", ms=4, label="best of the generation"),
+               Line2D([], [], color="#222222", lw=1.4, label="best so far")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
+def search_fronts_figure(tables: Tables) -> Figure:
+    """One panel per MAP search and pair of its objective suites (at most
+    :data:`SEARCH_PANELS_MAX`), on raw validation scores (as MAP fits them): the surrogates'
+    predicted Pareto front (line), the front points MAP evaluated (their measured scores, filled
+    diamonds), and the grid merges of the same method, base and experts (grey dots; their
+    Pareto front as a staircase)."""
+    panels = map_fronts(tables)[:SEARCH_PANELS_MAX]
+    ncols = min(3, max(len(panels), 1))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig = Figure(figsize=(3.0 * ncols + 0.3, 2.9 * nrows + 0.5), dpi=DPI, layout="constrained")
+    if not panels:
+        return _empty(fig, "no MAP search with a predicted front")
+    colors = method_colors(tables)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, p in zip(axes.flat, panels):
+        color = colors.get(p["search"], "#0072B2")
+        pred = sorted(p["predicted"])
+        if pred:
+            ax.plot([a for a, _ in pred], [b for _, b in pred], "-", lw=1.3, color=color, alpha=0.9, zorder=3)
+        g = p["grid"]
+        ok = np.isfinite(g["x"]) & np.isfinite(g["y"])
+        ax.scatter(g["x"][ok], g["y"][ok], s=16, color="#9a9a9a", linewidths=0, zorder=2)
+        on = ok & g["on_front"]
+        if on.any():
+            order = np.argsort(-g["x"][on])
+            fx, fy = g["x"][on][order], g["y"][on][order]
+            sx, sy = [], []
+            for i, (xi, yi) in enumerate(zip(fx, fy)):
+                if i:
+                    sx.append(xi)
+                    sy.append(sy[-1])
+                sx.append(xi)
+                sy.append(yi)
+            ax.plot(sx, sy, color="#555555", lw=0.9, ls="--", zorder=2)
+        m = p["measured"]
+        okm = np.isfinite(m["x"]) & np.isfinite(m["y"])
+        ax.scatter(m["x"][okm], m["y"][okm], s=34, marker="D", color=color, edgecolors="#111111", linewidths=0.7,
+                   zorder=4)
+        ax.set_xlabel(f"{p['x']} (validation)")
+        ax.set_ylabel(f"{p['y']} (validation)")
+        ax.set_title(_panel_title(p["search"], f"{p['x']} vs {p['y']}"), loc="left", fontsize=7.5)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color="#0072B2", lw=1.3, label="predicted front (surrogates)"),
+               Line2D([], [], color="#0072B2", marker="D", mec="#111111", ls="none", ms=5,
+                      label="measured front points"),
+               Line2D([], [], color="#9a9a9a", marker="o", ls="none", ms=4, label="grid merges"),
+               Line2D([], [], color="#555555", lw=0.9, ls="--", label="grid front")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
+    return fig
+
+
+SEARCH_BUILDERS: dict[str, Callable[[Tables], Figure]] = {
+    "search_convergence": convergence_figure,
+    "search_fronts": search_fronts_figure,
+}
+
+
 BUILDERS: dict[str, Callable[[Tables], Figure]] = {
     "bars": bars_figure,
     "heatmap": heatmap_figure,
@@ -557,11 +680,15 @@ def render_png(fig: Figure) -> bytes:
 
 
 def render_figures(tables: Tables) -> dict[str, bytes]:
-    """PNG bytes of every figure in :data:`FIGURES`, rendered under the house style."""
+    """PNG bytes of every figure in :data:`FIGURES` (and, for a run with searches, of
+    :data:`SEARCH_FIGURES`), rendered under the house style."""
     from matplotlib import rc_context
 
     out = {}
     with rc_context(STYLE):
         for name in FIGURES:
             out[name] = render_png(BUILDERS[name](tables))
+        if tables.searches:
+            for name in SEARCH_FIGURES:
+                out[name] = render_png(SEARCH_BUILDERS[name](tables))
     return out

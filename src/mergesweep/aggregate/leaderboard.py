@@ -9,6 +9,13 @@ base). ``norm_<split>_mean`` is the mean over the model's domains. Each has a ``
 The leaderboard, selection and Pareto tables are of merged models (role ``merged``) only; the
 tasks reverted from a reversible merge (role ``reverted``, each evaluated on its own domain) have
 their own table, :func:`reversible_table`, against their experts.
+
+A run's searches (:mod:`mergesweep.aggregate.searches`) are method groups of their own, named by
+their label: the selection table gets one row per search (column ``search``: its label, null for a
+grid sweep), a candidate that only a search planned is a row of the leaderboard labelled by its
+search and no point of its base method's sweep, and a grid merge that a search also proposed stays
+its grid row (column ``searches``: the labels of the searches it is a candidate of). Without
+searches neither column exists and every table is as before.
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ class Tables:
     hp_columns: list[str] = field(default_factory=list)
     #: one row per task reverted from a reversible merge (RMM), against its expert
     reversible: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=REVERSIBLE_COLUMNS))
+    #: the run's searches as scores.parquet embeds them (mergesweep.aggregate.searches.summarise)
+    searches: list[dict] = field(default_factory=list)
+    #: the merged models only a search planned (no point of their base method's sweep)
+    search_only: list[str] = field(default_factory=list)
 
     @property
     def references(self) -> pd.DataFrame:
@@ -121,8 +132,19 @@ def _wide(tables_long: list[tuple[str, pd.DataFrame, str, str, list[str]]], mode
     return wide
 
 
-def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | None = None) -> Tables:
-    """All derived tables from the long scores table (see the module docstring for columns)."""
+def search_members(searches: list[dict], merged_ids) -> dict[str, list[str]]:
+    """Per search label, its candidates that are merged models of the table (``merged_ids``), each
+    once, in the order the search first proposed them."""
+    present = set(merged_ids)
+    return {s["label"]: list(dict.fromkeys(c["model_id"] for c in s["candidates"] if c["model_id"] in present))
+            for s in searches}
+
+
+def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | None = None,
+                   searches: Mapping | None = None) -> Tables:
+    """All derived tables from the long scores table (see the module docstring for columns).
+    ``searches``: the run's searches as scores.parquet embeds them
+    (:func:`mergesweep.aggregate.searches.read_searches`), each one more method group."""
     metrics = A.primary_metrics(scores, metric_overrides)
     suite_role = scores.drop_duplicates("suite").set_index("suite")["suite_role"]
     skills = sorted(s for s, r in suite_role.items() if r == "skill")
@@ -155,11 +177,17 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
     merged = wide[wide["role"] == "merged"].copy()
     hp = hyperparameter_columns(merged["params"])
     merged = pd.concat([merged, hp], axis=1)
-    sel = A.select_points(merged.rename(columns={col("norm", "validation", "mean"): "_score"}),
-                          score="_score")
-    merged["selected"] = merged["model_id"].isin(sel["selected_model_id"].dropna())
-    group_key = merged[A.GROUP_COLUMNS].astype(object).where(merged[A.GROUP_COLUMNS].notna(), "")
-    merged["n_points"] = group_key.groupby(list(group_key.columns)).transform("size") if len(merged) else []
+    search_list = [dict(x) for x in (searches or {}).get("searches", [])]
+    members = search_members(search_list, merged["model_id"])
+    only = set((searches or {}).get("search_only", [])) & set(merged["model_id"])
+    # a merge only a search planned is labelled by its (first) search
+    own_search: dict[str, str] = {}
+    for label, ids in members.items():
+        for m in ids:
+            if m in only:
+                own_search.setdefault(m, label)
+    grid_rows = ~merged["model_id"].isin(only)
+    val_mean, test_mean = col("norm", "validation", "mean"), col("norm", "test", "mean")
     merged["task_key"] = [f"{b or ''}|{','.join(sorted(json.loads(e or '[]')))}"
                           for b, e in zip(merged["base"], merged["experts"])]
     multi = merged["task_key"].nunique() > 1
@@ -167,10 +195,37 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
         f"{m} [{'+'.join(json.loads(d))}]" if multi else m
         for m, d in zip(merged["method_label"], merged["domains"])
     ]
-    test_mean = col("norm", "test", "mean")
-    merged["rank"] = pd.array([pd.NA] * len(merged), dtype="Int64")
-    for _, g in merged[merged["selected"]].groupby("task_key"):
-        merged.loc[g.index, "rank"] = A.competition_rank(g[test_mean])
+    if search_list:
+        points = _group_points(merged, grid_rows, members)
+        sel = A.select_points(points.rename(columns={val_mean: "_score"}), score="_score",
+                              group_columns=[*A.GROUP_COLUMNS, "search"])
+        sel["search"] = [x if x else None for x in sel["search"]]
+    own = merged["model_id"].map(own_search)
+    mine = own.notna().to_numpy()
+    if mine.any():  # a search-only merge is labelled by its search
+        merged.loc[mine, "method_label"] = own[mine]
+        merged.loc[mine, "sweep_label"] = own[mine]
+    else:
+        points = None
+        sel = A.select_points(merged.rename(columns={val_mean: "_score"}), score="_score")
+    merged["selected"] = merged["model_id"].isin(sel["selected_model_id"].dropna())
+    group_key = merged[A.GROUP_COLUMNS].astype(object).where(merged[A.GROUP_COLUMNS].notna(), "")
+    if own_search:  # a search-only merge is no point of its base method's sweep
+        group_key = group_key.assign(_search=[own_search.get(m, "") for m in merged["model_id"]])
+    merged["n_points"] = group_key.groupby(list(group_key.columns)).transform("size") if len(merged) else []
+    if mine.any():  # a search's points are all its candidates, shared ones too
+        merged.loc[mine, "n_points"] = [len(members[label]) for label in own[mine]]
+    # the selected point of every group, ranked on test within its merge task (base + experts)
+    by_id = merged.set_index("model_id")
+    chosen = sel["selected_model_id"].dropna()
+    sel["task_key"] = [f"{b or ''}|{','.join(sorted(json.loads(e or '[]')))}"
+                       for b, e in zip(sel["base"], sel["experts"])]
+    sel["rank"] = pd.array([pd.NA] * len(sel), dtype="Int64")
+    picked = sel.loc[chosen.index].assign(_test=by_id[test_mean].reindex(chosen).to_numpy(dtype=float))
+    for _, g in picked.groupby("task_key"):
+        sel.loc[g.index, "rank"] = A.competition_rank(g["_test"])
+    best_rank = sel.loc[chosen.index].groupby("selected_model_id")["rank"].min()
+    merged["rank"] = pd.array(merged["model_id"].map(best_rank), dtype="Int64")
     merged = merged.sort_values(
         ["rank", "selected", "method_label", col("norm", "validation", "mean"), "model_id"],
         ascending=[True, False, True, False, True], na_position="last", kind="stable",
@@ -178,19 +233,39 @@ def compute_tables(scores: pd.DataFrame, metric_overrides: Mapping[str, str] | N
 
     lead_cols = ["model_id", "rank", "selected", "method", "method_label", "sweep_label", "params", *hp.columns,
                  "base", "experts", "align", "domains", "n_points", "status", "failed_suites"]
+    if search_list:
+        labels_of: dict[str, list[str]] = {}
+        for label, ids in members.items():
+            for m in ids:
+                labels_of.setdefault(m, []).append(label)
+        merged["searches"] = [json.dumps(labels_of[m]) if m in labels_of else None for m in merged["model_id"]]
+        lead_cols.append("searches")
     score_cols = [c for c in wide.columns if c.startswith(("norm_", "abs_", "delta_"))]
     score_cols = sorted(score_cols, key=_score_col_order(skills, heldout))
     cost_cols = ["merge_runtime_s", "merge_peak_rss_mb", "eval_runtime_s", "eval_peak_rss_mb"]
     leaderboard = merged[lead_cols + score_cols + cost_cols]
 
-    selection = _selection_table(sel, merged)
+    selection = _selection_table(sel, merged, points)
     pareto = _pareto_table(merged, skills)
     return Tables(
         scores=scores, metrics=metrics, skills=skills, heldout=heldout, models=models,
         suites=suites, norm=norm, deltas=deltas, wide=wide, leaderboard=_text(leaderboard),
         selection=_text(selection), pareto=_text(pareto), failures=fails, hp_columns=list(hp.columns),
-        reversible=_text(reversible_table(wide, norm)),
+        reversible=_text(reversible_table(wide, norm)), searches=search_list,
+        search_only=sorted(only),
     )
+
+
+def _group_points(merged: pd.DataFrame, grid_rows: pd.Series, members: Mapping[str, list[str]]) -> pd.DataFrame:
+    """Every (group, point) pair of a run with searches: the grid merges (``grid_rows``) with
+    ``search = ""`` and, per search, its candidates with ``search = <label>`` and
+    ``sweep_label = <label>`` (a merge both a grid point and a candidate is a row of each)."""
+    parts = [merged[grid_rows.to_numpy()].assign(search="")]
+    by_id = merged.set_index("model_id", drop=False)
+    for label, ids in members.items():
+        if ids:
+            parts.append(by_id.loc[ids].reset_index(drop=True).assign(search=label, sweep_label=label))
+    return pd.concat(parts, ignore_index=True)
 
 
 def _text(df: pd.DataFrame) -> pd.DataFrame:
@@ -222,20 +297,28 @@ SELECTION_COLUMNS = ["method", "method_label", "sweep_label", "align", "base", "
                      "test_norm_mean_stderr", "rank", "note"]
 
 
-def _group_keys(df: pd.DataFrame) -> pd.Series:
-    """One hashable key per row from :data:`analysis.GROUP_COLUMNS` (null as "")."""
-    keys = df[A.GROUP_COLUMNS].astype(object).where(df[A.GROUP_COLUMNS].notna(), "")
-    return pd.Series(list(zip(*(keys[c] for c in A.GROUP_COLUMNS))), index=df.index, dtype=object)
+def _group_keys(df: pd.DataFrame, columns: list[str] | None = None) -> pd.Series:
+    """One hashable key per row from :data:`analysis.GROUP_COLUMNS` (or ``columns``; null as "")."""
+    columns = list(A.GROUP_COLUMNS if columns is None else columns)
+    keys = df[columns].astype(object).where(df[columns].notna(), "")
+    return pd.Series(list(zip(*(keys[c] for c in columns))), index=df.index, dtype=object)
 
 
-def _selection_table(sel: pd.DataFrame, merged: pd.DataFrame) -> pd.DataFrame:
+def _selection_table(sel: pd.DataFrame, merged: pd.DataFrame, points: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per group of ``sel`` (:func:`analysis.select_points`, with its ``rank``): its
+    label, counts and selected point. ``points``: the (group, point) rows of a run with searches
+    (:func:`_group_points`; then a ``search`` column names each search's group), else the merged
+    models are the points."""
+    columns = SELECTION_COLUMNS + (["search"] if points is not None else [])
     if sel.empty:
-        return pd.DataFrame(columns=SELECTION_COLUMNS)
-    groups = _group_keys(merged)
-    per_group = pd.DataFrame({"key": groups, "label": merged["sweep_label"],
-                              "failed": merged["status"] == "error"}).groupby("key", sort=False)
+        return pd.DataFrame(columns=columns)
+    by = [*A.GROUP_COLUMNS, "search"] if points is not None else None
+    points = merged if points is None else points
+    groups = _group_keys(points, by)
+    per_group = pd.DataFrame({"key": groups, "label": points["sweep_label"],
+                              "failed": points["status"] == "error"}).groupby("key", sort=False)
     label, n_failed = per_group["label"].first(), per_group["failed"].sum()
-    skey = _group_keys(sel)
+    skey = _group_keys(sel.assign(search=sel["search"].fillna("")) if by else sel, by)
     by_id = merged.set_index("model_id")
     mid = sel["selected_model_id"]
     chosen = mid.map(lambda m: isinstance(m, str))
@@ -260,9 +343,13 @@ def _selection_table(sel: pd.DataFrame, merged: pd.DataFrame) -> pd.DataFrame:
         "val_norm_mean": np.array(picked(col("norm", "validation", "mean"), math.nan), dtype=float),
         "test_norm_mean": np.array(picked(col("norm", "test", "mean"), math.nan), dtype=float),
         "test_norm_mean_stderr": np.array(picked(col("norm", "test", "mean", True), math.nan), dtype=float),
-        "rank": pd.array(picked("rank", pd.NA), dtype="Int64"),
+        "rank": pd.array([r if c else pd.NA for r, c in zip(sel["rank"], chosen)], dtype="Int64"),
         "note": [None if c else "no point has complete validation scores" for c in chosen],
     }, columns=SELECTION_COLUMNS)
+    if by:
+        out["search"] = sel["search"].to_numpy(dtype=object)
+        is_search = out["search"].notna()
+        out.loc[is_search, "method_label"] = out.loc[is_search, "search"]
     return out.sort_values(["rank", "sweep_label"], na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -355,3 +442,105 @@ def reversible_table(wide: pd.DataFrame, norm: pd.DataFrame) -> pd.DataFrame:
     out["failed_suites"] = rev["failed_suites"].to_numpy(dtype=object)
     out = out.sort_values(["merge_id", "task", "model_id"], na_position="last", kind="stable")
     return out[REVERSIBLE_COLUMNS].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# method groups and searches, as the views and figures show them
+
+
+def ranked_points(t: Tables) -> pd.DataFrame:
+    """One row per method group with a selected point (each sweep and each search), by rank:
+    the leaderboard row of its selected model, with the group's ``method_label``,
+    ``sweep_label``, ``n_points``, ``rank`` and ``n_failed``. Without searches, the selected rows
+    of the leaderboard themselves (one group per selected model); with searches, a model selected
+    by two groups (a grid merge a search also proposed) is a row of each."""
+    lb = t.leaderboard
+    if "search" not in t.selection.columns:
+        return lb[lb["selected"]]
+    sel = t.selection.dropna(subset=["selected_model_id"])
+    rows = lb.set_index("model_id", drop=False).loc[list(sel["selected_model_id"])].reset_index(drop=True)
+    for c in ("method_label", "sweep_label", "n_points", "n_failed", "search"):
+        rows[c] = sel[c].to_numpy()
+    rows["rank"] = pd.array(sel["rank"].to_numpy(), dtype="Int64")
+    return rows.sort_values(["rank", "method_label", col("norm", "validation", "mean"), "model_id"],
+                            ascending=[True, True, False, True], na_position="last", kind="stable")
+
+
+def grid_selected_ids(t: Tables) -> set[str]:
+    """The models the grid sweeps (not the searches) selected."""
+    sel = t.selection
+    if "search" in sel.columns:
+        sel = sel[sel["search"].isna()]
+    return {str(m) for m in sel["selected_model_id"].dropna()}
+
+
+def search_selection(t: Tables, label: str) -> dict | None:
+    """The selection row of the search labelled ``label`` (as a dict), or None."""
+    sel = t.selection
+    if "search" not in sel.columns:
+        return None
+    rows = sel[sel["search"] == label]
+    return rows.iloc[0].to_dict() if len(rows) else None
+
+
+CONVERGENCE_COLUMNS = ["search", "strategy", "generation", "n", "best", "best_so_far"]
+
+
+def convergence_table(t: Tables) -> pd.DataFrame:
+    """Per search and evaluated generation: the number of candidates evaluated, the best
+    validation objective among them and the best up to that generation (the search's own
+    objective, as its result.json records it)."""
+    rows = [{"search": s["label"], "strategy": s["strategy"], "generation": g.get("generation"), "n": g.get("n"),
+             "best": g.get("best"), "best_so_far": g.get("best_so_far")}
+            for s in t.searches for g in s["convergence"]]
+    out = pd.DataFrame(rows, columns=CONVERGENCE_COLUMNS)
+    for c in ("best", "best_so_far"):
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype(float)
+    return out
+
+
+def best_objective(search: Mapping) -> float:
+    """The best validation objective a search reached (its candidates' maximum; NaN for none)."""
+    values = [c["objective"] for c in search["candidates"] if isinstance(c.get("objective"), (int, float))]
+    return float(max(values)) if values else math.nan
+
+
+def _raw_validation(t: Tables, model_ids, suite: str) -> np.ndarray:
+    """Each model's raw validation score on ``suite`` (the suite's primary metric; NaN where
+    missing)."""
+    v = t.suites[(t.suites["split"] == "validation") & (t.suites["suite"] == suite)].set_index("model_id")["score"]
+    return v.reindex(list(model_ids)).to_numpy(dtype=float)
+
+
+def map_fronts(t: Tables) -> list[dict]:
+    """For every MAP search and pair ``(x, y)`` of its objective suites: ``predicted`` (the
+    surrogates' predicted front, ``[(x, y), ...]``), ``measured`` (the front candidates it
+    evaluated, their model ids and raw validation scores) and ``grid`` (the grid merges of the
+    same method, base, experts and alignment, their raw validation scores and ``on_front``: not
+    dominated on the two suites), all in raw validation scores per suite, as MAP fits them."""
+    out = []
+    lb = t.leaderboard
+    grid = lb[~lb["model_id"].isin(t.search_only)]
+    for s in t.searches:
+        front = s.get("front")
+        if s["strategy"] != "map" or not front:
+            continue
+        group = search_selection(t, s["label"])
+        mine = grid
+        if group is not None:
+            for c in A.GROUP_COLUMNS:
+                mine = mine[mine[c].isna()] if not isinstance(group[c], str) else mine[mine[c] == group[c]]
+        else:
+            mine = mine.iloc[:0]
+        measured = [c["model_id"] for c in s["candidates"] if (c.get("info") or {}).get("role") == "front"]
+        for sx, sy in itertools.combinations(front["tasks"], 2):
+            pred = [(p.get(sx), p.get(sy)) for p in front["predicted"]]
+            pred = [(float(a), float(b)) for a, b in pred if a is not None and b is not None]
+            gx, gy = _raw_validation(t, mine["model_id"], sx), _raw_validation(t, mine["model_id"], sy)
+            out.append({
+                "search": s["label"], "x": sx, "y": sy, "predicted": pred,
+                "measured": {"model_id": measured, "x": _raw_validation(t, measured, sx),
+                             "y": _raw_validation(t, measured, sy)},
+                "grid": {"model_id": list(mine["model_id"]), "x": gx, "y": gy, "on_front": A.pareto_front(gx, gy)},
+            })
+    return out

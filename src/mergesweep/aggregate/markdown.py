@@ -37,7 +37,8 @@ def render_markdown(t: Tables, provenance: dict | None = None, report_href: str 
     out = ["# mergesweep leaderboard", ""]
     reverted = f"{s['n_reverted']} reverted, " if s["n_reverted"] else ""
     run = [f"{s['n_models']} models ({s['n_base']} base, {s['n_experts']} experts, {s['n_merged']} merged, "
-           f"{reverted}{s['n_methods']} methods)",
+           f"{reverted}{s['n_methods']} methods"
+           + (f", {s['n_searches']} of them searches)" if s["n_searches"] else ")"),
            "skills: " + (", ".join(s["skills"]) or "–"),
            "held-out: " + (", ".join(s["heldout"]) or "–")]
     if prov.get("config_hash"):
@@ -59,6 +60,8 @@ def render_markdown(t: Tables, provenance: dict | None = None, report_href: str 
     rv = V.reversible_view(t)
     if rv.rows:
         out += [f"## {rv.title}", "", table(rv, bold_best=False), f"_{rv.note}_", ""]
+    if t.searches:
+        out += search_section(t)
     for v in (V.references_view(t), V.selection_view(t)):
         out += [f"## {v.title}", "", table(v, bold_best=False)]
     fv = V.failures_view(t)
@@ -67,3 +70,17 @@ def render_markdown(t: Tables, provenance: dict | None = None, report_href: str 
     out += [f"- **{name}**: {text}" for name, text in V.definitions(t)]
     out += ["", f"Full sweep, figures and provenance: [{report_href}]({report_href}).", ""]
     return "\n".join(out)
+
+
+def search_section(t: Tables) -> list[str]:
+    """The "Searches" section: per search its budget, spending, best validation objective and
+    the candidate the leaderboard selected (with its test score and rank); the convergence per
+    generation; for MAP, predicted vs measured front points."""
+    sv = V.searches_view(t)
+    out = [f"## {sv.title}", "", table(sv, bold_best=False), f"_{sv.note}_", ""]
+    cv = V.convergence_view(t)
+    out += [f"### {cv.title}", "", table(cv, bold_best=False), f"_{cv.note}_", ""]
+    mv = V.map_report_view(t)
+    if mv.rows:
+        out += [f"### {mv.title}", "", table(mv, bold_best=False), f"_{mv.note}_", ""]
+    return out

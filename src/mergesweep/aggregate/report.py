@@ -16,7 +16,7 @@ import jinja2
 from markupsafe import Markup
 
 from mergesweep.aggregate import views as V
-from mergesweep.aggregate.figures import DPI, FIGURES, figure_notes
+from mergesweep.aggregate.figures import DPI, FIGURES, SEARCH_FIGURES, figure_notes
 from mergesweep.aggregate.leaderboard import Tables
 from mergesweep.aggregate.provenance import checkpoint_identities
 
@@ -36,6 +36,12 @@ FIGURE_CAPTIONS = {
     "pareto": "Every merge of the run (all methods and hyperparameter points) in the plane of two "
               "domains' normalised test scores. Staircase: the Pareto front; outlined: each method's "
               "selected point; crosses: the experts; grey dot: the base.",
+    "search_convergence": "Each search's own validation objective: the best value among the candidates of "
+                          "each generation (dots) and the best so far (line). No search sees a test score.",
+    "search_fronts": "Each MAP search, per pair of its objective suites, in raw validation scores (what MAP's "
+                     "quadratic surrogates fit): the surrogates' predicted Pareto front (line), the front points "
+                     "it merged and evaluated, at their measured scores (diamonds), and the grid merges of the "
+                     "same method and experts (grey; dashed: their Pareto front).",
 }
 
 
@@ -148,12 +154,13 @@ def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None 
                   scores_path: str | None = None, scores_sha256: str | None = None) -> str:
     """The report as one HTML string; ``figures`` maps figure names (see ``FIGURES``) to PNG bytes."""
     notes = figure_notes(t)
+    titles = {**FIGURES, **SEARCH_FIGURES}
     figs = [
-        {"name": name, "title": FIGURES[name], "caption": FIGURE_CAPTIONS[name], "note": notes.get(name, ""),
+        {"name": name, "title": titles[name], "caption": FIGURE_CAPTIONS[name], "note": notes.get(name, ""),
          "src": "data:image/png;base64," + base64.b64encode(figures[name]).decode("ascii"),
          # shown at DISPLAY_SCALE of a DPI-resolution figure's pixels, whatever its resolution
          "width": round(png_width(figures[name]) * DISPLAY_SCALE * DPI / png_dpi(figures[name]))}
-        for name in FIGURES if name in figures
+        for name in titles if name in figures
     ]
     views = {
         "leaderboard": V.leaderboard_view(t),
@@ -165,6 +172,8 @@ def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None 
         "failures": V.failures_view(t),
         "cost": V.cost_view(t),
     }
+    if t.searches:  # only then: the report of a run without searches is as before
+        views.update(searches=V.searches_view(t), convergence=V.convergence_view(t), map_report=V.map_report_view(t))
     ctx = {
         "summary": V.summary(t),
         **views,
@@ -174,5 +183,6 @@ def render_report(t: Tables, figures: dict[str, bytes], provenance: dict | None 
         "figures": figs,
         "prov": provenance_context(t, provenance, scores_path, scores_sha256),
         "failed_models": sorted(set(t.failures["model_id"])),
+        "has_searches": bool(t.searches),
     }
     return _env().get_template("report.html.j2").render(**ctx)

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 PROVENANCE_KEY = b"mergesweep.provenance"
 #: Parquet schema-metadata key holding the table's format version.
 FORMAT_KEY = b"mergesweep.scores_format"
+#: Parquet schema-metadata key holding the run's searches (:mod:`mergesweep.aggregate.searches`);
+#: absent when the run has none.
+SEARCHES_KEY = b"mergesweep.searches"
 FORMAT_VERSION = "1"
 
 #: Column -> Arrow type of ``scores.parquet``, in order. Model-level columns come from the
@@ -659,9 +662,11 @@ def build_scores(paths: Iterable[str | Path | Mapping]) -> pd.DataFrame:
 
 
 def write_scores(df: pd.DataFrame, path: str | Path, provenance: Mapping | None = None, *,
-                 checked: bool = False) -> None:
-    """Write the scores table atomically, with the provenance as parquet schema metadata.
-    The table is checked first (:func:`check_scores`) unless the caller just did (``checked``)."""
+                 checked: bool = False, searches: Mapping | None = None) -> None:
+    """Write the scores table atomically, with the provenance (and the run's searches, when it has
+    any: :func:`mergesweep.aggregate.searches.read_searches_list`'s document) as parquet schema
+    metadata. The table is checked first (:func:`check_scores`) unless the caller just did
+    (``checked``)."""
     missing = [c for c in SCORE_COLUMNS if c not in df.columns]
     if missing:
         raise ScoresError(f"{path}: scores table lacks column(s) {', '.join(missing)}")
@@ -673,6 +678,8 @@ def write_scores(df: pd.DataFrame, path: str | Path, provenance: Mapping | None 
     meta[FORMAT_KEY] = FORMAT_VERSION.encode()
     if provenance:
         meta[PROVENANCE_KEY] = _json(provenance).encode()
+    if searches:
+        meta[SEARCHES_KEY] = _json(searches).encode()
     schema = first.schema.with_metadata(meta)
     # row group by row group: the table's strings are never all materialised in Arrow at once
     with atomic_file(path, "wb") as f, pq.ParquetWriter(f, schema) as writer:

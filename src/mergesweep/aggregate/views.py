@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from mergesweep.aggregate.analysis import SELECTION_RULE
-from mergesweep.aggregate.leaderboard import Tables, col, params_label
+from mergesweep.aggregate.analysis import SEARCH_RULE, SELECTION_RULE
+from mergesweep.aggregate.leaderboard import (
+    Tables, best_objective, col, convergence_table, params_label, ranked_points, search_selection,
+)
 from mergesweep.record import ROLES
 
 REVERSIBLE_DEFINITION = "Reversible merge (RMM)"
@@ -119,7 +121,7 @@ def leaderboard_views(t: Tables) -> list[View]:
     """The ranked table(s): one row per method (its selected point), test split, by rank; one
     table per merge task (base + expert set)."""
     lb = t.leaderboard
-    sel = lb[lb["selected"]]
+    sel = ranked_points(t)
     views = []
     by_selected = t.selection.dropna(subset=["selected_model_id"]).set_index("selected_model_id")
     tasks = list(dict.fromkeys(lb["experts"].fillna("[]"))) if len(lb) else []
@@ -157,8 +159,7 @@ def _expert_set_label(experts: str, t: Tables, domains: dict[str, str]) -> str:
 def leaderboard_view(t: Tables) -> View:
     """The ranked table as one view: each merge task's (expert set's) selected points by rank,
     the task as a row group (the report shows one at a time: the largest set first)."""
-    lb = t.leaderboard
-    sel = lb[lb["selected"]]
+    sel = ranked_points(t)
     domains = t.references.dropna(subset=["domain"]).set_index("model_id")["domain"].to_dict()
     tasks = list(dict.fromkeys(sel["experts"].fillna("[]"))) if len(sel) else []
     tasks.sort(key=lambda e: (-len(json.loads(e)), _expert_set_label(e, t, domains)))
@@ -205,7 +206,11 @@ def all_models_view(t: Tables) -> View:
     headers += [f"Δ {h} test" for h in t.heldout] + ["Status"]
     v = View(f"All merged models ({len(lb)})", headers, source="tables/leaderboard.parquet")
     for r in lb.to_dict("records"):
-        row = [Cell(str(r["model_id"]), numeric=False), Cell(str(r["sweep_label"]), numeric=False),
+        label = str(r["sweep_label"])
+        also = [x for x in json.loads(r["searches"]) if x != label] if isinstance(r.get("searches"), str) else []
+        if also:  # a grid merge that a search proposed too
+            label += " (also " + ", ".join(also) + ")"
+        row = [Cell(str(r["model_id"]), numeric=False), Cell(label, numeric=False),
                Cell(params_label(r["params"]) or "(defaults)", numeric=False),
                Cell("✓" if r["selected"] else "", numeric=False)]
         failed = _failed(r)
@@ -262,7 +267,10 @@ def reversible_view(t: Tables) -> View:
 
 def definitions(t: Tables) -> list[tuple[str, str]]:
     """:data:`DEFINITIONS` of what the run shows (reversible merges only where it has some)."""
-    return [(name, text) for name, text in DEFINITIONS if t.reversible.shape[0] or name != REVERSIBLE_DEFINITION]
+    out = [(name, text) for name, text in DEFINITIONS if t.reversible.shape[0] or name != REVERSIBLE_DEFINITION]
+    if t.searches:
+        out.append(("Search", SEARCH_RULE))
+    return out
 
 
 def selection_view(t: Tables) -> View:
@@ -334,7 +342,9 @@ def summary(t: Tables) -> dict:
         "n_experts": int(roles.get("expert", 0)),
         "n_merged": int(roles.get("merged", 0)),
         "n_reverted": int(roles.get("reverted", 0)),
-        "n_methods": int(t.leaderboard["method_label"].nunique()),
+        "n_methods": (int(t.leaderboard["method_label"].nunique()) if not t.searches else
+                      len(set(t.leaderboard["method_label"].dropna()) | {s["label"] for s in t.searches})),
+        "n_searches": len(t.searches),
         "n_evaluations": int(n_eval),
         "n_failed": int((t.failures["status"] == "error").sum()),
         "n_missing": int((t.failures["status"] == "missing").sum()),
@@ -351,7 +361,86 @@ def _heldout_and_selection_cells(t: Tables, r, bests: dict, by_selected: pd.Data
     cells += [_score_cell(r, col("delta", "test", h), h, bests.get(col("delta", "test", h)), signed=True)
               for h in t.heldout]
     cells.append(_score_cell(r, col("norm", "validation", "mean"), "mean", None, with_se=False))
-    n_failed = int(by_selected.at[r["model_id"], "n_failed"]) if r["model_id"] in by_selected.index else 0
+    if "n_failed" in r:  # a run with searches: the group's own count (a model may be two groups' point)
+        n_failed = int(r["n_failed"])
+    else:
+        n_failed = int(by_selected.at[r["model_id"], "n_failed"]) if r["model_id"] in by_selected.index else 0
     cells.append(Cell(f"{int(r['n_points'])}" + (f" ({n_failed} failed)" if n_failed else ""), error=bool(n_failed)))
     cells.append(Cell(str(r["model_id"]), numeric=False))
     return cells
+
+
+# --------------------------------------------------------------------------------------------
+# searches
+
+SEARCHES_TITLE = "Searches"
+STRATEGY_NAMES = {"map": "MAP (quadratic surrogates, Pareto front)", "cmaes": "CMA-ES", "cycleqd": "CycleQD"}
+
+
+def _int_text(x) -> str:
+    return str(int(x)) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else "–"
+
+
+def searches_view(t: Tables) -> View:
+    """One row per search: its label, strategy, base method, budget, the evaluations it spent
+    (its candidates), the generations it evaluated, the best value of its own validation
+    objective, and the candidate the leaderboard selected for it (highest mean normalised
+    validation score) with that candidate's validation and test mean normalised scores and rank."""
+    headers = ["Search", "Strategy", "Base method", "Budget", "Evaluations", "Generations", "Best val. objective",
+               "Selected model", "Val. mean (norm.)", "Test mean (norm.)", "Rank"]
+    v = View(SEARCHES_TITLE, headers, note=SEARCH_RULE)
+    for s in t.searches:
+        chosen = search_selection(t, s["label"]) or {}
+        mid = chosen.get("selected_model_id")
+        test, se = chosen.get("test_norm_mean"), chosen.get("test_norm_mean_stderr")
+        rank = chosen.get("rank")
+        v.rows.append([
+            Cell(str(s["label"]), numeric=False),
+            Cell(STRATEGY_NAMES.get(s["strategy"], str(s["strategy"])), numeric=False),
+            Cell(str(s["method"]), numeric=False),
+            Cell(_int_text(s.get("budget"))),
+            Cell(str(len(s["candidates"]))),
+            Cell(str(len(s["convergence"]))),
+            Cell(fmt(best_objective(s))),
+            Cell(str(mid) if isinstance(mid, str) else "– (no candidate has complete validation scores)",
+                 numeric=False, error=not isinstance(mid, str)),
+            Cell(fmt(chosen.get("val_norm_mean"))),
+            Cell(fmt(test), se=fmt(se) if fmt(test) != "–" and fmt(se) != "–" else ""),
+            Cell(str(rank) if rank is not None and pd.notna(rank) else "–"),
+        ])
+    return v
+
+
+def convergence_view(t: Tables) -> View:
+    """Per search and evaluated generation: candidates evaluated, the best validation objective
+    among them and the best so far."""
+    v = View("Search convergence (validation objective)",
+             ["Search", "Generation", "Candidates", "Best of the generation", "Best so far"],
+             note="The search's own objective on the validation split (its suites, weights and normalisation); "
+                  "no search sees a test score.")
+    for r in convergence_table(t).to_dict("records"):
+        v.rows.append([Cell(str(r["search"]), numeric=False), Cell(_int_text(r["generation"])), Cell(_int_text(r["n"])),
+                       Cell(fmt(r["best"])), Cell(fmt(r["best_so_far"]))])
+    return v
+
+
+def map_report_view(t: Tables) -> View:
+    """Per MAP search and objective suite: how its measured front points compare with the
+    surrogate's prediction (raw validation scores): RMSE and largest absolute error of measured
+    − predicted, the surrogate's own leave-one-out RMSE, and how many points lie within 2 LOO
+    RMSE of their prediction."""
+    v = View("MAP: predicted vs measured front points (validation)",
+             ["Search", "Suite", "Points", "RMSE", "Max abs. error", "LOO RMSE", "Within 2 LOO RMSE"],
+             note="Errors = measured − predicted raw validation score of each front point MAP evaluated; LOO RMSE: "
+                  "the quadratic surrogate's leave-one-out error on its design points.")
+    for s in t.searches:
+        front = s.get("front")
+        summary = (front or {}).get("summary") or {}
+        for suite in (front or {}).get("tasks", []):
+            r = summary.get(suite) or {}
+            n, within = r.get("n"), r.get("within_2_loo")
+            v.rows.append([Cell(str(s["label"]), numeric=False), Cell(str(suite), numeric=False), Cell(_int_text(n)),
+                           Cell(fmt(r.get("rmse"), 4)), Cell(fmt(r.get("max_abs_error"), 4)),
+                           Cell(fmt(r.get("loo_rmse"), 4)),
+                           Cell(f"{_int_text(within)} of {_int_text(n)}" if within is not None else "–")])
+    return v
