@@ -636,12 +636,14 @@ def search_fronts_figure(tables: Tables) -> Figure:
         ax.set_title(_panel_title(p["search"], f"{p['x']} vs {p['y']}"), loc="left", fontsize=7.5)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles = [Line2D([], [], color="#0072B2", lw=1.3, label="predicted front (surrogates)"),
-               Line2D([], [], color="#0072B2", marker="D", mec="#111111", ls="none", ms=5,
-                      label="measured front points"),
+    # one search: its colour; several: each panel in its search's colour, the legend neutral
+    labels = {p["search"] for p in panels}
+    key = colors.get(next(iter(labels)), "#0072B2") if len(labels) == 1 else "#444444"
+    handles = [Line2D([], [], color=key, lw=1.3, label="predicted front (surrogates)"),
+               Line2D([], [], color=key, marker="D", mec="#111111", ls="none", ms=5, label="measured front points"),
                Line2D([], [], color="#9a9a9a", marker="o", ls="none", ms=4, label="grid merges"),
                Line2D([], [], color="#555555", lw=0.9, ls="--", label="grid front")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=4 if ncols > 1 else 2, frameon=False)
     return fig
 
 
