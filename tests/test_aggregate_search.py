@@ -504,3 +504,18 @@ def test_an_unreadable_result_file_is_refused(tree, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(models) in err and "searches[0].result" in err and str(bad) in err
     assert not out.exists()
+
+
+def test_a_corrupt_embedded_searches_document_is_refused(run, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from mergesweep.aggregate.scores import SEARCHES_KEY
+
+    table = pq.read_table(run / "tables" / "scores.parquet")
+    bad = tmp_path / "tables" / "scores.parquet"
+    bad.parent.mkdir()
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, SEARCHES_KEY: b'{"format": 1}'}), bad)
+    assert leaderboard(bad, tmp_path) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "mergesweep.searches" in err and "'searches'" in err, err
+    assert not (tmp_path / "leaderboard.md").exists() and not (tmp_path / "tables" / "selection.parquet").exists()
