@@ -321,7 +321,7 @@ _SWEEPS: dict[int, list] = {}
 
 def _sweeps(tables: Tables) -> list[tuple[str, pd.DataFrame, list[str]]]:
     """Sweeps with more than one point, with the hyperparameters that vary in them (computed once
-    per leaderboard)."""
+    per leaderboard). A merge only a search planned is no point of a sweep."""
     lb = tables.leaderboard
     cached = _SWEEPS.get(id(lb))
     if cached is not None and cached[0] is lb:
@@ -343,7 +343,7 @@ def _sweeps(tables: Tables) -> list[tuple[str, pd.DataFrame, list[str]]]:
             continue
         out.append((str(g["sweep_label"].iloc[0]), g, vary))
     _SWEEPS.clear()
-    _SWEEPS[id(lb)] = (lb, out)
+    _SWEEPS[id(tables.leaderboard)] = (tables.leaderboard, out)
     return out
 
 
