@@ -1,5 +1,5 @@
-"""Searches in the aggregation: a MAP and a CMA-ES search over task arithmetic's per-expert
-weights, run by the real search code (``make_search`` + ``run_loop`` on a synthetic validation
+"""Searches in the aggregation: a MAP, a CMA-ES and a CycleQD search over task arithmetic's
+per-expert weights, run by the real search code (``make_search`` + ``run_loop`` on a synthetic validation
 objective, ``result_doc`` + ``write_result``), their candidates evaluated as evaluation JSONs in the
 format of the hand-made aggregate fixture (tests/data/aggregate/make_fixture.py), then the real
 ``mergesweep aggregate`` and ``mergesweep leaderboard`` commands.
@@ -53,12 +53,15 @@ SUITES = [*SKILLS, HELDOUT]
 #: each expert on its own domain (validation, test): the normalisation references
 REF = {"arithmetic": (0.80, 0.75), "reverse": (0.60, 0.55)}
 SPACE = {"weight": {"per_expert": True, "low": 0.0, "high": 1.0}}
-MAP_LABEL, CMA_LABEL = "map:task_arithmetic", "cmaes:task_arithmetic"
+MAP_LABEL, CMA_LABEL, CQD_LABEL = "map:task_arithmetic", "cmaes:task_arithmetic", "cycleqd:task_arithmetic"
 SEARCHES = {
     MAP_LABEL: ("map-0001", {"strategy": "map", "method": "task_arithmetic", "budget": 10, "seed": 3, "n_front": 2,
                              "pop_size": 20, "n_gen": 25, "params": SPACE, "objective": {"suites": SKILLS}}),
     CMA_LABEL: ("cmaes-0002", {"strategy": "cmaes", "method": "task_arithmetic", "budget": 12, "seed": 1,
                                "population": 4, "params": SPACE, "objective": {"suites": SKILLS}}),
+    # starts from the corners (each expert alone): MAP's first design points, one of them a grid point
+    CQD_LABEL: ("cycleqd-0003", {"strategy": "cycleqd", "method": "task_arithmetic", "budget": 8, "seed": 2,
+                                 "population": 4, "bins": 3, "params": SPACE, "objective": {"suites": SKILLS}}),
 }
 #: the config's task arithmetic grid; its first point is also MAP's first design point (expert 1 alone)
 GRID = [{"weight": [1.0, 0.0]}, {"weight": [0.5, 0.5]}, {"weight": [1.0, 1.0]}]
@@ -110,6 +113,9 @@ def write_evals(evals: Path, rec: ModelRecord, vals: dict[str, tuple[float, floa
         p.write_text(json.dumps(eval_doc(rec, suite, vt), indent=2, sort_keys=True) + "\n")
 
 
+PROPOSED: dict[str, list[list[str]]] = {}  # search label -> the model id of each proposal, per generation
+
+
 def run_search(label: str, root: Path) -> dict:
     """Run one search to its end on the synthetic objective and write its result.json."""
     sid, entry = SEARCHES[label]
@@ -122,6 +128,7 @@ def run_search(label: str, root: Path) -> dict:
     run_loop(s, evaluate, directory)
     gens = load_all(directory)
     ids = [[ta_id(p.params) for p in g.proposals] for g in gens]
+    PROPOSED[label] = ids
     doc = result_doc(s, gens, ids, label=label, search_id=sid, method="task_arithmetic", experts=EXPERT_IDS)
     write_result(directory / "result.json", doc)
     return read_result(directory / "result.json")
@@ -222,15 +229,24 @@ def candidates(doc: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+def first_search(model: str, tree) -> str:
+    """The label of the first search (in the models list's order) that proposed ``model``."""
+    return next(label for label in SEARCHES if model in candidates(tree["docs"][label]))
+
+
 def test_the_fixture_has_a_shared_and_search_only_candidates(tree):
     shared = ta_id(GRID[0])
-    assert shared in candidates(tree["docs"][MAP_LABEL])  # MAP's design starts with each expert alone
-    assert shared not in tree["only"] and len(tree["only"]) >= 15
+    # MAP's design and CycleQD's first generation start with each expert alone
+    assert shared in candidates(tree["docs"][MAP_LABEL]) and shared in candidates(tree["docs"][CQD_LABEL])
+    assert shared not in tree["only"] and len(tree["only"]) >= 20
+    other_corner = ta_id({"weight": [0.0, 1.0]})  # only searches proposed it: two of them
+    assert other_corner in tree["only"] and first_search(other_corner, tree) == MAP_LABEL
+    assert other_corner in candidates(tree["docs"][CQD_LABEL])
 
 
 def test_each_search_selects_its_best_validation_candidate(tree, run):
     groups = group_rows(run)
-    assert set(groups) == {"task_arithmetic", "ties", MAP_LABEL, CMA_LABEL}
+    assert set(groups) == {"task_arithmetic", "ties", *SEARCHES}
     for label, doc in tree["docs"].items():
         g = groups[label]
         ids = candidates(doc)
@@ -259,14 +275,14 @@ def test_search_only_candidates_are_not_grid_points(tree, run):
     rows = lb.set_index("model_id")
     for m in tree["grid"]:
         assert rows.at[m, "method_label"] == "task_arithmetic" and rows.at[m, "n_points"] == len(GRID)
-    for label, doc in tree["docs"].items():
-        for m in candidates(doc):
-            if m in tree["only"]:
-                assert rows.at[m, "method_label"] == rows.at[m, "sweep_label"] == label
-                assert rows.at[m, "n_points"] == len(candidates(doc))
-    # a grid merge MAP proposed too stays its grid row, and knows it is the search's candidate
+    for m in tree["only"]:  # labelled by the first search that proposed it, with its points
+        label = first_search(m, tree)
+        assert rows.at[m, "method_label"] == rows.at[m, "sweep_label"] == label
+        assert rows.at[m, "n_points"] == len(candidates(tree["docs"][label]))
+        assert json.loads(rows.at[m, "searches"]) == [x for x in SEARCHES if m in candidates(tree["docs"][x])]
+    # a grid merge two searches proposed too stays its grid row, and knows it is their candidate
     shared = ta_id(GRID[0])
-    assert json.loads(rows.at[shared, "searches"]) == [MAP_LABEL]
+    assert json.loads(rows.at[shared, "searches"]) == [MAP_LABEL, CQD_LABEL]
     assert rows.at[shared, "sweep_label"] == "task_arithmetic"
     # selected = selected by any group
     chosen = {g["selected_model_id"] for g in group_rows(run).values()}
@@ -274,7 +290,7 @@ def test_search_only_candidates_are_not_grid_points(tree, run):
 
 
 def test_a_shared_candidate_counts_in_both_groups(tree, tmp_path):
-    # the grid merge MAP also proposed becomes the best on validation: both groups select it
+    # the grid merge MAP and CycleQD also proposed becomes the best on validation: all three select it
     root = tmp_path / "run"
     shutil.copytree(tree["root"], root)
     shared = ta_id(GRID[0])
@@ -291,16 +307,19 @@ def test_a_shared_candidate_counts_in_both_groups(tree, tmp_path):
     out.mkdir()
     assert leaderboard(scores, out) == 0
     groups = group_rows(out)
-    assert groups["task_arithmetic"]["selected_model_id"] == groups[MAP_LABEL]["selected_model_id"] == shared
-    assert groups["task_arithmetic"]["rank"] == groups[MAP_LABEL]["rank"]
+    owners = ["task_arithmetic", MAP_LABEL, CQD_LABEL]
+    assert [groups[k]["selected_model_id"] for k in owners] == [shared] * 3
+    assert groups[CMA_LABEL]["selected_model_id"] != shared
+    assert len({groups[k]["rank"] for k in owners}) == 1  # one model, one test score, one rank
     assert groups[MAP_LABEL]["n_points"] == len(candidates(tree["docs"][MAP_LABEL]))
+    assert groups["task_arithmetic"]["n_points"] == len(GRID)
     lb = pd.read_parquet(out / "tables" / "leaderboard.parquet")
     assert (lb["model_id"] == shared).sum() == 1 and bool(lb.loc[lb["model_id"] == shared, "selected"].iloc[0])
     # the ranked table shows it once per group
     md = (out / "leaderboard.md").read_text()
     ranked = md.split("## Leaderboard", 1)[1].split("\n## ", 1)[0]
     labels = sorted(line.split(" | ")[1] for line in ranked.splitlines() if f"| {shared} |" in line)
-    assert labels == sorted(["task_arithmetic", MAP_LABEL])
+    assert labels == sorted(owners)
 
 
 def test_test_scores_change_no_selection(tree, run, tmp_path):
@@ -342,7 +361,7 @@ def test_the_searches_travel_inside_scores_parquet(tree, run):
     map_s = embedded["searches"][0]
     assert map_s["front"]["summary"] == doc_summary(tree["docs"][MAP_LABEL])
     assert len(map_s["front"]["predicted"]) == len(tree["docs"][MAP_LABEL]["result"]["predicted_front"])
-    assert embedded["searches"][1]["front"] is None
+    assert embedded["searches"][1]["front"] is None and embedded["searches"][2]["front"] is None
 
 
 def doc_summary(doc: dict) -> dict:
@@ -359,10 +378,11 @@ def test_convergence_equals_the_result_files(tree, run):
         assert list(mine["generation"]) == [g["generation"] for g in doc["convergence"]]
         assert list(mine["best"]) == [g["best"] for g in doc["convergence"]]
         assert list(mine["best_so_far"]) == [g["best_so_far"] for g in doc["convergence"]]
-        # and the result file's values are the candidates' validation objective, from the JSONs
+        # and the result file's values are the proposals' validation objective, from the JSONs
         running = -np.inf
         for g in doc["convergence"]:
-            gen = [c["model_id"] for c in doc["candidates"] if c["generation"] == g["generation"]]
+            gen = PROPOSED[label][g["generation"]]
+            assert g["n"] == len(gen)
             best = max(norm_mean(m, 0) for m in gen)
             running = max(running, best)
             assert g["best"] == pytest.approx(best, abs=1e-12) and g["best_so_far"] == pytest.approx(running, abs=1e-12)
@@ -405,7 +425,8 @@ def test_markdown_and_report_show_the_searches(tree, run):
     assert set(rows) == set(SEARCHES)
     for label, doc in tree["docs"].items():
         g = groups[label]
-        want = [label, {"map": "MAP (quadratic surrogates, Pareto front)", "cmaes": "CMA-ES"}[doc["strategy"]],
+        want = [label, {"map": "MAP (quadratic surrogates, Pareto front)", "cmaes": "CMA-ES",
+                        "cycleqd": "CycleQD"}[doc["strategy"]],
                 "task_arithmetic", str(doc["budget"]), str(len(doc["candidates"])), str(len(doc["convergence"])),
                 fmt(max(c["objective"] for c in doc["candidates"])), g["selected_model_id"],
                 fmt(norm_mean(g["selected_model_id"], 0))]
@@ -422,7 +443,7 @@ def test_markdown_and_report_show_the_searches(tree, run):
                    for q, s in summary.items()]
     # every group in the selection table, the searches among them
     sel = {r[0] for r in md_rows(md, "## Selection per method")}
-    assert sel == {"task_arithmetic", "ties", MAP_LABEL, CMA_LABEL}
+    assert sel == {"task_arithmetic", "ties", *SEARCHES}
     html = (run / "report" / "report.html").read_text()
     assert 'id="searches"' in html and 'id="fig-search_convergence"' in html and 'id="fig-search_fronts"' in html
     for label, g in groups.items():
