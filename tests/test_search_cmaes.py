@@ -92,3 +92,43 @@ def test_a_failed_evaluation_gets_the_worst_fitness(tmp_path):
     last = run_loop(s2, evaluate, tmp_path / "cut")
     assert [len(g) for g in proposals_of(tmp_path / "cut")] == [8, 8, 4, 0]
     assert last.state["spent"] == 20
+
+
+_ONE_GENERATION = r'''
+import json, sys
+from pathlib import Path
+from mergesweep.search import make_search
+from mergesweep.search.driver import plan_next
+from mergesweep.search.observations import Observation
+from mergesweep.search.state import resume
+entry = json.loads(sys.argv[2])
+s = make_search(entry, experts=["a", "b"], suites=["a", "b"], reference={"a": 1.0, "b": 1.0})
+last = resume(sys.argv[1])
+f = lambda w: {"a": 1 - (w[0] - 0.9) ** 2 - 0.3 * w[1], "b": 1 - (w[1] - 0.8) ** 2 - 0.3 * w[0]}
+obs = [] if last is None else [Observation(p.params, f(p.params["weight"])) for p in last.proposals]
+plan_next(s, Path(sys.argv[1]), obs)
+'''
+
+
+def test_a_search_resumed_in_other_processes_proposes_what_one_process_does(tmp_path):
+    """Each generation planned by a process of its own (as the workflow's jobs are), each with
+    another hash salt: cma keys its archived solutions by ``hash(bytes)``, which Python salts
+    per process; the unpickled archives are re-keyed, so the proposals equal one process's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    entry = {"strategy": "cmaes", "method": "task_arithmetic", "params": {"weight": {"per_expert": True, "low": 0.0,
+             "high": 1.0}}, "budget": 12, "population": 3, "x0": {"weight": [0.2, 0.2]}, "sigma0": 0.3, "seed": 5}
+    for i in range(5):
+        proc = subprocess.run([sys.executable, "-c", _ONE_GENERATION, str(tmp_path / "split"), json.dumps(entry)],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(11 + i)})
+        assert proc.returncode == 0, proc.stderr
+    s = make_search(entry, experts=["a", "b"], suites=["a", "b"], reference={"a": 1.0, "b": 1.0})
+    f = lambda w: {"a": 1 - (w[0] - 0.9) ** 2 - 0.3 * w[1], "b": 1 - (w[1] - 0.8) ** 2 - 0.3 * w[0]}
+    run_loop(s, lambda props: [Observation(p.params, f(p.params["weight"])) for p in props], tmp_path / "one")
+    split, one = load_all(tmp_path / "split"), load_all(tmp_path / "one")
+    assert len(split) == len(one) == 5 and [len(g.proposals) for g in one] == [3, 3, 3, 3, 0]
+    for a, b in zip(split, one):
+        assert [p.params for p in a.proposals] == [p.params for p in b.proposals], a.generation

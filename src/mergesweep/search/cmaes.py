@@ -57,6 +57,48 @@ class _Randn:
         return self.rng.standard_normal(shape)
 
 
+def rehash_solution_dicts(es):
+    """``es`` (a CMA-ES object just unpickled) with every ``cma`` solution archive re-keyed.
+
+    cma's archives (``sent_solutions``, ``archive``, the boundary handler's repaired solutions)
+    key each solution by ``hash(x.tobytes())``, and Python salts bytes hashes per process: in
+    another process (a resumed search, the next generation's job) ``tell`` would no longer find
+    the genotypes ``ask`` archived and would fall back to the inverse boundary transformation, so
+    a resumed search would propose other candidates than an uninterrupted one. Every archive's
+    entries are moved to this process's keys of their own solutions (kept in ``_unhashed_keys``)."""
+    from cma.utilities.utils import SolutionDict
+
+    seen: set[int] = set()
+
+    def rekey(d) -> None:
+        data, same, unhashed = dict(d.data), dict(d.data_with_same_key), dict(d._unhashed_keys)
+        d.data.clear()
+        d.data_with_same_key.clear()
+        d._unhashed_keys.clear()
+        for k, v in data.items():
+            new = d.key(unhashed[k]) if k in unhashed else k
+            d.data[new] = v
+            if k in unhashed:
+                d._unhashed_keys[new] = unhashed[k]
+            if k in same:
+                d.data_with_same_key[new] = same[k]
+
+    def walk(obj, depth: int) -> None:
+        if id(obj) in seen or depth > 4:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, SolutionDict):
+            rekey(obj)
+            return
+        if type(obj).__module__.split(".")[0] != "cma" or not hasattr(obj, "__dict__"):
+            return
+        for value in vars(obj).values():
+            walk(value, depth + 1)
+
+    walk(es, 0)
+    return es
+
+
 def default_population(d: int) -> int:
     """cma's default ``4 + floor(3 ln d)``."""
     return 4 + int(3 * np.log(max(d, 1)))
@@ -117,7 +159,7 @@ class CMAES(Strategy):
         if state["done"]:
             return [], state
         gen = state["generation"] + 1
-        es = self._new_es() if state["es"] is None else unpack(state["es"], "CMA-ES object")
+        es = self._new_es() if state["es"] is None else rehash_solution_dicts(unpack(state["es"], "CMA-ES object"))
         if state["pending"]:
             self._observe(es, state, match_observations(state["pending"], observations, gen))
         state["pending"] = []
