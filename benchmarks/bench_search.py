@@ -1,7 +1,9 @@
 """Benchmark: what a search costs besides its merges and evaluations, and what MAP buys.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_search.py planning --tiny-run DIR [--candidates 1000]
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_search.py hypervolume --run DIR --configfile FILE
+    .venv/bin/python benchmarks/bench_search.py tiny-config --out hv.yaml    # grid + MAP on the tiny preset
+    snakemake --cores 2 --configfile hv.yaml                                  # (in a tiny run's directory)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_search.py hypervolume --run DIR --configfile hv.yaml
 
 ``planning``: the overhead of planning one generation with ``--candidates`` evaluated candidates on
 disk. A CMA-ES search (population 50) over ties' density and per-expert weights of the tiny
@@ -186,6 +188,24 @@ def hypervolume(args) -> None:
                   f"MAP reached the grid's HV after {reached if reached else 'never (not within its budget)'} evaluations")
 
 
+def tiny_config(args) -> None:
+    """The tiny preset with a full grid of task arithmetic's two per-expert weights (``--steps``
+    values in [0, 1] each) and a MAP search over the same experts and weights."""
+    import numpy as np
+    import yaml
+
+    experts = ["tiny-arithmetic", "tiny-dateformat"]
+    values = [round(float(v), 4) for v in np.linspace(0.0, 1.0, args.steps)]
+    grid = [{"per_expert": [a, b]} for a in values for b in values]
+    cfg = yaml.safe_load((REPO / "config/presets/tiny.yaml").read_text())
+    cfg["merges"] = [{"method": "task_arithmetic", "experts": experts, "params": {"weight": grid}}]
+    cfg["search"] = [{"strategy": "map", "method": "task_arithmetic", "experts": experts,
+                      "params": {"weight": {"per_expert": True, "low": 0.0, "high": 1.0}},
+                      "budget": args.budget, "n_front": args.n_front, "seed": 0}]
+    Path(args.out).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    print(f"{args.out}: a grid of {len(grid)} task arithmetic merges and a MAP search of {args.budget} evaluations")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -196,8 +216,13 @@ def main() -> None:
     b = sub.add_parser("hypervolume")
     b.add_argument("--run", required=True)
     b.add_argument("--configfile", required=True)
+    c = sub.add_parser("tiny-config")
+    c.add_argument("--out", required=True)
+    c.add_argument("--steps", type=int, default=5)
+    c.add_argument("--budget", type=int, default=12)
+    c.add_argument("--n-front", type=int, default=4)
     args = p.parse_args()
-    {"planning": planning, "hypervolume": hypervolume}[args.what](args)
+    {"planning": planning, "hypervolume": hypervolume, "tiny-config": tiny_config}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -110,25 +110,42 @@ plan_next(s, Path(sys.argv[1]), obs)
 '''
 
 
-def test_a_search_resumed_in_other_processes_proposes_what_one_process_does(tmp_path):
+_WEIGHTS = {"weight": {"per_expert": True, "low": 0.0, "high": 1.0}}
+
+
+@pytest.mark.parametrize("entry", [
+    {"strategy": "cmaes", "budget": 12, "population": 3, "x0": {"weight": [0.2, 0.2]}, "sigma0": 0.3, "seed": 5},
+    {"strategy": "map", "budget": 10, "n_samples": 8, "n_front": 2, "seed": 5, "n_gen": 30, "pop_size": 20},
+    {"strategy": "cycleqd", "budget": 12, "population": 3, "seed": 5},
+], ids=lambda e: e["strategy"])
+def test_a_search_resumed_in_other_processes_proposes_what_one_process_does(tmp_path, entry):
     """Each generation planned by a process of its own (as the workflow's jobs are), each with
     another hash salt: cma keys its archived solutions by ``hash(bytes)``, which Python salts
-    per process; the unpickled archives are re-keyed, so the proposals equal one process's."""
+    per process (the unpickled archives are re-keyed), and nothing else may depend on the salt:
+    the proposals equal one process's."""
     import json
     import os
     import subprocess
     import sys
 
-    entry = {"strategy": "cmaes", "method": "task_arithmetic", "params": {"weight": {"per_expert": True, "low": 0.0,
-             "high": 1.0}}, "budget": 12, "population": 3, "x0": {"weight": [0.2, 0.2]}, "sigma0": 0.3, "seed": 5}
-    for i in range(5):
+    entry = {"method": "task_arithmetic", "params": _WEIGHTS, **entry}
+    n = 0
+    while not (tmp_path / "split" / f"generation-{n - 1:04d}.json").exists() or resume(tmp_path / "split").proposals:
+        i = n
+        n += 1
         proc = subprocess.run([sys.executable, "-c", _ONE_GENERATION, str(tmp_path / "split"), json.dumps(entry)],
                               capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(11 + i)})
         assert proc.returncode == 0, proc.stderr
+        assert n < 20
     s = make_search(entry, experts=["a", "b"], suites=["a", "b"], reference={"a": 1.0, "b": 1.0})
     f = lambda w: {"a": 1 - (w[0] - 0.9) ** 2 - 0.3 * w[1], "b": 1 - (w[1] - 0.8) ** 2 - 0.3 * w[0]}
     run_loop(s, lambda props: [Observation(p.params, f(p.params["weight"])) for p in props], tmp_path / "one")
     split, one = load_all(tmp_path / "split"), load_all(tmp_path / "one")
-    assert len(split) == len(one) == 5 and [len(g.proposals) for g in one] == [3, 3, 3, 3, 0]
+    assert len(split) == len(one) >= 3 and sum(len(g.proposals) for g in one) == entry["budget"]
+    def comparable(g):  # the pickled CMA-ES object's bytes hold its per-process hash keys
+        d = g.to_dict()
+        d["state"] = {k: v for k, v in d["state"].items() if k != "es"}
+        return d
+
     for a, b in zip(split, one):
-        assert [p.params for p in a.proposals] == [p.params for p in b.proposals], a.generation
+        assert comparable(a) == comparable(b), a.generation

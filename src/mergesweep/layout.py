@@ -43,6 +43,8 @@ _WILDCARD = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 LEADERBOARD_TABLES = ("leaderboard", "selection", "pareto")
 FIGURES = ("bars", "heatmap", "sensitivity", "pareto")
+#: the report's figures of a run with searches (only then)
+SEARCH_FIGURES = ("search_convergence", "search_fronts")
 
 
 def safe_name(value: str, key: str = "name") -> str:

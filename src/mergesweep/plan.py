@@ -528,7 +528,7 @@ def _plan_search(plan: Plan, entry: dict, i: int) -> None:
                               "a name")
     ms = plan.merge_settings
     definition = {"search": config, "base": plan.base.uid, "experts": [plan.experts[n].uid for n in names],
-                  "dtype": ms["dtype"], "vocab_policy": ms["vocab_policy"], "evaluation": plan.eval_spec_doc(),
+                  "dtype": ms["dtype"], "vocab_policy": ms["vocab_policy"], "evaluation": plan.config["evaluation"],
                   "suites": plan.config["suites"], "seed": plan.config["seed"]}
     sid = search_id(entry.get("strategy", "search"), method, definition)
     search = Search(sid, label, i, entry.get("strategy"), method, names, config, plan.layout.search_dir(sid),

@@ -3,6 +3,13 @@
 import json
 
 LB = L.leaderboard_outputs()
+if PLAN.searches:
+    from mergesweep.layout import SEARCH_FIGURES
+
+    SEARCH_FIGURE_OUTPUTS = {f"fig_{name}": report(L.figure(name), caption="../report/search.rst", category="Figures")
+                             for name in SEARCH_FIGURES}
+else:
+    SEARCH_FIGURE_OUTPUTS = {}
 
 
 def kept_models(wildcards):
@@ -58,6 +65,8 @@ rule aggregate:
     input:
         evals=GRID_EVAL_JSONS,
         search_evals=search_candidate_jsons,
+        # the searches' results: summarised into scores.parquet (the leaderboard's search groups)
+        searches=SEARCH_RESULTS,
         models=L.eval_models,
         provenance=L.provenance,
     output:
@@ -90,6 +99,8 @@ checkpoint leaderboard:
         heat=report(LB["fig_heatmap"], caption="../report/heatmap.rst", category="Figures"),
         sens=report(LB["fig_sensitivity"], caption="../report/sensitivity.rst", category="Figures"),
         pareto=report(LB["fig_pareto"], caption="../report/pareto.rst", category="Figures"),
+        # with searches: their convergence and MAP's fronts (mergesweep.aggregate.figures.SEARCH_FIGURES)
+        **SEARCH_FIGURE_OUTPUTS,
     params:
         out_dir=L.results,
     resources:

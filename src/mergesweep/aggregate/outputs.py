@@ -10,6 +10,7 @@ from pathlib import Path
 from mergesweep.aggregate.checks import check_scores
 from mergesweep.aggregate.files import write_bytes, write_parquet, write_text
 from mergesweep.aggregate.figures import FIGURES, SEARCH_FIGURES, render_figures
+from mergesweep.layout import SEARCH_FIGURES as SEARCH_FIGURE_NAMES
 from mergesweep.aggregate.leaderboard import Tables, compute_tables
 from mergesweep.aggregate.markdown import render_markdown
 from mergesweep.aggregate.report import render_report
@@ -32,7 +33,10 @@ def output_paths(out_dir: str | Path, searches: bool = False) -> dict[str, Path]
     if missing:  # a figure the Layout does not name could not be a workflow output
         raise RuntimeError(f"Layout.leaderboard_outputs lacks {', '.join(missing)}")
     if searches:
-        paths.update({f"fig_{name}": Path(layout.figure(name)) for name in SEARCH_FIGURES})
+        if tuple(SEARCH_FIGURES) != SEARCH_FIGURE_NAMES:  # the workflow declares the layout's names
+            raise RuntimeError(f"mergesweep.layout.SEARCH_FIGURES {SEARCH_FIGURE_NAMES} differs from the figures "
+                               f"drawn {tuple(SEARCH_FIGURES)}")
+        paths.update({f"fig_{name}": Path(layout.figure(name)) for name in SEARCH_FIGURE_NAMES})
     return paths
 
 
