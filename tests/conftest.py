@@ -190,18 +190,35 @@ def _run_jobs(jobs: list) -> None:
             job["done"].set()
 
 
-def _lane(name: str, jobs: list) -> None:
-    """:func:`_run_jobs` in a niced thread of its own."""
+def _lane(name: str, jobs: list, nice: int = LANE_NICE) -> None:
+    """:func:`_run_jobs` in a thread of its own, niced by ``nice``."""
     import threading
 
     def work():
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LANE_NICE)
-        except (AttributeError, OSError):  # not Linux: the lane runs at the tests' priority
-            pass
+        _renice(nice)
         _run_jobs(jobs)
 
     threading.Thread(target=work, name=name, daemon=True).start()
+
+
+def _renice(nice: int) -> None:
+    """Set this thread's niceness (Linux: per thread; the processes it starts inherit it)."""
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the thread keeps its priority
+        pass
+
+
+def _niced(fn):
+    """``fn`` run at the lanes' niceness (a job after an un-niced one in the same lane)."""
+
+    def run():
+        _renice(LANE_NICE)
+        return fn()
+
+    return run
 
 
 def in_background(after: str | None = None):
@@ -270,13 +287,15 @@ def _lanes_early(request, tmp_path_factory, _tiny_run_early):  # the tiny run st
     items = request.session.items
     first, second = [], []
     if any(_uses(item, SMOLLM2_FIXTURES) for item in items):
+        # at the tests' priority: niced, the 40 s fetch took 680-920 s of a loaded CI run (ci14a,
+        # ci14b), and the real suites' run after it (what the session's last tests wait for) with it
         first.append(("SmolLM2 fetch", fetch_smollm2))
     if any(_in(item, REAL_SUITES) for item in items):
         from test_real_suites_e2e import execute, prepare
 
         try:
             prepared = prepare(tmp_path_factory.mktemp("real_suites"))
-            first.append(("real suites run", lambda: {**prepared, "proc": execute(prepared)}))
+            first.append(("real suites run", _niced(lambda: {**prepared, "proc": execute(prepared)})))
         except Exception as e:  # raised by the job, so in the tests that read it
             first.append(("real suites run", functools.partial(_reraise, e)))
     if any(_in(item, SYNTH_TREE, "tree") for item in items):
@@ -289,11 +308,11 @@ def _lanes_early(request, tmp_path_factory, _tiny_run_early):  # the tiny run st
         if bg is not None and bg[2] is None and bg[0] not in {label for label, _ in second}:
             kwargs = _lane_kwargs(bg[1], tmp_path_factory)
             second.append((bg[0], functools.partial(bg[1], **kwargs)))
-    for name, jobs in (("lane-1", first), ("lane-2", second)):
+    for name, jobs, nice in (("lane-1", first, 0), ("lane-2", second, LANE_NICE)):
         for label, _ in jobs:
             _schedule(label)
         if jobs:
-            _lane(name, jobs)
+            _lane(name, jobs, nice)
     yield
 
 

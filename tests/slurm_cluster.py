@@ -331,7 +331,7 @@ rule all:
     input: expand("out/s{i}.txt", i=range(6))
 rule step:
     output: "out/s{i}.txt"
-    params: seconds=lambda wc: 1 if int(wc.i) in QUICK else 15
+    params: seconds=lambda wc: 1 if int(wc.i) in QUICK else 40
     shell: "echo s{wildcards.i} ${{SLURM_JOB_ID:-local}} >> runs.log; echo start > {output}; sleep {params.seconds}; echo DONE >> {output}"
 '''
 
