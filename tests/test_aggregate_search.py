@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 
 from mergesweep.aggregate.leaderboard import compute_tables, convergence_table, map_fronts
+from mergesweep.aggregate.markdown import render_markdown
 from mergesweep.aggregate.outputs import output_paths
 from mergesweep.aggregate.scores import read_scores
 from mergesweep.aggregate.searches import no_searches, read_searches
@@ -188,6 +189,14 @@ def leaderboard(scores: Path, out_dir: Path) -> int:
         return main(["leaderboard", "--scores", str(scores), "--out-dir", str(out_dir)])
 
 
+def tables_only(scores: Path):
+    """What ``mergesweep leaderboard`` computes from ``scores`` (its tables and leaderboard.md),
+    without rendering the figures (the slow part; the tests that read only selections and ranks)."""
+    df, provenance = read_scores(scores)
+    tables = compute_tables(df, None, read_searches(scores))
+    return tables, render_markdown(tables, provenance)
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     return write_tree(tmp_path_factory.mktemp("searches"))
@@ -303,20 +312,17 @@ def test_a_shared_candidate_counts_in_both_groups(tree, tmp_path):
         p.write_text(json.dumps(doc))
     scores = root / "tables" / "scores.parquet"
     assert aggregate(root, scores) == 0
-    out = tmp_path / "out"
-    out.mkdir()
-    assert leaderboard(scores, out) == 0
-    groups = group_rows(out)
+    tables, md = tables_only(scores)
+    groups = {r["sweep_label"]: r for r in tables.selection.to_dict("records")}
     owners = ["task_arithmetic", MAP_LABEL, CQD_LABEL]
     assert [groups[k]["selected_model_id"] for k in owners] == [shared] * 3
     assert groups[CMA_LABEL]["selected_model_id"] != shared
     assert len({groups[k]["rank"] for k in owners}) == 1  # one model, one test score, one rank
     assert groups[MAP_LABEL]["n_points"] == len(candidates(tree["docs"][MAP_LABEL]))
     assert groups["task_arithmetic"]["n_points"] == len(GRID)
-    lb = pd.read_parquet(out / "tables" / "leaderboard.parquet")
+    lb = tables.leaderboard
     assert (lb["model_id"] == shared).sum() == 1 and bool(lb.loc[lb["model_id"] == shared, "selected"].iloc[0])
     # the ranked table shows it once per group
-    md = (out / "leaderboard.md").read_text()
     ranked = md.split("## Leaderboard", 1)[1].split("\n## ", 1)[0]
     labels = sorted(line.split(" | ")[1] for line in ranked.splitlines() if f"| {shared} |" in line)
     assert labels == sorted(owners)
@@ -337,10 +343,7 @@ def test_test_scores_change_no_selection(tree, run, tmp_path):
             p.write_text(json.dumps(doc))
     scores = root / "tables" / "scores.parquet"
     assert aggregate(root, scores) == 0
-    out = tmp_path / "out"
-    out.mkdir()
-    assert leaderboard(scores, out) == 0
-    after = group_rows(out)
+    after = {r["sweep_label"]: r for r in tables_only(scores)[0].selection.to_dict("records")}
     chosen = {k: g["selected_model_id"] for k, g in before.items()}
     assert {k: g["selected_model_id"] for k, g in after.items()} == chosen
     assert any(after[k]["test_norm_mean"] != before[k]["test_norm_mean"] for k in before)
